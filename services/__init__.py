@@ -1,0 +1,1 @@
+"""gRPC services: the shared service kit (`services.common`) and recall, rank, gateway."""

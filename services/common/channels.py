@@ -1,0 +1,103 @@
+"""Client channels for service-to-service calls.
+
+`create_channel` gives a grpc.aio channel with keepalive (so a dead peer is noticed between
+calls, not on the next request), message size limits, optional TLS, a retry policy for the
+methods the caller declares idempotent (UNAVAILABLE only: the call never reached a server
+that could have acted on it), and an interceptor that forwards the current request id.
+Deadlines are per call: pass `timeout=deadline.budget(margin)` (see `deadline.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from services.common.interceptor import REQUEST_ID_KEY
+from services.common.logs import request_id_var
+from services.common.settings import ClientSettings
+
+
+def _with_request_id(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+    request_id = request_id_var.get()
+    if request_id == "-":
+        return details
+    metadata = aio.Metadata()
+    for key, value in details.metadata or ():
+        if key != REQUEST_ID_KEY:
+            metadata.add(key, value)
+    metadata.add(REQUEST_ID_KEY, request_id)
+    return aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class RequestIdInterceptor(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Forwards the request id of the call being served, so one id spans every hop's logs."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[aio.ClientCallDetails, Any], Any],
+        client_call_details: aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(_with_request_id(client_call_details), request)
+
+
+def service_config(idempotent_services: Sequence[str], settings: ClientSettings) -> str:
+    """gRPC service config JSON with a retry policy for the given full service names."""
+    if not idempotent_services:
+        return json.dumps({"methodConfig": []})
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": name} for name in idempotent_services],
+                    "retryPolicy": {
+                        "maxAttempts": settings.retry_max_attempts,
+                        "initialBackoff": f"{settings.retry_initial_backoff_seconds}s",
+                        "maxBackoff": f"{settings.retry_max_backoff_seconds}s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None,
+        private_key=settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
+        certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
+    )
+
+
+def create_channel(
+    target: str,
+    settings: ClientSettings | None = None,
+    *,
+    idempotent_services: Sequence[str] = (),
+) -> aio.Channel:
+    """A channel to `target` ("host:port"); call it once per dependency and reuse it."""
+    settings = settings or ClientSettings()
+    options: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(idempotent_services, settings)),
+    ]
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    interceptors = (RequestIdInterceptor(),)
+    if settings.tls or settings.tls_ca_file is not None:
+        return aio.secure_channel(target, _credentials(settings), options=options, interceptors=interceptors)
+    return aio.insecure_channel(target, options=options, interceptors=interceptors)

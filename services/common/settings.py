@@ -1,0 +1,95 @@
+"""Settings read once at start-up into frozen objects.
+
+Every service subclasses `ServerSettings` with its own environment prefix
+(`RECSYS_RECALL_`, `RECSYS_RANK_`, `RECSYS_GATEWAY_`) and defaults that work locally with
+no configuration. Command-line flags override the environment (see `services.common.cli`).
+Business code receives these objects; it never reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class TlsSettings(BaseSettings):
+    """Optional TLS. A server serves TLS when both `tls_cert_file` and `tls_key_file` are
+    set, and requires client certificates (mTLS) when `tls_client_ca_file` is set too."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+class ServerSettings(TlsSettings):
+    """What every gRPC server process needs. Subclasses set `env_prefix` and port defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", frozen=True, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 or [::] in containers.")
+    port: int = Field(50050, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        9100, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one, unset disables."
+    )
+    metrics_host: str = "0.0.0.0"
+    workers: int = Field(1, ge=1, le=64, description="Processes serving the one port (SO_REUSEPORT).")
+    max_in_flight: int = Field(
+        256, ge=1, description="Calls in flight per process before new ones get RESOURCE_EXHAUSTED."
+    )
+    grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish on shutdown.")
+    shutdown_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Time between reporting NOT_SERVING and refusing calls, for load balancers to notice.",
+    )
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    reflection: bool = True
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
+    use_uvloop: bool = True
+
+
+class ClientSettings(BaseSettings):
+    """How a service calls another service (see `services.common.channels`)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    tls: bool = Field(False, description="Call over TLS (system roots unless tls_ca_file is set).")
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = Field(None, description="This client's certificate, for mTLS.")
+    tls_key_file: Path | None = None
+    tls_server_name: str | None = Field(None, description="Override the name checked in the certificate.")
+    keepalive_seconds: float = Field(30.0, gt=0)
+    keepalive_timeout_seconds: float = Field(10.0, gt=0)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    retry_max_attempts: int = Field(3, ge=1, le=5)
+    retry_initial_backoff_seconds: float = Field(0.01, gt=0)
+    retry_max_backoff_seconds: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
