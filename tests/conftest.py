@@ -56,10 +56,7 @@ async def start_host() -> AsyncIterator[HostFactory]:
         await running.host.stop(grace=0)
 
 
-async def wait_serving(running: RunningHost, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not running.host.readiness.serving:
-        if loop.time() > deadline:
-            raise TimeoutError("host never became ready")
-        await asyncio.sleep(0.01)
+async def wait_serving(running: RunningHost) -> None:
+    async with asyncio.timeout(5.0):
+        while not running.host.readiness.serving:
+            await asyncio.sleep(0.01)

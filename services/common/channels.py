@@ -35,7 +35,7 @@ def _with_request_id(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
     )
 
 
-class RequestIdInterceptor(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class RequestIdInterceptor(aio.UnaryUnaryClientInterceptor):
     """Forwards the request id of the call being served, so one id spans every hop's logs."""
 
     async def intercept_unary_unary(

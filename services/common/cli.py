@@ -22,7 +22,10 @@ SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "port": ("--port", {"type": int, "help": "gRPC port (0 picks a free one)"}),
     "metrics_port": ("--metrics-port", {"type": int, "help": "Prometheus /metrics port (0 picks one)"}),
     "workers": ("--workers", {"type": int, "help": "processes serving the one port (default 1)"}),
-    "max_in_flight": ("--max-in-flight", {"type": int, "help": "calls in flight per process before shedding"}),
+    "max_in_flight": (
+        "--max-in-flight",
+        {"type": int, "help": "calls in flight per process before shedding"},
+    ),
     "grace_seconds": ("--grace-seconds", {"type": float, "help": "time in-flight calls get on shutdown"}),
     "log_format": ("--log-format", {"choices": ("text", "json"), "help": "log format on stderr"}),
     "log_level": ("--log-level", {"choices": ("debug", "info", "warning", "error")}),

@@ -9,7 +9,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -36,6 +36,12 @@ def _request_id(metadata: Any) -> str:
     return new_request_id()
 
 
+def _code_of(context: aio.ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode:
+    # The stubs promise a StatusCode, but grpc.aio returns None until a code is set.
+    code = cast("grpc.StatusCode | None", context.code())
+    return default if code is None else code
+
+
 class _Call:
     """Book-keeping for one call: its labels, its status code, its timing."""
 
@@ -59,9 +65,9 @@ class CallGuard(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
@@ -107,7 +113,7 @@ class CallGuard(aio.ServerInterceptor):
             call = await self._begin(labels, request_id, guarded, context)
             try:
                 response = await behaviour(request, context)
-                call.code = context.code() or grpc.StatusCode.OK
+                call.code = _code_of(context, grpc.StatusCode.OK)
                 return response
             except BaseException as error:
                 await self._fail(call, error, context)
@@ -130,7 +136,7 @@ class CallGuard(aio.ServerInterceptor):
             try:
                 async for response in behaviour(request, context):
                     yield response
-                call.code = context.code() or grpc.StatusCode.OK
+                call.code = _code_of(context, grpc.StatusCode.OK)
             except BaseException as error:
                 await self._fail(call, error, context)
                 raise
@@ -168,13 +174,14 @@ class CallGuard(aio.ServerInterceptor):
             self._shed.inc()
             return (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server overloaded: {self.in_flight} calls in flight (cap {self._max_in_flight}); retry later",
+                f"server overloaded: {self.in_flight} calls in flight"
+                f" (cap {self._max_in_flight}); retry later",
             )
         return None
 
     async def _fail(self, call: _Call, error: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
         if isinstance(error, aio.AbortError):  # the handler aborted with its own status
-            call.code = context.code() or grpc.StatusCode.UNKNOWN
+            call.code = _code_of(context, grpc.StatusCode.UNKNOWN)
             return
         if isinstance(error, asyncio.CancelledError):  # the client went away or the deadline passed
             call.code = grpc.StatusCode.CANCELLED

@@ -30,9 +30,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 _GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
-GRPC_STARTED = Counter(
-    "grpc_server_started_total", "RPCs started on the server.", _GRPC_LABELS
-)
+GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _GRPC_LABELS)
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
     "RPCs completed on the server, regardless of success or failure.",
@@ -129,6 +127,6 @@ def start_metrics_server(host: str, port: int, *, aggregate: bool = False) -> Me
         if directory is None:
             raise RuntimeError("aggregate metrics need PROMETHEUS_MULTIPROC_DIR")
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server)

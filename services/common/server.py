@@ -35,14 +35,18 @@ OVERALL = ""  # the health service's name for "the whole server"
 class Readiness:
     """What an application uses to say whether it can serve (e.g. a model version is loaded)."""
 
-    def __init__(self, service: str, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+    def __init__(
+        self, service: str, health_servicer: health.aio.HealthServicer, names: Sequence[str]
+    ) -> None:
         self._service = service
         self._health = health_servicer
         self._names = (OVERALL, *names)
         self.serving = False
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in self._names:
             await self._health.set(name, status)
         if serving != self.serving:
@@ -61,8 +65,13 @@ class Readiness:
 class Application(Protocol):
     """A service's business side, testable without the host."""
 
-    name: str  # "recall", "rank", "gateway": metrics and log label
-    service_names: Sequence[str]  # full gRPC names, e.g. "recsys.v1.Recall"
+    @property
+    def name(self) -> str:
+        """ "recall", "rank", "gateway": the metrics and log label."""
+
+    @property
+    def service_names(self) -> Sequence[str]:
+        """Full gRPC service names, e.g. "recsys.v1.Recall"."""
 
     def register(self, server: aio.Server) -> None:
         """Add the servicers to the server."""
@@ -75,7 +84,8 @@ class Application(Protocol):
 
 
 def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
-    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    assert settings.tls_cert_file is not None
+    assert settings.tls_key_file is not None
     client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -151,7 +161,9 @@ class GrpcHost:
         await self.server.wait_for_termination()
 
 
-async def serve_until_signalled(app: Application, settings: ServerSettings, *, reuse_port: bool = False) -> None:
+async def serve_until_signalled(
+    app: Application, settings: ServerSettings, *, reuse_port: bool = False
+) -> None:
     """Run one host until SIGTERM or SIGINT, then stop it gracefully."""
     host = GrpcHost(app, settings, reuse_port=reuse_port)
     stop_requested = asyncio.Event()

@@ -92,9 +92,14 @@ class Supervisor:
         try:
             for index in range(settings.workers):
                 self._spawn(index, worker_settings)
-            log.info("grpc server listening", extra={"host": settings.host, "port": port, "workers": settings.workers})
+            log.info(
+                "grpc server listening",
+                extra={"host": settings.host, "port": port, "workers": settings.workers},
+            )
             if settings.metrics_port is not None:
-                metrics_server = start_metrics_server(settings.metrics_host, settings.metrics_port, aggregate=True)
+                metrics_server = start_metrics_server(
+                    settings.metrics_host, settings.metrics_port, aggregate=True
+                )
                 log.info("metrics listening", extra={"metrics_port": metrics_server.port})
             self._watch(worker_settings)
             return self._stop_workers()
@@ -112,7 +117,7 @@ class Supervisor:
                     continue
                 log.error("worker died; restarting", extra={"worker": index, "exitcode": process.exitcode})
                 if process.pid is not None:
-                    multiprocess.mark_process_dead(process.pid)
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                 time.sleep(RESTART_DELAY_SECONDS)
                 self._spawn(index, worker_settings)
 

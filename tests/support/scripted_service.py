@@ -19,6 +19,7 @@ import os
 import sys
 
 from grpc import aio
+from pydantic_settings import SettingsConfigDict
 
 from recsys.errors import DependencyUnavailable, InvalidArgument, WrongModelVersion
 from recsys.v1 import recall_pb2, recall_pb2_grpc
@@ -31,7 +32,7 @@ SECRET = "database password is hunter2"
 
 
 class ScriptedSettings(ServerSettings):
-    model_config = {**ServerSettings.model_config, "env_prefix": "RECSYS_SCRIPTED_"}
+    model_config = SettingsConfigDict(env_prefix="RECSYS_SCRIPTED_", frozen=True, extra="ignore")
 
 
 class ScriptedRecallServicer(recall_pb2_grpc.RecallServicer):

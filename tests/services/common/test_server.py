@@ -11,6 +11,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from recsys.v1 import recall_pb2, recall_pb2_grpc
 from services.common import metrics
@@ -100,7 +101,8 @@ async def test_unexpected_error_is_internal_without_details_and_logged(
     assert raised.value.code() is grpc.StatusCode.INTERNAL
     details = raised.value.details() or ""
     assert details == "internal error (request id req-crash-1)"
-    assert SECRET not in details and "Traceback" not in details
+    assert SECRET not in details
+    assert "Traceback" not in details
     assert SECRET not in str(raised.value.trailing_metadata())
     logged = [record for record in caplog.records if record.exc_info]
     assert len(logged) == 1
@@ -119,11 +121,12 @@ async def test_request_id_is_echoed_or_made(start_host: HostFactory) -> None:
     call = stub.Recall(recall_pb2.RecallRequest(user_id="u"))
     await call
     made = dict(await call.trailing_metadata())["x-request-id"]
-    assert isinstance(made, str) and len(made) == 16
+    assert isinstance(made, str)
+    assert len(made) == 16
 
 
 def _sample(name: str, labels: dict[str, str]) -> float:
-    value = metrics.REGISTRY.get_sample_value(name, labels)
+    value = REGISTRY.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
@@ -149,7 +152,9 @@ async def test_metrics_count_calls_by_method_and_code(start_host: HostFactory) -
         text = await asyncio.to_thread(scrape)
         assert 'grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="Recall"' in text
         assert _sample("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == ok_before + 3
-        assert _sample("grpc_server_handled_total", {**labels, "grpc_code": "InvalidArgument"}) == bad_before + 2
+        assert (
+            _sample("grpc_server_handled_total", {**labels, "grpc_code": "InvalidArgument"}) == bad_before + 2
+        )
         assert _sample("grpc_server_started_total", labels) == started_before + 5
         assert _sample("grpc_server_handling_seconds_count", labels) == timed_before + 5
     finally:
