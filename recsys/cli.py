@@ -8,10 +8,10 @@ stderr naming the flag at fault, with a non-zero exit; `--debug` adds the traceb
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from recsys import __version__
 from recsys.errors import RecsysError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -21,9 +21,8 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _version(_args: argparse.Namespace) -> int:
-    print(f"recsys {__version__}")
-    return 0
+# Command modules under recsys.commands, in the order `recsys --help` lists them.
+COMMAND_MODULES = ("version",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     commands.required = True
-    version = commands.add_parser("version", help="print the version", description="Print the version.")
-    version.set_defaults(handler=_version)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"recsys.commands.{name}").register(commands)
     return parser
 
 
