@@ -17,12 +17,8 @@ from recsys.errors import RecsysError
 Handler = Callable[[argparse.Namespace], int]
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 # Command modules under recsys.commands, in the order `recsys --help` lists them.
-COMMAND_MODULES = ("version",)
+COMMAND_MODULES = ("build", "evaluate", "store", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (CliError, RecsysError, ValueError, OSError) as error:
+    except BrokenPipeError:  # `recsys store list | head`: the reader left, nothing to report
+        return 0
+    except (RecsysError, ValueError, OSError) as error:
         if args.debug:
             raise
         print(f"recsys {args.command}: error: {error}", file=sys.stderr)

@@ -35,6 +35,10 @@ class WrongModelVersion(RecsysError):
         self.available = available
 
 
+class UsageError(RecsysError):
+    """A command-line mistake; the message names the flag (e.g. `--keep: must be at least 1`)."""
+
+
 # --- server errors: this process cannot take the call right now -----------------------
 class Overloaded(RecsysError):
     """Too much work in flight; the call is shed instead of queued."""

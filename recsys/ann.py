@@ -1,0 +1,96 @@
+"""Nearest-neighbour search over item embeddings: hnswlib (inner product on L2-normalised
+vectors, i.e. cosine) and an exact reference used to measure the index's recall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import numpy.typing as npt
+
+from recsys.artifacts import FloatArray
+
+
+class HnswIndex:
+    def __init__(self, index: hnswlib.Index, ef: int) -> None:
+        self._index = index
+        self._index.set_ef(ef)
+        self._ef = ef
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: FloatArray,
+        *,
+        m: int = 16,
+        ef_construction: int = 200,
+        ef: int = 200,
+        seed: int = 0,
+        threads: int = 1,
+    ) -> HnswIndex:
+        n, dim = embeddings.shape
+        index = hnswlib.Index(space="ip", dim=dim)
+        index.init_index(max_elements=max(n, 1), ef_construction=ef_construction, M=m, random_seed=seed)
+        index.set_num_threads(threads)
+        index.add_items(np.ascontiguousarray(embeddings, dtype=np.float32), np.arange(n))
+        return cls(index, ef)
+
+    @classmethod
+    def load(cls, path: Path, dim: int, ef: int = 200) -> HnswIndex:
+        index = hnswlib.Index(space="ip", dim=dim)
+        index.load_index(str(path))
+        index.set_num_threads(1)  # one core per worker process: search in the caller's thread
+        return cls(index, ef)
+
+    def save(self, path: Path) -> None:
+        self._index.save_index(str(path))
+
+    @property
+    def size(self) -> int:
+        return int(self._index.get_current_count())
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        k = min(k, self.size)
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        self._index.set_ef(max(self._ef, k))
+        labels, distances = self._index.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=k)
+        # hnswlib's "ip" distance is 1 − inner product.
+        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+
+    def search_many(self, vectors: FloatArray, k: int) -> npt.NDArray[np.int64]:
+        k = min(k, self.size)
+        self._index.set_ef(max(self._ef, k))
+        labels, _ = self._index.knn_query(np.asarray(vectors, dtype=np.float32), k=k)
+        result: npt.NDArray[np.int64] = labels.astype(np.int64)
+        return result
+
+
+class ExactIndex:
+    """Brute-force inner product: the reference for ANN recall."""
+
+    def __init__(self, embeddings: FloatArray) -> None:
+        self._embeddings = np.asarray(embeddings, dtype=np.float32)
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        scores = self._embeddings @ np.asarray(vector, dtype=np.float32)
+        k = min(k, scores.shape[0])
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return best.astype(np.int64), scores[best].astype(np.float32)
+
+    def search_many(self, vectors: FloatArray, k: int, batch: int = 1024) -> npt.NDArray[np.int64]:
+        results = []
+        for start in range(0, vectors.shape[0], batch):
+            scores = np.asarray(vectors[start : start + batch], np.float32) @ self._embeddings.T
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+            results.append(np.take_along_axis(top, order, axis=1))
+        return np.concatenate(results).astype(np.int64)
+
+
+def recall_at_k(approximate: npt.NDArray[np.int64], exact: npt.NDArray[np.int64]) -> float:
+    """Mean fraction of the exact top-k found by the approximate top-k."""
+    hits = [np.intersect1d(a, e).shape[0] / e.shape[0] for a, e in zip(approximate, exact, strict=True)]
+    return float(np.mean(hits)) if hits else 0.0

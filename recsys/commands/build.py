@@ -1,0 +1,136 @@
+"""`recsys build`: data → a new verified model version in the store (needs the `train` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from recsys.errors import UsageError
+
+DATASETS = ("ml-100k", "book-crossing", "csv", "synthetic")
+
+# CsvSpec field → flag, for the importer's options. --interactions, --items and --users
+# are files with --dataset csv and counts with --dataset synthetic.
+CSV_FLAGS = {
+    "interactions": ("--interactions", str),
+    "user_col": ("--user-col", str),
+    "item_col": ("--item-col", str),
+    "rating_col": ("--rating-col", str),
+    "like_threshold": ("--like-threshold", float),
+    "time_col": ("--time-col", str),
+    "items": ("--items", str),
+    "item_id_col": ("--item-id-col", str),
+    "title_col": ("--title-col", str),
+    "categories_col": ("--categories-col", str),
+    "categories_sep": ("--categories-sep", str),
+    "author_col": ("--author-col", str),
+    "item_time_col": ("--item-time-col", str),
+    "users": ("--users", str),
+    "user_id_col": ("--user-id-col", str),
+    "region_col": ("--region-col", str),
+    "delimiter": ("--delimiter", str),
+    "encoding": ("--encoding", str),
+}
+
+
+SYNTHETIC_DEFAULTS = {"users": 10_000, "items": 20_000, "interactions": 500_000}
+
+
+def _count(args: argparse.Namespace, name: str) -> int:
+    value = getattr(args, f"csv_{name}")
+    if value is None:
+        return SYNTHETIC_DEFAULTS[name]
+    try:
+        count = int(str(value).replace("_", ""))
+    except ValueError:
+        raise UsageError(
+            f"--{name}: expected a whole number with --dataset synthetic, got {value!r}"
+        ) from None
+    if count <= 0:
+        raise UsageError(f"--{name}: must be positive, got {count}")
+    return count
+
+
+def default_store() -> str:
+    return os.environ.get("RECSYS_STORE", "./store")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "build",
+        help="train, evaluate and publish a model version",
+        description="Build every artifact from a data set, evaluate it on the held-out part and publish "
+        "it as the store's current version (only if complete and verified).",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument(
+        "--store", default=default_store(), help="model store PATH or file://PATH (default ./store)"
+    )
+    parser.add_argument("--profile", choices=("quick", "full"), default="full")
+    parser.add_argument("--data-dir", type=Path, help="directory with ml-100k/ and book-crossing-subset/")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=int, default=5, help="versions to keep in the store")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
+    csv = parser.add_argument_group(
+        "--dataset csv / synthetic",
+        "--interactions, --items and --users name files for csv, and counts for synthetic "
+        f"(default {SYNTHETIC_DEFAULTS['users']:,} users, {SYNTHETIC_DEFAULTS['items']:,} items, "
+        f"{SYNTHETIC_DEFAULTS['interactions']:,} interactions)",
+    )
+    for name, (flag, kind) in CSV_FLAGS.items():
+        metavar = (
+            "FILE|N" if name in ("interactions", "items", "users") else ("X" if kind is float else "NAME")
+        )
+        csv.add_argument(flag, dest=f"csv_{name}", type=kind, metavar=metavar)
+    parser.set_defaults(handler=run)
+
+
+def _raw(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from training import data
+
+    if args.dataset in ("ml-100k", "book-crossing"):
+        directory = args.data_dir or data.default_data_dir()
+        if not directory.is_dir():
+            raise UsageError(f"--data-dir: no such directory: {directory}")
+        if args.dataset == "ml-100k":
+            return data.load_movielens_100k(directory)
+        return data.load_book_crossing(directory)
+    if args.dataset == "synthetic":
+        return data.generate_synthetic(
+            data.SyntheticSpec(
+                users=_count(args, "users"),
+                items=_count(args, "items"),
+                interactions=_count(args, "interactions"),
+                seed=args.seed,
+            )
+        )
+    given = {
+        name: getattr(args, f"csv_{name}") for name in CSV_FLAGS if getattr(args, f"csv_{name}") is not None
+    }
+    for name in ("interactions", "items", "users"):
+        if name in given:
+            given[name] = Path(given[name])
+    for required in ("interactions", "user_col", "item_col"):
+        if required not in given:
+            raise UsageError(f"{CSV_FLAGS[required][0]}: required with --dataset csv")
+    return data.load_csv(data.CsvSpec(**given))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.keep < 1:
+        raise UsageError("--keep: must be at least 1")
+    from training.build import PROFILES, build, metrics_json, summary_rows
+
+    raw = _raw(args)
+    result = build(raw, args.store, PROFILES[args.profile], seed=args.seed, keep=args.keep, quiet=args.quiet)
+    if args.json:
+        print(metrics_json(result.metrics))
+        return 0
+    width = max(len(name) for name, _ in summary_rows(result))
+    for name, value in summary_rows(result):
+        print(f"{name:<{width}}  {value}")
+    print(f"report: {result.path / 'eval' / 'report.md'}", file=sys.stderr)
+    return 0

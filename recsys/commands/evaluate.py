@@ -1,0 +1,58 @@
+"""`recsys evaluate`: re-run the offline evaluation of a stored version with the serving
+stages (no TensorFlow) and print the metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="evaluate a stored version on its held-out part",
+        description="Evaluate a model version on the held-out part saved with it, running the same "
+        "stage code as the services.",
+    )
+    parser.add_argument("--store", default=os.environ.get("RECSYS_STORE", "./store"))
+    parser.add_argument("--version", help="version to evaluate (default: CURRENT)")
+    parser.add_argument("--json", action="store_true", help="print only the metrics JSON on stdout")
+    parser.set_defaults(handler=run)
+
+
+def evaluate_version(store: str, version: str | None) -> dict[str, object]:
+    from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate
+    from recsys.serving_model import ServingModel
+    from recsys.store.reader import ModelStore
+
+    model_store = ModelStore(store)
+    name = version or model_store.current()
+    if name is None:
+        raise ValueError(f"--store: {model_store.path} has no current version (run `recsys build`)")
+    path = model_store.version_path(name)
+    manifest = model_store.manifest(name)
+    model = ServingModel.load(path, version=name)
+
+    def array(relative: str) -> np.ndarray:
+        loaded: np.ndarray = np.load(path / relative, allow_pickle=False)
+        return loaded
+
+    heldout = HeldOut.from_pairs(array("eval/heldout_user.npy"), array("eval/heldout_item.npy"))
+    labels = {head: array(f"eval/ranker_{head}.npy") for head in model.spec.heads}
+    ease_l2 = manifest.extra.get("ease_l2")
+    ease = ease_lists(model.core, heldout, float(ease_l2), max(KS)) if ease_l2 is not None else None
+    return evaluate(
+        model,
+        heldout,
+        ease_lists=ease,
+        ranker_rows=(array("eval/ranker_user.npy"), array("eval/ranker_item.npy"), labels),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics = evaluate_version(args.store, args.version)
+    print(json.dumps(metrics, indent=None if args.json else 2, sort_keys=True))
+    return 0

@@ -1,0 +1,1 @@
+"""Offline evaluation: baselines and metrics that run on numpy alone."""

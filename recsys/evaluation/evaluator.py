@@ -1,0 +1,299 @@
+"""Offline evaluation of a model version with the serving stages.
+
+Protocol: relevant items = all of a user's held-out items; every method ranks the full
+catalogue minus the user's training items; recall@K = hits / min(K, |held-out|). Channels
+are evaluated alone, merged (the merged list truncated to the same K), and as the whole
+pipeline (merged recall → ranker → top 10), side by side with popularity and EASE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.artifacts import CoreArtifacts, IntArray
+from recsys.evaluation.metrics import auc, mean_metrics, ndcg_at_k, recall_at_k
+from recsys.serving_model import ServingModel
+from recsys.stages.merge import WeightedMerge
+from recsys.stages.query import UserQuery
+from recsys.stages.sources import Candidates
+
+KS = (10, 50, 100, 200)
+WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    users: IntArray  # user indexes, one per evaluated user
+    relevant: list[IntArray]  # each user's held-out item indexes
+
+    @classmethod
+    def from_pairs(cls, user: npt.NDArray[Any], item: npt.NDArray[Any]) -> HeldOut:
+        order = np.lexsort((item, user))
+        user, item = user[order], item[order]
+        starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+        ends = np.r_[starts[1:], user.shape[0]]
+        return cls(
+            users=user[starts].astype(np.int32),
+            relevant=[item[s:e].astype(np.int32) for s, e in zip(starts, ends, strict=True)],
+        )
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+
+@dataclass(frozen=True)
+class ChannelRun:
+    queries: list[UserQuery]
+    lists: dict[str, list[Candidates]]  # channel → one list per held-out user
+
+
+def run_channels(
+    model: ServingModel,
+    heldout: HeldOut,
+    depth: int = max(KS),
+    recent_limit: int | None = None,
+    channels: Sequence[str] | None = None,
+) -> ChannelRun:
+    """Each channel's top-`depth` list for each held-out user, from the stored histories."""
+    limit = recent_limit or model.defaults.recent_items
+    queries = [model.query(int(user)) for user in heldout.users]
+    if limit != model.defaults.recent_items:
+        tails = [_tail(model, int(user), limit) for user in heldout.users]
+        queries = [
+            dataclasses.replace(query, recent_items=items, recent_liked=liked)
+            for query, (items, liked) in zip(queries, tails, strict=True)
+        ]
+    names = tuple(channels or model.channels)
+    if "two_tower" in names:
+        embeddings = model.user_embeddings(
+            [model.user_inputs(query, *_full(model, query)) for query in queries]
+        )
+        queries = [
+            dataclasses.replace(query, embedding=vector)
+            for query, vector in zip(queries, embeddings, strict=True)
+        ]
+    lists = {name: [model.sources[name].candidates(query, depth) for query in queries] for name in names}
+    return ChannelRun(queries, lists)
+
+
+def _full(model: ServingModel, query: UserQuery) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    """The user's whole stored history (the towers read their own window of it)."""
+    if query.user_index < 0:
+        return query.recent_items, query.recent_liked
+    return _tail(model, query.user_index, model.spec.history_length)
+
+
+def _tail(model: ServingModel, user: int, limit: int) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    items = np.asarray(model.core.history.items.row(user), dtype=np.int32)[-limit:]
+    ratings = np.asarray(model.core.history.ratings.row(user))[-limit:]
+    threshold = model.core.like_threshold
+    liked = (
+        np.ones(items.shape[0], bool)
+        if threshold is None
+        else np.nan_to_num(ratings, nan=-np.inf) >= threshold
+    )
+    return items, liked
+
+
+def merged_lists(
+    run: ChannelRun, weights: Mapping[str, float], quotas: Mapping[str, int], budget: int
+) -> list[IntArray]:
+    names = tuple(run.lists)
+    merge = WeightedMerge(names, weights)
+    result = []
+    for position in range(len(run.queries)):
+        per_channel = {name: _cut(run.lists[name][position], quotas.get(name, budget)) for name in names}
+        result.append(merge.merge(per_channel, budget).items)
+    return result
+
+
+def _cut(candidates: Candidates, quota: int) -> Candidates:
+    return Candidates(candidates.items[:quota], candidates.scores[:quota])
+
+
+def tune_merge(
+    run: ChannelRun, heldout: HeldOut, budget: int, grid: Sequence[float] = WEIGHT_GRID, rounds: int = 2
+) -> tuple[dict[str, float], dict[str, int], float]:
+    """Coordinate ascent on per-channel weights maximising merged recall@budget, then the
+    quotas each channel needs: the 90th percentile (over users) of how deep into its list
+    the merged top-`budget` reaches, so the services fetch no more than the merge uses."""
+    names = tuple(run.lists)
+    weights = dict.fromkeys(names, 1.0)
+
+    def objective(candidate: Mapping[str, float]) -> float:
+        lists = merged_lists(run, candidate, {}, budget)
+        return float(
+            np.mean(
+                [recall_at_k(items, rel, budget) for items, rel in zip(lists, heldout.relevant, strict=True)]
+            )
+        )
+
+    best = objective(weights)
+    for _ in range(rounds):
+        improved = False
+        for name in names:
+            for value in grid:
+                if value == weights[name]:
+                    continue
+                trial = {**weights, name: value}
+                if not any(trial.values()):
+                    continue
+                score = objective(trial)
+                if score > best + 1e-9:
+                    best, weights, improved = score, trial, True
+        if not improved:
+            break
+    merged = merged_lists(run, weights, {}, budget)
+    quotas: dict[str, int] = {}
+    for name in names:
+        depths = []
+        for position, items in enumerate(merged):
+            channel_items = run.lists[name][position].items
+            used = np.flatnonzero(np.isin(channel_items, items))
+            depths.append(int(used.max()) + 1 if used.shape[0] else 0)
+        quotas[name] = (
+            int(min(budget, max(10, np.ceil(np.percentile(depths, 90))))) if weights[name] > 0 else 0
+        )
+    return weights, quotas, best
+
+
+def pipeline_lists(
+    model: ServingModel, run: ChannelRun, candidates: list[IntArray], top: int = 10
+) -> list[IntArray]:
+    """Merged recall → ranker (fused with the default fusion) → the top `top` items."""
+    fusion = model.default_fusion()
+    result = []
+    for query, items in zip(run.queries, candidates, strict=True):
+        if items.shape[0] == 0:
+            result.append(items)
+            continue
+        history_items, history_liked = _full(model, query)
+        inputs = model.user_inputs(query, history_items, history_liked)
+        scores = fusion.fuse(model.score(inputs, items, query.embedding))
+        order = np.argsort(-scores, kind="stable")[:top]
+        result.append(items[order])
+    return result
+
+
+def ranker_auc(
+    model: ServingModel, user: IntArray, item: IntArray, labels: Mapping[str, npt.NDArray[np.bool_]]
+) -> dict[str, float]:
+    """AUC per head over (user, item, label) rows: held-out positives and negatives drawn
+    the same way as in training."""
+    scores = {head: np.zeros(user.shape[0], np.float32) for head in labels}
+    order = np.argsort(user, kind="stable")
+    starts = np.flatnonzero(np.r_[True, user[order][1:] != user[order][:-1]])
+    ends = np.r_[starts[1:], order.shape[0]]
+    for start, end in zip(starts, ends, strict=True):
+        rows = order[start:end]
+        query = model.query(int(user[rows[0]]))
+        inputs = model.user_inputs(query, *_full(model, query))
+        for head, values in model.score(inputs, item[rows]).items():
+            if head in scores:
+                scores[head][rows] = values
+    return {head: auc(scores[head], np.asarray(labels[head], bool)) for head in labels}
+
+
+def evaluate(
+    model: ServingModel,
+    heldout: HeldOut,
+    *,
+    ease_lists: list[IntArray] | None = None,
+    ranker_rows: tuple[IntArray, IntArray, Mapping[str, npt.NDArray[np.bool_]]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    def step(name: str) -> None:
+        if progress is not None:
+            progress(name)
+
+    step("channels")
+    run = run_channels(model, heldout)
+    relevant = heldout.relevant
+    channels = {
+        name: _rounded(mean_metrics([c.items for c in lists], relevant, KS))
+        for name, lists in run.lists.items()
+    }
+    step("merged")
+    merged: dict[str, float] = {}
+    for k in KS:
+        lists = merged_lists(run, model.defaults.channel_weights, model.defaults.channel_quotas, k)
+        metrics = mean_metrics(lists, relevant, (k,))
+        merged[f"recall@{k}"] = metrics[f"recall@{k}"]
+        merged[f"hit_rate@{k}"] = metrics[f"hit_rate@{k}"]
+    step("pipeline")
+    budget = model.defaults.candidate_budget
+    candidates = merged_lists(run, model.defaults.channel_weights, model.defaults.channel_quotas, budget)
+    final = pipeline_lists(model, run, candidates)
+    pipeline = {
+        "ndcg@10": float(
+            np.mean([ndcg_at_k(items, rel, 10) for items, rel in zip(final, relevant, strict=True)])
+        ),
+        "recall@10": float(
+            np.mean([recall_at_k(items, rel, 10) for items, rel in zip(final, relevant, strict=True)])
+        ),
+        "candidate_budget": budget,
+    }
+    baselines: dict[str, dict[str, float]] = {"popular": channels["popular"]}
+    if ease_lists is not None:
+        baselines["ease"] = _rounded(mean_metrics(ease_lists, relevant, KS))
+    result: dict[str, Any] = {
+        "headline": ["pipeline.ndcg@10", "merged.recall@200", "ranker.auc.click"],
+        "users": len(heldout),
+        "channels": channels,
+        "merged": _rounded(merged),
+        "baselines": baselines,
+        "pipeline": _rounded(pipeline),
+        "single_channel_top10": {name: metrics["ndcg@10"] for name, metrics in channels.items()},
+    }
+    if ranker_rows is not None:
+        step("ranker")
+        result["ranker"] = {"auc": _rounded(ranker_auc(model, *ranker_rows))}
+    step("ablation")
+    whole = run_channels(model, heldout, recent_limit=10_000, channels=("itemcf",))
+    result["ablations"] = {
+        "itemcf_recent_items": model.defaults.recent_items,
+        "itemcf_recent": channels["itemcf"].get("recall@200", 0.0),
+        "itemcf_whole_history": round(
+            float(
+                np.mean(
+                    [
+                        recall_at_k(c.items, rel, 200)
+                        for c, rel in zip(whole.lists["itemcf"], relevant, strict=True)
+                    ]
+                )
+            ),
+            5,
+        ),
+    }
+    return result
+
+
+def ease_lists(core: CoreArtifacts, heldout: HeldOut, l2: float, k: int) -> list[IntArray]:
+    """EASE top-k for each held-out user, fitted on the version's training histories."""
+    from recsys.evaluation.ease import EaseModel  # only when EASE is asked for
+
+    history = core.history.items
+    model = EaseModel.fit(
+        np.repeat(np.arange(history.n_rows), history.lengths()).astype(np.int64),
+        np.asarray(history.values, dtype=np.int64),
+        history.n_rows,
+        core.catalogue.n_items,
+        l2,
+    )
+    histories = [np.asarray(history.row(int(user)), dtype=np.int64) for user in heldout.users]
+    top = model.top_k(histories, k, exclude=histories)
+    return [np.asarray(row, dtype=np.int32) for row in top]
+
+
+def _rounded(values: Mapping[str, float]) -> dict[str, Any]:
+    """Five decimals; NaN (e.g. an AUC without negatives) becomes None, which JSON can carry."""
+    return {
+        key: (None if value != value else round(float(value), 5)) if isinstance(value, float) else value
+        for key, value in values.items()
+    }

@@ -1,0 +1,274 @@
+"""The feature spec (the ONNX models' named inputs) and the numpy code that assembles them.
+
+Training builds its TensorFlow inputs with these same functions, and the services build
+their onnxruntime inputs with them, so what a model saw in training is what it sees in
+serving. Unknown users and items map to token 0, the spec's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.artifacts import Catalogue, FloatArray, Int64Array, Statistics, UserBase
+
+Inputs = dict[str, npt.NDArray[Any]]
+
+# Features of a (user, candidate) pair that recall already knows how to compute: how similar
+# the candidate is to the user's history by ItemCF and by Swing (mean and max over the
+# history), and the two-tower score. They are computed from the same tables at training
+# time (from an earlier period than the labels) and at serving time.
+CROSS_FEATURES = ("itemcf_mean", "itemcf_max", "swing_mean", "swing_max", "two_tower")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: str  # "int64" | "float32"
+    shape: tuple[int | None, ...]  # None = any (the batch dimension)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    n_user_tokens: int  # vocabulary sizes including token 0 (unknown / padding)
+    n_item_tokens: int
+    n_category_tokens: int
+    n_author_tokens: int
+    n_region_tokens: int
+    history_length: int
+    max_categories: int
+    user_stat_names: tuple[str, ...]
+    item_stat_names: tuple[str, ...]
+    embedding_dim: int
+    heads: tuple[str, ...]
+    liked_history_weight: float = 2.0  # a liked item counts this much in the pooled history
+    default_token: int = 0
+    cross_feature_names: tuple[str, ...] = CROSS_FEATURES
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["inputs"] = {
+            model: [asdict(spec) for spec in specs]
+            for model, specs in (
+                ("user_tower", self.user_tower_inputs()),
+                ("item_tower", self.item_tower_inputs()),
+                ("ranker", self.ranker_inputs()),
+            )
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
+        values = {key: value for key, value in data.items() if key != "inputs"}
+        for key in ("user_stat_names", "item_stat_names", "heads", "cross_feature_names"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+    # -- the named inputs of each exported model ------------------------------------------
+    def user_tower_inputs(self) -> list[InputSpec]:
+        return [
+            InputSpec("user_id", "int64", (None,)),
+            InputSpec("region", "int64", (None,)),
+            InputSpec("history", "int64", (None, self.history_length)),
+            InputSpec("history_weight", "float32", (None, self.history_length)),
+        ]
+
+    def item_tower_inputs(self) -> list[InputSpec]:
+        return [
+            InputSpec("item_id", "int64", (None,)),
+            InputSpec("categories", "int64", (None, self.max_categories)),
+            InputSpec("author", "int64", (None,)),
+        ]
+
+    def ranker_inputs(self) -> list[InputSpec]:
+        return [
+            *self.user_tower_inputs(),
+            InputSpec("user_stats", "float32", (None, len(self.user_stat_names))),
+            *self.item_tower_inputs(),
+            InputSpec("item_stats", "float32", (None, len(self.item_stat_names))),
+            InputSpec("cross_features", "float32", (None, len(self.cross_feature_names))),
+        ]
+
+
+def history_inputs(
+    spec: FeatureSpec, recent_items: npt.NDArray[Any], recent_liked: npt.NDArray[np.bool_]
+) -> tuple[Int64Array, FloatArray]:
+    """One user's history input: item tokens most recent first, padded with 0.
+
+    `recent_items` are item indexes oldest → newest (as stored); only the last
+    `history_length` are used."""
+    length = spec.history_length
+    items = np.asarray(recent_items[-length:], dtype=np.int64)[::-1]
+    liked = np.asarray(recent_liked[-length:], dtype=bool)[::-1]
+    tokens = np.zeros(length, dtype=np.int64)
+    weights = np.zeros(length, dtype=np.float32)
+    tokens[: items.shape[0]] = items + 1
+    weights[: items.shape[0]] = np.where(liked, spec.liked_history_weight, 1.0)
+    return tokens, weights
+
+
+def history_matrix(
+    spec: FeatureSpec,
+    item_sequence: npt.NDArray[Any],
+    liked_sequence: npt.NDArray[np.bool_],
+    row_start: npt.NDArray[np.int64],
+    row_end: npt.NDArray[np.int64],
+) -> tuple[Int64Array, FloatArray]:
+    """Vectorised `history_inputs` for many rows: row r's history is the sequence slice
+    [row_start[r], row_end[r]) (oldest → newest), cut to its last `history_length`."""
+    length = spec.history_length
+    positions = row_end[:, None] - 1 - np.arange(length)[None, :]  # most recent first
+    valid = positions >= row_start[:, None]
+    safe = np.where(valid, positions, 0)
+    tokens = np.where(valid, item_sequence[safe].astype(np.int64) + 1, 0)
+    weights = np.where(valid, np.where(liked_sequence[safe], spec.liked_history_weight, 1.0), 0.0)
+    return tokens.astype(np.int64), weights.astype(np.float32)
+
+
+class ItemFeatures:
+    """Per-item inputs gathered vectorised from the catalogue arrays."""
+
+    def __init__(self, catalogue: Catalogue, statistics: Statistics) -> None:
+        self._categories = np.asarray(catalogue.categories, dtype=np.int64)
+        self._authors = np.asarray(catalogue.authors, dtype=np.int64)
+        self._stats = np.asarray(statistics.item_stats, dtype=np.float32)
+        self.n_items = catalogue.n_items
+        # A row for unknown items (index −1 → the last row): token 0 everywhere, zero stats.
+        self._categories = np.vstack([self._categories, np.zeros((1, self._categories.shape[1]), np.int64)])
+        self._authors = np.append(self._authors, 0)
+        self._stats = np.vstack([self._stats, np.zeros((1, self._stats.shape[1]), np.float32)])
+
+    def known(self, item_indexes: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        return (item_indexes >= 0) & (item_indexes < self.n_items)
+
+    def inputs(self, item_indexes: npt.NDArray[Any], with_stats: bool = True) -> Inputs:
+        indexes = np.asarray(item_indexes, dtype=np.int64)
+        known = self.known(indexes)
+        rows = np.where(known, indexes, self.n_items)
+        result: Inputs = {
+            "item_id": np.where(known, indexes + 1, 0).astype(np.int64),
+            "categories": self._categories[rows],
+            "author": self._authors[rows],
+        }
+        if with_stats:
+            result["item_stats"] = self._stats[rows]
+        return result
+
+
+class UserFeatures:
+    """Per-user inputs: token, region, stats, from the user base and statistics arrays."""
+
+    def __init__(self, spec: FeatureSpec, users: UserBase, statistics: Statistics) -> None:
+        self.spec = spec
+        self._regions = np.asarray(users.regions, dtype=np.int64)
+        self._stats = np.asarray(statistics.user_stats, dtype=np.float32)
+        self.n_users = users.n_users
+
+    def inputs(
+        self,
+        user_index: int,
+        recent_items: npt.NDArray[Any],
+        recent_liked: npt.NDArray[np.bool_],
+        region_token: int | None = None,
+    ) -> Inputs:
+        """Inputs of one user (index −1 = unknown) as a batch of one."""
+        known = 0 <= user_index < self.n_users
+        region = (
+            region_token if region_token is not None else (int(self._regions[user_index]) if known else 0)
+        )
+        tokens, weights = history_inputs(self.spec, recent_items, recent_liked)
+        stats = self._stats[user_index] if known else np.zeros(self._stats.shape[1], np.float32)
+        return {
+            "user_id": np.array([user_index + 1 if known else 0], dtype=np.int64),
+            "region": np.array([region], dtype=np.int64),
+            "history": tokens[None, :],
+            "history_weight": weights[None, :],
+            "user_stats": stats[None, :].astype(np.float32),
+        }
+
+
+class PairScores:
+    """Similarity lookups (item a, item b) → score from a neighbour table, by binary search
+    over sorted pair keys: no items × items matrix, and vectorised over any shape."""
+
+    def __init__(self, neighbors: npt.NDArray[Any], scores: npt.NDArray[Any]) -> None:
+        n_items, k = neighbors.shape
+        self._n_items = np.int64(n_items)
+        rows = np.repeat(np.arange(n_items, dtype=np.int64), k)
+        columns = np.asarray(neighbors, dtype=np.int64).reshape(-1)
+        valid = columns >= 0
+        keys = rows[valid] * self._n_items + columns[valid]
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._values = np.asarray(scores, dtype=np.float32).reshape(-1)[valid][order]
+
+    def lookup(self, first: npt.NDArray[Any], second: npt.NDArray[Any]) -> FloatArray:
+        """Score of each (first, second) pair; 0 for unknown items or non-neighbours."""
+        first = np.asarray(first, dtype=np.int64)
+        second = np.asarray(second, dtype=np.int64)
+        known = (first >= 0) & (first < self._n_items) & (second >= 0) & (second < self._n_items)
+        keys = np.where(known, first * self._n_items + second, -1)
+        if self._keys.shape[0] == 0:
+            return np.zeros(keys.shape, np.float32)
+        position = np.minimum(np.searchsorted(self._keys, keys), self._keys.shape[0] - 1)
+        found = known & (self._keys[position] == keys)
+        return np.where(found, self._values[position], 0.0).astype(np.float32)
+
+
+class CrossFeatures:
+    """The `cross_features` input for rows of (history tokens, candidate item, user vector)."""
+
+    def __init__(self, itemcf: PairScores, swing: PairScores, item_embeddings: npt.NDArray[Any]) -> None:
+        self._itemcf = itemcf
+        self._swing = swing
+        self._embeddings = np.asarray(item_embeddings, dtype=np.float32)
+
+    def compute(
+        self,
+        history: npt.NDArray[Any],
+        history_weight: npt.NDArray[Any],
+        items: npt.NDArray[Any],
+        user_embedding: npt.NDArray[Any] | None,
+    ) -> FloatArray:
+        """history, history_weight: [n, L] (tokens, 0 pads); items: [n] indexes; user
+        embedding: [n, d] or [d] (one user for all rows), None when unavailable (→ 0)."""
+        items = np.asarray(items, dtype=np.int64)
+        present = np.asarray(history) > 0
+        weight = np.where(present, np.asarray(history_weight, dtype=np.float32), 0.0)
+        total = np.maximum(weight.sum(axis=1), 1e-6)
+        columns = []
+        for table in (self._itemcf, self._swing):
+            pair = table.lookup(
+                np.asarray(history, np.int64) - 1, np.broadcast_to(items[:, None], history.shape)
+            )
+            pair = np.where(present, pair, 0.0)
+            columns.append((pair * weight).sum(axis=1) / total)
+            columns.append(pair.max(axis=1, initial=0.0))
+        known = (items >= 0) & (items < self._embeddings.shape[0])
+        if user_embedding is None or self._embeddings.shape[0] == 0:
+            columns.append(np.zeros(items.shape[0], np.float32))
+        else:
+            vectors = self._embeddings[np.where(known, items, 0)]
+            user = np.asarray(user_embedding, dtype=np.float32)
+            dots = vectors @ user if user.ndim == 1 else np.einsum("nd,nd->n", vectors, user)
+            columns.append(np.where(known, dots, 0.0))
+        # Swing sums are unbounded: compress them like counts.
+        features = np.stack(columns, axis=1).astype(np.float32)
+        features[:, 2:4] = np.log1p(features[:, 2:4])
+        return features
+
+
+def tower_inputs(user: Inputs) -> Inputs:
+    """The user tower's inputs out of a user's full inputs."""
+    return {name: user[name] for name in ("user_id", "region", "history", "history_weight")}
+
+
+def ranker_inputs(user: Inputs, items: Inputs) -> Inputs:
+    """Broadcast one user's inputs (batch of one) against n candidate items."""
+    n = items["item_id"].shape[0]
+    batch = {name: np.repeat(value, n, axis=0) for name, value in user.items()}
+    batch.update(items)
+    return batch

@@ -1,0 +1,44 @@
+"""onnxruntime sessions for the exported models, fed by input name.
+
+Sessions run with one intra-op thread: the services scale with one process per core,
+and several threads per session would only fight over the same cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from recsys.features import Inputs
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OnnxModel:
+    """One exported model: named inputs in, named outputs out."""
+
+    def __init__(self, path: Path | bytes, threads: int = 1) -> None:
+        source = str(path) if isinstance(path, Path) else path
+        self.session = ort.InferenceSession(
+            source, session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.input_names = tuple(value.name for value in self.session.get_inputs())
+        self.output_names = tuple(value.name for value in self.session.get_outputs())
+
+    def run(self, inputs: Inputs) -> dict[str, npt.NDArray[Any]]:
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise ValueError(f"inputs: missing {missing} (model takes {list(self.input_names)})")
+        feed = {name: inputs[name] for name in self.input_names}
+        outputs = self.session.run(list(self.output_names), feed)
+        return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}

@@ -1,0 +1,171 @@
+"""One model version as the stages use it: core arrays, the ONNX towers and ranker, the
+ANN index and the serving defaults. Built in memory by `recsys build` (to evaluate before
+publishing) and loaded from the store by `recsys evaluate` and the services: the same
+object, so evaluation measures exactly what is served."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.ann import HnswIndex
+from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core
+from recsys.features import (
+    CrossFeatures,
+    FeatureSpec,
+    Inputs,
+    ItemFeatures,
+    PairScores,
+    UserFeatures,
+    ranker_inputs,
+    tower_inputs,
+)
+from recsys.onnx_models import OnnxModel
+from recsys.stages.fusion import Fusion
+from recsys.stages.query import UserQuery, build_query
+from recsys.stages.sources import (
+    AuthorSource,
+    CandidateSource,
+    GeoSource,
+    NeighborSource,
+    TwoTowerAnnSource,
+    popular_source,
+)
+
+USER_TOWER = "two_tower/user_tower.onnx"
+ITEM_TOWER = "two_tower/item_tower.onnx"
+ITEM_EMBEDDINGS = "two_tower/item_embeddings.npy"
+ANN_INDEX = "two_tower/index.hnsw"
+RANKER = "ranker/ranker.onnx"
+DEFAULTS = "config/defaults.json"
+FEATURE_SPEC = "config/feature_spec.json"
+
+ALL_CHANNELS = ("itemcf", "swing", "two_tower", "geo", "author", "cache", "popular")
+
+
+@dataclass
+class ServingModel:
+    version: str
+    spec: FeatureSpec
+    core: CoreArtifacts
+    user_tower: OnnxModel
+    item_embeddings: FloatArray
+    index: HnswIndex
+    ranker: OnnxModel
+    defaults: Defaults
+    capabilities: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, version_dir: Path, version: str | None = None) -> ServingModel:
+        spec = FeatureSpec.from_json(json.loads((version_dir / FEATURE_SPEC).read_text()))
+        defaults = Defaults(**json.loads((version_dir / DEFAULTS).read_text()))
+        embeddings = np.load(version_dir / ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+        manifest = (
+            json.loads((version_dir / "manifest.json").read_text())
+            if (version_dir / "manifest.json").exists()
+            else {}
+        )
+        return cls(
+            version=version or version_dir.name,
+            spec=spec,
+            core=load_core(version_dir),
+            user_tower=OnnxModel(version_dir / USER_TOWER),
+            item_embeddings=embeddings,
+            index=HnswIndex.load(version_dir / ANN_INDEX, dim=int(embeddings.shape[1])),
+            ranker=OnnxModel(version_dir / RANKER),
+            defaults=defaults,
+            capabilities=manifest.get("capabilities", {}),
+        )
+
+    # -- features ------------------------------------------------------------------------
+    @cached_property
+    def item_features(self) -> ItemFeatures:
+        return ItemFeatures(self.core.catalogue, self.core.statistics)
+
+    @cached_property
+    def user_features(self) -> UserFeatures:
+        return UserFeatures(self.spec, self.core.users, self.core.statistics)
+
+    def user_inputs(
+        self,
+        query: UserQuery,
+        history_items: npt.NDArray[Any] | None = None,
+        history_liked: npt.NDArray[np.bool_] | None = None,
+    ) -> Inputs:
+        items = query.recent_items if history_items is None else history_items
+        liked = query.recent_liked if history_liked is None else history_liked
+        return self.user_features.inputs(query.user_index, items, liked, query.region_token)
+
+    def user_embeddings(self, user_inputs: list[Inputs]) -> FloatArray:
+        """Run the user tower on many users at once (a batch of their inputs)."""
+        if not user_inputs:
+            return np.zeros((0, self.item_embeddings.shape[1]), np.float32)
+        batch = {name: np.concatenate([inputs[name] for inputs in user_inputs]) for name in user_inputs[0]}
+        embedding: FloatArray = self.user_tower.run(tower_inputs(batch))["user_embedding"]
+        return embedding
+
+    def query(self, user_index: int, **kwargs: Any) -> UserQuery:
+        return build_query(self.core, user_index, recent_limit=self.defaults.recent_items, **kwargs)
+
+    # -- stages ----------------------------------------------------------------------------
+    @cached_property
+    def channels(self) -> tuple[str, ...]:
+        names = ["itemcf", "swing", "two_tower"]
+        if self.core.users.region_vocab.shape[0] > 0:
+            names.append("geo")
+        if self.core.catalogue.author_vocab.shape[0] > 0:
+            names.append("author")
+        names.append("popular")
+        return tuple(names)
+
+    @cached_property
+    def sources(self) -> dict[str, CandidateSource]:
+        """The offline-evaluable channels (the cache channel needs the feature store)."""
+        available: dict[str, CandidateSource] = {
+            "itemcf": NeighborSource("itemcf", self.core.itemcf),
+            "swing": NeighborSource("swing", self.core.swing),
+            "two_tower": TwoTowerAnnSource(self.index),
+            "geo": GeoSource(self.core.popularity),
+            "author": AuthorSource(self.core.authors),
+            "popular": popular_source(self.core.popularity),
+        }
+        return {name: available[name] for name in self.channels}
+
+    @cached_property
+    def cross_features(self) -> CrossFeatures:
+        return CrossFeatures(
+            PairScores(self.core.itemcf.neighbors, self.core.itemcf.scores),
+            PairScores(self.core.swing.neighbors, self.core.swing.scores),
+            self.item_embeddings,
+        )
+
+    def score(
+        self, user: Inputs, item_indexes: npt.NDArray[Any], user_embedding: FloatArray | None = None
+    ) -> dict[str, FloatArray]:
+        """Every head's probability for one user's candidates. Without a user embedding
+        (recall did not send one) the user tower computes it."""
+        if len(item_indexes) == 0:
+            return {head: np.zeros(0, np.float32) for head in self.spec.heads}
+        if user_embedding is None:
+            user_embedding = self.user_embeddings([user])[0]
+        items = np.asarray(item_indexes)
+        batch = ranker_inputs(user, self.item_features.inputs(items))
+        batch["cross_features"] = self.cross_features.compute(
+            batch["history"], batch["history_weight"], items, user_embedding
+        )
+        outputs = self.ranker.run(batch)
+        return {head: np.asarray(outputs[head], dtype=np.float32).reshape(-1) for head in self.spec.heads}
+
+    def default_fusion(self) -> Fusion:
+        return Fusion("weighted_sum", {head: 1.0 for head in self.spec.heads if head != "click"})
+
+
+def defaults_json(defaults: Defaults) -> dict[str, Any]:
+    return asdict(defaults)

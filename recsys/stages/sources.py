@@ -1,0 +1,216 @@
+"""Candidate sources: the recall channels' math, vectorised numpy over the version's arrays.
+
+Each source answers `candidates(query, quota)` with at most `quota` items the query does
+not exclude, best first, and their scores. Sources are synchronous and CPU-bound: the
+recall service runs them off its event loop; offline evaluation calls them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.artifacts import AuthorIndex, FloatArray, IntArray, Popularity
+from recsys.neighbors import NeighborTable
+from recsys.stages.query import EMPTY_FLOAT, EMPTY_INT, UserQuery
+
+
+@dataclass(frozen=True)
+class Candidates:
+    items: IntArray  # best first
+    scores: FloatArray
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(EMPTY_INT, EMPTY_FLOAT)
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+class CandidateSource(Protocol):
+    @property
+    def identifier(self) -> str: ...
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates: ...
+
+
+def not_excluded(items: npt.NDArray[Any], excluded: IntArray) -> npt.NDArray[np.bool_]:
+    """Mask of `items` not in the sorted array `excluded` (binary search, no per-request
+    catalogue-sized allocation)."""
+    if excluded.shape[0] == 0:
+        return np.ones(items.shape[0], dtype=bool)
+    position = np.searchsorted(excluded, items)
+    position[position == excluded.shape[0]] = 0
+    return np.asarray(excluded[position] != items)
+
+
+def top_candidates(
+    items: npt.NDArray[Any], scores: npt.NDArray[Any], quota: int, excluded: IntArray
+) -> Candidates:
+    """The best `quota` of (items, scores) whose items are not excluded, best first."""
+    keep = not_excluded(items, excluded) & (scores > 0)
+    items, scores = items[keep], scores[keep]
+    if quota <= 0 or items.shape[0] == 0:
+        return Candidates.empty()
+    if items.shape[0] > quota:
+        best = np.argpartition(-scores, quota - 1)[:quota]
+        items, scores = items[best], scores[best]
+    order = np.argsort(-scores, kind="stable")
+    return Candidates(items[order].astype(np.int32), scores[order].astype(np.float32))
+
+
+def recency_rating_weights(query: UserQuery, decay: float, liked_boost: float) -> FloatArray:
+    """Weight of each recent item: newest 1, then ×decay per step back; liked items boosted."""
+    n = query.recent_items.shape[0]
+    age = np.arange(n - 1, -1, -1, dtype=np.float32)  # 0 for the newest
+    weights = np.power(np.float32(decay), age) * np.where(query.recent_liked, liked_boost, 1.0)
+    return weights.astype(np.float32)
+
+
+class NeighborSource:
+    """Item-to-item recall (ItemCF, Swing): the user's recent items × each one's top-K
+    neighbours, aggregated with recency/rating weights, vectorised."""
+
+    def __init__(
+        self,
+        identifier: str,
+        table: NeighborTable,
+        *,
+        decay: float = 0.9,
+        liked_boost: float = 2.0,
+        neighbors_per_item: int | None = None,
+    ) -> None:
+        self._identifier = identifier
+        self._neighbors = np.asarray(table.neighbors)
+        self._scores = np.asarray(table.scores)
+        self._decay = decay
+        self._liked_boost = liked_boost
+        self._per_item = neighbors_per_item or table.neighbors.shape[1]
+
+    @property
+    def identifier(self) -> str:
+        return self._identifier
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        if query.recent_items.shape[0] == 0 or quota <= 0:
+            return Candidates.empty()
+        weights = recency_rating_weights(query, self._decay, self._liked_boost)
+        neighbors = self._neighbors[query.recent_items, : self._per_item]
+        scores = self._scores[query.recent_items, : self._per_item] * weights[:, None]
+        valid = neighbors >= 0
+        flat_items, flat_scores = neighbors[valid], scores[valid]
+        unique, inverse = np.unique(flat_items, return_inverse=True)
+        totals = np.bincount(inverse, weights=flat_scores).astype(np.float32)
+        return top_candidates(unique, totals, quota, query.excluded)
+
+
+class RankedListSource:
+    """A precomputed ranked list, best first (global popularity)."""
+
+    def __init__(self, identifier: str, items: IntArray, scores: FloatArray) -> None:
+        self._identifier = identifier
+        self._items = np.asarray(items)
+        self._scores = np.asarray(scores, dtype=np.float32)
+
+    @property
+    def identifier(self) -> str:
+        return self._identifier
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        return _first_allowed(self._items, self._scores, quota, query.excluded)
+
+
+def _first_allowed(
+    items: npt.NDArray[Any], scores: npt.NDArray[Any], quota: int, excluded: IntArray
+) -> Candidates:
+    """The first `quota` allowed entries of a list already sorted best first."""
+    if quota <= 0 or items.shape[0] == 0:
+        return Candidates.empty()
+    # Look only as far as needed: quota plus everything that could be excluded.
+    window = min(items.shape[0], quota + excluded.shape[0])
+    head_items, head_scores = items[:window], scores[:window]
+    keep = not_excluded(head_items, excluded)
+    return Candidates(
+        np.asarray(head_items[keep][:quota], dtype=np.int32),
+        np.asarray(head_scores[keep][:quota], np.float32),
+    )
+
+
+def popular_source(popularity: Popularity) -> RankedListSource:
+    top = np.asarray(popularity.global_top)
+    return RankedListSource("popular", top, np.asarray(popularity.global_scores)[top])
+
+
+class GeoSource:
+    """Popular items in the user's region (the request's region, else the profile's)."""
+
+    identifier = "geo"
+
+    def __init__(self, popularity: Popularity) -> None:
+        self._lists = popularity.by_region
+        self._scores = popularity.by_region_scores
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        token = query.region_token
+        if token <= 0 or token >= self._lists.n_rows:
+            return Candidates.empty()
+        return _first_allowed(self._lists.row(token), self._scores.row(token), quota, query.excluded)
+
+
+class AuthorSource:
+    """Authors the user engaged with → their best and newest items."""
+
+    identifier = "author"
+
+    def __init__(self, authors: AuthorIndex, per_author: int = 50) -> None:
+        self._items = authors.items
+        self._scores = authors.scores
+        self._per_author = per_author
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        if query.engaged_authors.shape[0] == 0 or quota <= 0:
+            return Candidates.empty()
+        items: list[npt.NDArray[Any]] = []
+        scores: list[npt.NDArray[Any]] = []
+        for author, weight in zip(query.engaged_authors, query.engaged_author_weights, strict=True):
+            if 0 < author < self._items.n_rows:
+                items.append(self._items.row(int(author))[: self._per_author])
+                scores.append(self._scores.row(int(author))[: self._per_author] * weight)
+        if not items:
+            return Candidates.empty()
+        all_items = np.concatenate(items)
+        unique, inverse = np.unique(all_items, return_inverse=True)
+        totals = np.bincount(inverse, weights=np.concatenate(scores)).astype(np.float32)
+        return top_candidates(unique, totals, quota, query.excluded)
+
+
+class EmbeddingIndex(Protocol):
+    """Nearest-neighbour search over item embeddings (hnswlib in production, exact in tests)."""
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        """Item indexes and inner-product similarities, best first."""
+
+
+class TwoTowerAnnSource:
+    """Nearest items to the user embedding (computed by the user tower beforehand and put
+    on the query), over-fetching enough to survive the exclusions."""
+
+    identifier = "two_tower"
+
+    def __init__(self, index: EmbeddingIndex, max_overfetch: int = 500) -> None:
+        self._index = index
+        self._max_overfetch = max_overfetch
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        if query.embedding is None or quota <= 0:
+            return Candidates.empty()
+        k = quota + min(query.excluded.shape[0], self._max_overfetch)
+        items, similarity = self._index.search(query.embedding, k)
+        # Similarities are cosines in [−1, 1]; shift so every returned item has a positive score.
+        return top_candidates(
+            items.astype(np.int32), (similarity + 1.0).astype(np.float32), quota, query.excluded
+        )

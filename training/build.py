@@ -1,0 +1,520 @@
+"""`recsys build`: raw data → a verified, versioned model store entry.
+
+1. encode and split (held-out test part; a validation part carved from training);
+2. core artifacts (CF tables, popularity, histories…) on the *fit* part (training minus
+   validation) to tune the merge and EASE on validation;
+3. two-tower and ranker trained on the fit part, exported to ONNX, parity-checked;
+4. core artifacts rebuilt on the whole training part: what is served;
+5. evaluation on the held-out part with the serving stages (`recsys.evaluation`);
+6. publish: write, verify (checksums, every ONNX file loads in onnxruntime, the ANN index
+   loads), then point CURRENT at it. Any failure leaves CURRENT as it was.
+
+The towers and the ranker are trained once, on the fit part, and served with histories
+from the whole training part: like a production model trained yesterday and served with
+today's features. Everything stays leakage-free: nothing here sees the held-out part
+except the evaluation step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.ann import ExactIndex, HnswIndex, recall_at_k
+from recsys.artifacts import CoreArtifacts, Defaults, save_core
+from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate, run_channels, tune_merge
+from recsys.evaluation.metrics import mean_metrics
+from recsys.features import CrossFeatures, FeatureSpec, ItemFeatures, PairScores
+from recsys.onnx_models import OnnxModel
+from recsys.serving_model import (
+    ANN_INDEX,
+    DEFAULTS,
+    FEATURE_SPEC,
+    ITEM_EMBEDDINGS,
+    ITEM_TOWER,
+    RANKER,
+    USER_TOWER,
+    ServingModel,
+    defaults_json,
+)
+from recsys.store.reader import ModelStore
+from recsys.store.writer import VersionWriter
+from training.core_builder import CoreConfig, build_core
+from training.data.raw import RawData
+from training.encode import Encoded, Interactions, Split, encode, holdout_split
+from training.examples import NegativeSampler, SequenceRows, ranker_rows, select, sequence_rows, user_rows
+from training.export import Parity, check_parity, export_onnx
+from training.models.ranker import RankerConfig, build_ranker, train_ranker
+from training.models.two_tower import (
+    TwoTowerConfig,
+    build_two_tower,
+    embed,
+    log_sampling_probability,
+    train_two_tower,
+)
+from training.report import write_report
+
+log = logging.getLogger("recsys.build")
+
+EASE_GRID = (50.0, 200.0, 500.0, 1000.0, 3000.0)
+EASE_MAX_ITEMS = 20_000
+
+
+@dataclass(frozen=True)
+class BuildProfile:
+    name: str
+    two_tower: TwoTowerConfig
+    ranker: RankerConfig
+    core: CoreConfig = field(default_factory=CoreConfig)
+    history_length: int = 30
+    candidate_budget: int = 200
+    ease: bool = True
+    parity_rows: int = 2000
+    retrieval_only: bool = False
+
+
+PROFILES = {
+    "quick": BuildProfile(
+        "quick",
+        TwoTowerConfig(embedding_dim=32, id_dim=32, epochs=4, batch_size=512),
+        RankerConfig(id_dim=16, epochs=2, expert_units=(64, 32), negatives_per_positive=3),
+        ease=False,
+    ),
+    "full": BuildProfile(
+        "full",
+        TwoTowerConfig(embedding_dim=64, id_dim=64, epochs=10),
+        RankerConfig(epochs=4),
+    ),
+}
+
+
+class Stages:
+    """Prints each stage with its duration (stderr), and keeps the timings for the summary."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.timings: dict[str, float] = {}
+        self._quiet = quiet
+        self._current: tuple[str, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.finish()
+        self._current = (name, time.perf_counter())
+        if not self._quiet:
+            print(f"▸ {name} …", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self._current is not None:
+            name, started = self._current
+            self.timings[name] = time.perf_counter() - started
+            if not self._quiet:
+                print(f"  {name}: {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+            self._current = None
+
+    def note(self, text: str) -> None:
+        if not self._quiet:
+            print(f"  {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildResult:
+    version: str
+    path: Path
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    sizes: dict[str, int]
+    notes: list[str]
+
+
+def _spec(encoded: Encoded, profile: BuildProfile) -> FeatureSpec:
+    heads = ("click", "like") if encoded.capabilities.get("rating") else ("click",)
+    return FeatureSpec(
+        n_user_tokens=encoded.n_users + 1,
+        n_item_tokens=encoded.n_items + 1,
+        n_category_tokens=int(encoded.catalogue.category_vocab.shape[0]) + 1,
+        n_author_tokens=int(encoded.catalogue.author_vocab.shape[0]) + 1,
+        n_region_tokens=int(encoded.users.region_vocab.shape[0]) + 1,
+        history_length=profile.history_length,
+        max_categories=int(encoded.catalogue.categories.shape[1]),
+        user_stat_names=("log_interactions", "mean_rating", "like_rate"),
+        item_stat_names=("log_interactions", "mean_rating", "like_rate", "log_popularity"),
+        embedding_dim=profile.two_tower.embedding_dim,
+        heads=heads,
+    )
+
+
+@dataclass
+class Trained:
+    user_tower: bytes
+    item_tower: bytes
+    ranker: bytes
+    item_embeddings: np.ndarray
+    index: HnswIndex
+    parity: dict[str, Parity]
+    losses: dict[str, list[float]]
+    ann_recall_at_100: float
+
+
+def _train_models(
+    encoded: Encoded,
+    train: Interactions,
+    validation_rows: np.ndarray,
+    core_fit: CoreArtifacts,
+    spec: FeatureSpec,
+    profile: BuildProfile,
+    stages: Stages,
+) -> Trained:
+    """Towers on the fit part; the ranker on the validation part (the next period), with
+    features from fit-part artifacts, exactly as it is served: features from the past,
+    labels from the future. (Cross features computed on the same period as the labels would
+    leak the label into the CF tables and teach the ranker to over-trust them.)"""
+    all_rows = sequence_rows(train, spec)
+    in_validation = np.isin(all_rows.order, validation_rows)
+    rows: SequenceRows = select(all_rows, ~in_validation)
+    users = user_rows(rows, core_fit.users.regions, core_fit.statistics.user_stats)
+    items = ItemFeatures(core_fit.catalogue, core_fit.statistics)
+
+    stages.start("two-tower: train")
+    towers = build_two_tower(spec, profile.two_tower)
+    tower_users = {name: users[name] for name in ("user_id", "region", "history", "history_weight")}
+    tower_items = items.inputs(rows.item, with_stats=False)
+    losses = {
+        "two_tower": train_two_tower(
+            towers,
+            tower_users,
+            tower_items,
+            log_sampling_probability(tower_items["item_id"]),
+            progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
+        )
+    }
+    stages.start("two-tower: export + parity")
+    sample = np.random.default_rng(profile.two_tower.seed).choice(
+        rows.user.shape[0], size=min(profile.parity_rows, rows.user.shape[0]), replace=False
+    )
+    parity_users = {name: value[sample] for name, value in tower_users.items()}
+    parity_items = {name: value[sample] for name, value in tower_items.items()}
+    user_onnx = export_onnx(towers.user_model, spec.user_tower_inputs())
+    item_onnx = export_onnx(towers.item_model, spec.item_tower_inputs())
+    parity = {
+        "user_tower": check_parity(towers.user_model, user_onnx, parity_users),
+        "item_tower": check_parity(towers.item_model, item_onnx, parity_items),
+    }
+    stages.start("two-tower: item embeddings + ANN index")
+    all_items = items.inputs(np.arange(encoded.n_items), with_stats=False)
+    # Embeddings come from the exported item tower: the path a new item takes later.
+    item_model = OnnxModel(item_onnx, threads=2)
+    user_model = OnnxModel(user_onnx, threads=2)
+    embeddings = np.concatenate(
+        [
+            item_model.run({name: value[start : start + 8192] for name, value in all_items.items()})[
+                "item_embedding"
+            ]
+            for start in range(0, encoded.n_items, 8192)
+        ]
+    ).astype(np.float32)
+    index = HnswIndex.build(embeddings, threads=2)
+    probe = embed(
+        towers.user_model,
+        {name: value[sample[:500]] for name, value in tower_users.items()},
+        "user_embedding",
+    )
+    k = min(100, encoded.n_items)
+    ann_recall = recall_at_k(index.search_many(probe, k), ExactIndex(embeddings).search_many(probe, k))
+    stages.note(f"ANN recall@{k} vs exact: {ann_recall:.4f}")
+
+    stages.start("ranker: train")
+    later = select(all_rows, in_validation)
+    later_users = user_rows(later, core_fit.users.regions, core_fit.statistics.user_stats)
+    later_embeddings = user_model.run(
+        {name: later_users[name] for name in ("user_id", "region", "history", "history_weight")}
+    )["user_embedding"]
+    cross = CrossFeatures(
+        PairScores(core_fit.itemcf.neighbors, core_fit.itemcf.scores),
+        PairScores(core_fit.swing.neighbors, core_fit.swing.scores),
+        embeddings,
+    )
+    sampler = NegativeSampler(train.user, train.item, encoded.n_items, seed=profile.ranker.seed)
+    inputs, labels = ranker_rows(
+        later, later_users, items, sampler, profile.ranker.negatives_per_positive, cross, later_embeddings
+    )
+    labels = {head: labels[head] for head in spec.heads}
+    ranker = build_ranker(spec, profile.ranker)
+    losses["ranker"] = train_ranker(
+        ranker,
+        inputs,
+        labels,
+        profile.ranker,
+        progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
+    )
+    stages.start("ranker: export + parity")
+    ranker_onnx = export_onnx(ranker, spec.ranker_inputs())
+    ranker_sample = np.random.default_rng(1).choice(
+        inputs["item_id"].shape[0], size=min(profile.parity_rows, inputs["item_id"].shape[0]), replace=False
+    )
+    parity["ranker"] = check_parity(
+        ranker, ranker_onnx, {name: value[ranker_sample] for name, value in inputs.items()}
+    )
+    return Trained(user_onnx, item_onnx, ranker_onnx, embeddings, index, parity, losses, ann_recall)
+
+
+def _serving_model(
+    version: str, spec: FeatureSpec, core: CoreArtifacts, trained: Trained, defaults: Defaults
+) -> ServingModel:
+    return ServingModel(
+        version=version,
+        spec=spec,
+        core=core,
+        user_tower=OnnxModel(trained.user_tower),
+        item_embeddings=trained.item_embeddings,
+        index=trained.index,
+        ranker=OnnxModel(trained.ranker),
+        defaults=defaults,
+    )
+
+
+def _ranker_eval_rows(
+    encoded: Encoded, train: Interactions, test: Interactions, seed: int, negatives: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Held-out positives and popularity-sampled negatives never consumed (train or test)."""
+    consumed_user = np.concatenate([train.user, test.user])
+    consumed_item = np.concatenate([train.item, test.item])
+    sampler = NegativeSampler(consumed_user, consumed_item, encoded.n_items, seed=seed + 7)
+    rows, items = sampler.sample(test.user, negatives)
+    user = np.concatenate([test.user, test.user[rows]]).astype(np.int32)
+    item = np.concatenate([test.item, items]).astype(np.int32)
+    click = np.zeros(user.shape[0], bool)
+    click[: test.user.shape[0]] = True
+    like = click & np.concatenate([test.liked, np.zeros(rows.shape[0], bool)])
+    return user, item, {"click": click, "like": like}
+
+
+@dataclass
+class Candidate:
+    """A trained and evaluated version, not yet in any store."""
+
+    encoded: Encoded
+    spec: FeatureSpec
+    core: CoreArtifacts
+    trained: Trained
+    defaults: Defaults
+    metrics: dict[str, Any]
+    heldout_user: np.ndarray
+    heldout_item: np.ndarray
+    ranker_eval: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]
+    training_config: dict[str, Any]
+    ease_l2: float | None
+    notes: list[str]
+    stages: Stages
+    channels: tuple[str, ...]
+
+
+def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool = False) -> Candidate:
+    """Everything but publishing: split, train, export with parity, evaluate."""
+    stages = Stages(quiet)
+    notes = list(raw.report.summary_lines())
+    stages.start("encode + split")
+    encoded = encode(raw)
+    interactions = encoded.interactions
+    split: Split = holdout_split(
+        interactions.user, interactions.time if encoded.has_time else None, seed=seed
+    )
+    train = interactions.take(split.train)
+    test = interactions.take(split.test)
+    inner = holdout_split(train.user, train.time if encoded.has_time else None, seed=seed + 1)
+    fit, validation = train.take(inner.train), train.take(inner.test)
+    notes.append(
+        f"split by {split.method}: {len(train):,} train ({len(fit):,} fit + {len(validation):,} validation),"
+        f" {len(test):,} held out over {np.unique(test.user).shape[0]:,} users"
+    )
+    spec = _spec(encoded, profile)
+    core_config = dataclasses.replace(profile.core, seed=seed)
+
+    stages.start("core artifacts (fit part)")
+    core_fit = build_core(fit, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
+    trained = _train_models(encoded, train, inner.test, core_fit, spec, profile, stages)
+
+    stages.start("tune merge on validation")
+    validation_heldout = HeldOut.from_pairs(validation.user, validation.item)
+    fit_model = _serving_model(
+        "fit", spec, core_fit, trained, Defaults(candidate_budget=profile.candidate_budget)
+    )
+    run = run_channels(fit_model, validation_heldout)
+    weights, quotas, validation_recall = tune_merge(run, validation_heldout, profile.candidate_budget)
+    defaults = Defaults(weights, quotas, recent_items=20, candidate_budget=profile.candidate_budget)
+    stages.note(f"weights {weights}")
+    stages.note(
+        f"quotas {quotas}; validation merged recall@{profile.candidate_budget} {validation_recall:.4f}"
+    )
+    ease_l2: float | None = None
+    if profile.ease and encoded.n_items <= EASE_MAX_ITEMS:
+        stages.start("tune EASE on validation")
+        best = -1.0
+        for l2 in EASE_GRID:
+            lists = ease_lists(core_fit, validation_heldout, l2, max(KS))
+            score = mean_metrics(lists, validation_heldout.relevant, (max(KS),))[f"recall@{max(KS)}"]
+            stages.note(f"λ={l2:g}: validation recall@{max(KS)} {score:.4f}")
+            if score > best:
+                best, ease_l2 = score, l2
+
+    stages.start("core artifacts (whole training part)")
+    core = build_core(train, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
+    served = _serving_model("candidate", spec, core, trained, defaults)
+
+    stages.start("evaluate on held-out part")
+    heldout = HeldOut.from_pairs(test.user, test.item)
+    ranker_eval = _ranker_eval_rows(encoded, train, test, seed, profile.ranker.negatives_per_positive)
+    ease = ease_lists(core, heldout, ease_l2, max(KS)) if ease_l2 is not None else None
+    metrics = evaluate(served, heldout, ease_lists=ease, ranker_rows=ranker_eval)
+    metrics["ann"] = {"recall@100_vs_exact": round(trained.ann_recall_at_100, 5)}
+    metrics["validation"] = {"merged_recall": round(validation_recall, 5), "ease_l2": ease_l2}
+    metrics["parity"] = {name: value.to_json() for name, value in trained.parity.items()}
+    stages.finish()
+    training_config = {
+        "profile": profile.name,
+        "seed": seed,
+        "two_tower": dataclasses.asdict(profile.two_tower),
+        "ranker": dataclasses.asdict(profile.ranker),
+        "core": dataclasses.asdict(core_config),
+        "history_length": profile.history_length,
+        "split": {
+            "method": split.method,
+            "train": len(train),
+            "test": len(test),
+            "validation": len(validation),
+        },
+        "losses": trained.losses,
+    }
+    return Candidate(
+        encoded,
+        spec,
+        core,
+        trained,
+        defaults,
+        metrics,
+        test.user,
+        test.item,
+        ranker_eval,
+        training_config,
+        ease_l2,
+        notes,
+        stages,
+        served.channels,
+    )
+
+
+def publish(
+    candidate: Candidate,
+    store: str | Path,
+    *,
+    keep: int = 5,
+    fail_after: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Write, verify and publish a candidate; CURRENT moves only when all of it succeeded.
+    `fail_after(stage)` is a test hook that may raise to simulate a crash."""
+    stages = candidate.stages
+    stages.start("write + verify + publish")
+    trained, spec, defaults = candidate.trained, candidate.spec, candidate.defaults
+    with VersionWriter(store) as version:
+        save_core(candidate.core, version)
+        version.save_json(FEATURE_SPEC, spec.to_json())
+        version.save_json(DEFAULTS, defaults_json(defaults))
+        version.save_bytes(USER_TOWER, trained.user_tower)
+        version.save_bytes(ITEM_TOWER, trained.item_tower)
+        version.save_bytes(RANKER, trained.ranker)
+        version.save_array(ITEM_EMBEDDINGS, trained.item_embeddings)
+        trained.index.save(version.path_for(ANN_INDEX))
+        if fail_after is not None:
+            fail_after("artifacts")
+        version.save_array("eval/heldout_user.npy", candidate.heldout_user)
+        version.save_array("eval/heldout_item.npy", candidate.heldout_item)
+        ranker_user, ranker_item, ranker_labels = candidate.ranker_eval
+        version.save_array("eval/ranker_user.npy", ranker_user)
+        version.save_array("eval/ranker_item.npy", ranker_item)
+        for head, labels in ranker_labels.items():
+            if head in spec.heads:
+                version.save_array(f"eval/ranker_{head}.npy", labels)
+        version.save_json("eval/metrics.json", candidate.metrics)
+        write_report(
+            version.path_for("eval/report.md"), candidate.metrics, candidate.encoded.name, candidate.notes
+        )
+        channels = [*candidate.channels, "cache"]
+        version.manifest_fields(
+            feature_spec=spec.to_json(),
+            capabilities={**candidate.encoded.capabilities, "channels": channels, "heads": list(spec.heads)},
+            data_source=candidate.encoded.source,
+            training_config=candidate.training_config,
+            metrics=candidate.metrics,
+            defaults=defaults_json(defaults),
+            extra={
+                "like_threshold": candidate.encoded.like_threshold,
+                "notes": candidate.notes,
+                "ease_l2": candidate.ease_l2,
+            },
+        )
+        version.verify_with(_verify_loads)
+        if fail_after is not None:
+            version.verify_with(lambda _path: fail_after("verify"))
+        manifest = version.publish(make_current=True, keep=keep)
+    stages.finish()
+    version_path = ModelStore(store).path / manifest.version
+    sizes = {path: entry.size for path, entry in manifest.artifacts.items()}
+    return BuildResult(
+        manifest.version, version_path, candidate.metrics, stages.timings, sizes, candidate.notes
+    )
+
+
+def build(
+    raw: RawData,
+    store: str | Path,
+    profile: BuildProfile,
+    *,
+    seed: int = 0,
+    keep: int = 5,
+    quiet: bool = False,
+) -> BuildResult:
+    """Build, evaluate and publish one version."""
+    return publish(prepare(raw, profile, seed=seed, quiet=quiet), store, keep=keep)
+
+
+def _verify_loads(staging: Path) -> None:
+    """Every ONNX file loads in onnxruntime, the ANN index in hnswlib, the whole version
+    through the serving loader (in this process, which must not need TensorFlow for it)."""
+    for path in staging.rglob("*.onnx"):
+        OnnxModel(path)
+    model = ServingModel.load(staging, version="staging")
+    if model.index.size != model.core.catalogue.n_items:
+        raise ValueError(f"{ANN_INDEX}: {model.index.size} vectors for {model.core.catalogue.n_items} items")
+
+
+def summary_rows(result: BuildResult) -> list[tuple[str, str]]:
+    m = result.metrics
+    rows = [("version", result.version), ("path", str(result.path))]
+    total = sum(result.sizes.values())
+    rows.append(("size", f"{total / 1e6:.1f} MB in {len(result.sizes)} files"))
+    rows.append(("time", f"{sum(result.timings.values()):.0f} s"))
+    for name, seconds in result.timings.items():
+        rows.append((f"  {name}", f"{seconds:.1f} s"))
+    rows.append(("pipeline ndcg@10", f"{m['pipeline']['ndcg@10']:.4f}"))
+    rows.append(("popular ndcg@10", f"{m['baselines']['popular']['ndcg@10']:.4f}"))
+    if "ease" in m["baselines"]:
+        rows.append(("ease ndcg@10", f"{m['baselines']['ease']['ndcg@10']:.4f}"))
+    rows.append(("merged recall@200", f"{m['merged']['recall@200']:.4f}"))
+    best = max(m["channels"].items(), key=lambda item: item[1]["recall@200"])
+    rows.append((f"best channel recall@200 ({best[0]})", f"{best[1]['recall@200']:.4f}"))
+    for head, value in m.get("ranker", {}).get("auc", {}).items():
+        rows.append((f"ranker AUC {head}", f"{value:.4f}" if not math.isnan(value) else "n/a"))
+    rows.append(("ANN recall@100", f"{m['ann']['recall@100_vs_exact']:.4f}"))
+    return rows
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    return json.dumps(metrics, indent=2, sort_keys=True)

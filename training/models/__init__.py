@@ -1,0 +1,1 @@
+"""Keras models: the two-tower retrieval model and the multi-task ranker."""

@@ -1,0 +1,98 @@
+"""The evaluation report written into each version: Markdown with tables, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+KS = (10, 50, 100, 200)
+
+
+def _plot_recall(metrics: dict[str, Any], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, values in metrics["channels"].items():
+        axis.plot(KS, [values[f"recall@{k}"] for k in KS], marker="o", label=name)
+    axis.plot(
+        KS,
+        [metrics["merged"][f"recall@{k}"] for k in KS],
+        marker="s",
+        linewidth=2.5,
+        color="black",
+        label="merged",
+    )
+    if "ease" in metrics["baselines"]:
+        axis.plot(KS, [metrics["baselines"]["ease"][f"recall@{k}"] for k in KS], linestyle="--", label="EASE")
+    axis.set_xlabel("K (candidates)")
+    axis.set_ylabel("recall@K")
+    axis.set_title("Recall by channel and merged (same budget K)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_ndcg(metrics: dict[str, Any], path: Path) -> None:
+    names = [
+        "pipeline",
+        "popular",
+        *(["ease"] if "ease" in metrics["baselines"] else []),
+        *metrics["channels"],
+    ]
+    values = [metrics["pipeline"]["ndcg@10"], metrics["baselines"]["popular"]["ndcg@10"]]
+    if "ease" in metrics["baselines"]:
+        values.append(metrics["baselines"]["ease"]["ndcg@10"])
+    values += [channel["ndcg@10"] for channel in metrics["channels"].values()]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.barh(names[::-1], values[::-1], color=["#4477aa"] * (len(names) - 1) + ["#cc3311"])
+    axis.set_xlabel("NDCG@10")
+    axis.set_title("Final top 10: pipeline vs baselines vs single channels")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[str]) -> None:
+    directory = path.parent
+    _plot_recall(metrics, directory / "recall.png")
+    _plot_ndcg(metrics, directory / "ndcg.png")
+    lines = [f"# Evaluation: {dataset}", "", f"{metrics['users']:,} held-out users.", ""]
+    lines += ["## Recall channels alone (full catalogue minus training items)", ""]
+    lines += ["| channel | " + " | ".join(f"recall@{k}" for k in KS) + " | hit_rate@200 | ndcg@10 |"]
+    lines += ["|---|" + "---|" * (len(KS) + 2)]
+    rows = dict(metrics["channels"])
+    rows["**merged**"] = {**metrics["merged"], "ndcg@10": float("nan")}
+    for baseline, values in metrics["baselines"].items():
+        rows[f"baseline: {baseline}"] = values
+    for name, values in rows.items():
+        cells = [f"{values.get(f'recall@{k}', float('nan')):.4f}" for k in KS]
+        cells.append(f"{values.get('hit_rate@200', float('nan')):.4f}")
+        cells.append(f"{values.get('ndcg@10', float('nan')):.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pipeline = metrics["pipeline"]
+    lines += ["", "## Final list (merged recall → ranker → top 10)", ""]
+    lines += [f"- pipeline: NDCG@10 {pipeline['ndcg@10']:.4f}, recall@10 {pipeline['recall@10']:.4f}"]
+    lines += [f"- popularity: NDCG@10 {metrics['baselines']['popular']['ndcg@10']:.4f}"]
+    if "ease" in metrics["baselines"]:
+        lines += [f"- EASE: NDCG@10 {metrics['baselines']['ease']['ndcg@10']:.4f}"]
+    if "ranker" in metrics:
+        lines += ["", "## Ranker", ""] + [
+            f"- AUC {head}: {value:.4f}" for head, value in metrics["ranker"]["auc"].items()
+        ]
+    lines += ["", "## ANN", "", f"- hnswlib recall@100 vs exact: {metrics['ann']['recall@100_vs_exact']:.4f}"]
+    ablation = metrics.get("ablations", {})
+    if ablation:
+        lines += ["", "## Recency", ""]
+        recent, whole = ablation["itemcf_recent"], ablation["itemcf_whole_history"]
+        lines += [
+            f"- ItemCF recall@200 from the last {ablation['itemcf_recent_items']} items: {recent:.4f};"
+            f" from the whole history: {whole:.4f}"
+        ]
+    lines += ["", "## Data", ""] + [f"- {note}" for note in notes]
+    lines += ["", "![recall](recall.png)", "", "![ndcg](ndcg.png)", ""]
+    path.write_text("\n".join(lines))
