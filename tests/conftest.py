@@ -60,3 +60,25 @@ async def wait_serving(running: RunningHost) -> None:
     async with asyncio.timeout(5.0):
         while not running.host.readiness.serving:
             await asyncio.sleep(0.01)
+
+
+# -- one quick MovieLens-100K build per test run, shared by every test that needs a store --
+@pytest.fixture(scope="session")
+def quick_candidate() -> Any:
+    """A trained, evaluated (unpublished) quick-profile MovieLens-100K version. Built once per
+    run: it is the only model build CI does."""
+    from training.build import PROFILES, prepare
+    from training.data import default_data_dir, load_movielens_100k
+
+    return prepare(load_movielens_100k(default_data_dir()), PROFILES["quick"], quiet=True)
+
+
+@pytest.fixture(scope="session")
+def quick_store(quick_candidate: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The quick candidate published into a store of its own; returns the ModelStore."""
+    from recsys.store import ModelStore
+    from training.build import publish
+
+    path = tmp_path_factory.mktemp("quick-store")
+    publish(quick_candidate, path)
+    return ModelStore(path)

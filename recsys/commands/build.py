@@ -122,9 +122,9 @@ def _raw(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def run(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UsageError("--keep: must be at least 1")
+    raw = _raw(args)  # data errors surface before TensorFlow is imported
     from training.build import PROFILES, build, metrics_json, summary_rows
 
-    raw = _raw(args)
     result = build(raw, args.store, PROFILES[args.profile], seed=args.seed, keep=args.keep, quiet=args.quiet)
     if args.json:
         print(metrics_json(result.metrics))

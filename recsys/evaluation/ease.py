@@ -131,7 +131,7 @@ class EaseModel:
 
 def _gram(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, dtype: type) -> np.ndarray:
     """XᵀX for binary X, from each user's item pairs; `users` sorted, each (user, item) once."""
-    gram = np.zeros((n_items, n_items), dtype=dtype)
+    gram: np.ndarray = np.zeros((n_items, n_items), dtype=dtype)
     flat = gram.reshape(-1)
     lengths = np.bincount(users, minlength=n_users)
     starts = np.cumsum(lengths) - lengths

@@ -39,8 +39,9 @@ RATING_RANGE: Final = (1, 10)
 # Publication years outside this range are placeholders (0) or typos.
 YEAR_RANGE: Final = (1000, 2030)
 PUBLISHER_PREFIX: Final = "publisher:"
-# Place names carry stray quotes and backslashes from the original SQL dump (`' usa"'`, `\"n/a\"`).
-_PLACE_STRIP: Final = " \t\"'\\`"
+# Place names carry stray quotes and backslashes from the original SQL dump (`' usa"'`,
+# `\"n/a\".`): those are removed wherever they are, then spaces and end punctuation stripped.
+_PLACE_STRIP: Final = " \t'`."
 
 
 def load_book_crossing(data_dir: Path) -> RawData:
@@ -100,9 +101,9 @@ def load_book_crossing_new_books(data_dir: Path) -> tuple[pd.DataFrame, pd.DataF
 
 
 def clean_place(values: pd.Series) -> pd.Series:
-    """Country or state names: stray quotes, backslashes and spaces stripped, lower case;
-    placeholders ("", "n/a", punctuation only) become NaN."""
-    text = values.astype("str").str.strip(_PLACE_STRIP).str.lower()
+    """Country or state names: double quotes and backslashes removed, spaces and end punctuation
+    stripped, lower case; placeholders ("", "n/a", punctuation only) become NaN."""
+    text = values.astype("str").str.replace(r'["\\]', "", regex=True).str.strip(_PLACE_STRIP).str.lower()
     placeholder = text.isin(MISSING_TOKENS) | ~text.str.contains(r"[^\W_]", regex=True).fillna(False)
     return text.mask(placeholder.astype(bool))
 

@@ -64,6 +64,9 @@ _SPARE_COLUMN: Final = "\0spare"
 # Id columns of the metadata files default to the interactions' id columns.
 _DEFAULTS: Final = {"item_id_col": "item_col", "user_id_col": "user_col"}
 
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
+
 # Every CsvSpec field and the command-line flag that sets it: errors name the flag.
 FLAGS: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -380,21 +383,19 @@ def _interactions(spec: CsvSpec, table: _Table, report: LoadReport) -> pd.DataFr
     dropped = np.array(user_id.isna() | item_id.isna(), dtype=bool)
     report.drop("interactions: missing user or item id", int(dropped.sum()))
 
-    rating: pd.Series | None = None
+    rating: FloatArray | None = None
     if spec.rating_col is not None:
-        text = clean_strings(table.columns["rating_col"])
-        rating = pd.to_numeric(text, errors="coerce")
-        missing = ~dropped & text.isna().to_numpy()
+        rating, missing = _numbers(table.columns["rating_col"])
+        missing &= ~dropped
         report.drop("interactions: missing rating", int(missing.sum()))
-        not_number = ~dropped & ~missing & ~np.isfinite(rating.to_numpy(dtype=np.float64))
+        not_number = ~dropped & ~missing & np.isnan(rating)
         report.drop("interactions: rating not a number", int(not_number.sum()))
         dropped |= missing | not_number
 
-    timestamp: np.ndarray[Any, np.dtype[np.float64]] | None = None
+    timestamp: FloatArray | None = None
     if spec.time_col is not None:
-        text = clean_strings(table.columns["time_col"])
-        timestamp, milliseconds = parse_times(text)
-        missing = ~dropped & text.isna().to_numpy()
+        timestamp, missing, milliseconds = parse_times(table.columns["time_col"])
+        missing &= ~dropped
         report.drop("interactions: missing time", int(missing.sum()))
         unparseable = ~dropped & ~missing & np.isnan(timestamp)
         report.drop("interactions: unparseable time", int(unparseable.sum()))
@@ -411,26 +412,61 @@ def _interactions(spec: CsvSpec, table: _Table, report: LoadReport) -> pd.DataFr
     )
 
 
-def parse_times(values: pd.Series) -> tuple[np.ndarray[Any, np.dtype[np.float64]], int]:
-    """Unix seconds (float, NaN where missing or unparseable) from unix seconds or date strings,
-    and how many values were taken as milliseconds."""
-    numbers = np.array(pd.to_numeric(values, errors="coerce"), dtype=np.float64)
+def _numbers(values: pd.Series) -> tuple[FloatArray, BoolArray]:
+    """(numbers, missing): finite numbers, NaN where missing or not a number. Clean values are
+    parsed at C speed; only the rest are stripped of stray quotes and parsed again."""
+    numbers = _finite(pd.to_numeric(values, errors="coerce"))
+    missing = np.zeros(len(numbers), dtype=bool)
+    retry = np.isnan(numbers)
+    if retry.any():
+        cleaned = clean_strings(values[retry])
+        missing[retry] = cleaned.isna().to_numpy()
+        numbers[retry] = _finite(pd.to_numeric(cleaned, errors="coerce"))
+    return numbers, missing
+
+
+def parse_times(values: pd.Series) -> tuple[FloatArray, BoolArray, int]:
+    """(unix seconds, missing, count read as milliseconds) from unix seconds or date strings;
+    seconds are NaN where the value is missing or unparseable. Numbers, then ISO-8601 dates, are
+    parsed at C speed; only what is left is cleaned and tried in any date format."""
+    seconds = _finite(pd.to_numeric(values, errors="coerce"))
+    numeric = ~np.isnan(seconds)
+    missing = np.zeros(len(seconds), dtype=bool)
+    rest = ~numeric
+    if rest.any():
+        seconds[rest] = _date_seconds(values[rest], "ISO8601")
+        rest = np.isnan(seconds)
+    if rest.any():
+        text = clean_strings(values[rest])
+        missing[rest] = text.isna().to_numpy()
+        retried = _finite(pd.to_numeric(text, errors="coerce"))
+        numeric[rest] = ~np.isnan(retried)
+        dates = np.isnan(retried) & text.notna().to_numpy()
+        if dates.any():
+            retried[dates] = _date_seconds(text[dates], "ISO8601")
+            unparsed = np.isnan(retried) & dates
+            if unparsed.any():
+                retried[unparsed] = _date_seconds(text[unparsed], "mixed")
+        seconds[rest] = retried
+    milliseconds = numeric & (np.abs(seconds) > MILLISECONDS_ABOVE)
+    seconds[milliseconds] /= 1000.0
+    return seconds, missing, int(milliseconds.sum())
+
+
+def _date_seconds(text: pd.Series, date_format: str) -> FloatArray:
+    """Unix seconds of date strings (NaN where unparseable); dates without a zone are UTC."""
+    with warnings.catch_warnings():
+        # "mixed" reads 13/04/2021 day first with a warning; that is what we want.
+        warnings.simplefilter("ignore", UserWarning)
+        parsed = pd.to_datetime(text, format=date_format, errors="coerce", utc=True)
+    seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return np.array(seconds, dtype=np.float64)
+
+
+def _finite(values: Any) -> FloatArray:
+    numbers = np.array(values, dtype=np.float64)
     numbers[~np.isfinite(numbers)] = np.nan
-    milliseconds = np.abs(numbers) > MILLISECONDS_ABOVE
-    numbers[milliseconds] /= 1000.0
-    dates = values.notna().to_numpy() & np.isnan(numbers)
-    if dates.any():
-        text = values[dates]
-        parsed = pd.to_datetime(text, format="ISO8601", errors="coerce", utc=True)
-        retry = parsed.isna().to_numpy()
-        if retry.any():
-            with warnings.catch_warnings():
-                # Dates like 13/04/2021 are read day first with a warning; that is what we want.
-                warnings.simplefilter("ignore", UserWarning)
-                parsed[retry] = pd.to_datetime(text[retry], format="mixed", errors="coerce", utc=True)
-        seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
-        numbers[dates] = seconds.to_numpy(dtype=np.float64, na_value=np.nan)
-    return numbers, int(milliseconds.sum())
+    return numbers
 
 
 def _like_threshold(spec: CsvSpec, interactions: pd.DataFrame, report: LoadReport) -> float:
@@ -473,9 +509,8 @@ def _items(
     authors = clean_text(columns["author_col"]) if spec.author_col else None
     item_time = None
     if spec.item_time_col is not None:
-        text = clean_strings(columns["item_time_col"])
-        item_time, _ = parse_times(text)
-        unparseable = int((text.notna().to_numpy() & np.isnan(item_time)).sum())
+        item_time, missing, _ = parse_times(columns["item_time_col"])
+        unparseable = int((~missing & np.isnan(item_time)).sum())
         if unparseable:
             report.note(f"items: {unparseable:,} unparseable item times left unknown")
     items = items_frame(

@@ -7,6 +7,7 @@ video release date, IMDb url, 19 genre flags) and `u.genre` (the flags' names). 
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Final
 
@@ -20,6 +21,7 @@ from training.data.raw import (
     clean_strings,
     complete_items,
     complete_users,
+    drop_duplicate_ids,
     drop_duplicate_interactions,
     interactions_frame,
     items_frame,
@@ -52,7 +54,7 @@ def load_movielens_100k(data_dir: Path) -> RawData:
             dtype=str,
             keep_default_na=False,
             encoding=encoding,
-            quoting=3,  # csv.QUOTE_NONE: titles contain quotes that are part of the title
+            quoting=csv.QUOTE_NONE,  # quotes in titles are part of the title
         )
         report.rows_read[relative_name(files[name], data_dir)] = len(frame)
         return frame
@@ -122,7 +124,7 @@ def _items(table: pd.DataFrame, genres: list[str], report: LoadReport) -> pd.Dat
     # Release dates look like "01-Jan-1995"; the year is what survives as item_time.
     years = pd.to_numeric(table["release_date"].str.strip().str[-4:], errors="coerce")
     items = items_frame(item_id, title=titles, categories=categories, item_time=years)
-    return items.drop_duplicates("item_id", keep="last").reset_index(drop=True)
+    return drop_duplicate_ids(items, "item_id", report, "items")
 
 
 def _zip_regions(zip_codes: pd.Series) -> pd.Series:

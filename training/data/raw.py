@@ -8,7 +8,7 @@ loading (vocabularies, splits, training) sees only `RawData`, never a file forma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,7 +54,18 @@ def _rows(count: int) -> str:
 
 @dataclass
 class RawData:
-    """A data set in the canonical shape (see the module docstring of `training.data`)."""
+    """A data set in the canonical shape.
+
+    - `interactions`: user_id, item_id (both str, or both int64), rating (float32; all NaN when
+      `has_rating` is False), timestamp (int64 unix seconds; only when `has_time`). One row per
+      (user_id, item_id): the latest by time, else the last row in the file.
+    - `items`: item_id, title (str, "" if unknown), categories (list[str]), author (str or None),
+      item_time (float64 year or unix time, NaN if unknown). One row per item, including every
+      interacted item and items never interacted with.
+    - `users`: user_id, region (str or None). One row per user, as for items.
+
+    A rating >= `like_threshold` is a like; with no rating (None) every interaction is one.
+    """
 
     name: str
     interactions: pd.DataFrame
@@ -93,9 +104,11 @@ def _check_shape(data: RawData) -> None:
     if list(data.users.columns) != list(USER_COLUMNS):
         raise ValueError(f"users: expected columns {list(USER_COLUMNS)}, got {list(data.users.columns)}")
     interactions = data.interactions
-    id_dtypes = {str(interactions["user_id"].dtype), str(interactions["item_id"].dtype)}
-    if id_dtypes not in ({"int64"}, {"str"}):
-        raise ValueError(f"interactions: user_id and item_id must both be str or int64, got {id_dtypes}")
+    ids = (interactions["user_id"], interactions["item_id"])
+    both_int = all(column.dtype == np.int64 for column in ids)
+    if not both_int and not all(pd.api.types.is_string_dtype(column) for column in ids):
+        dtypes = [str(column.dtype) for column in ids]
+        raise ValueError(f"interactions: user_id and item_id must both be str or both int64, got {dtypes}")
     if interactions["rating"].dtype != np.float32:
         raise ValueError(f"interactions: rating must be float32, got {interactions['rating'].dtype}")
     if data.has_time and interactions["timestamp"].dtype != np.int64:
@@ -118,22 +131,39 @@ def _check_shape(data: RawData) -> None:
 
 def clean_strings(values: pd.Series, strip: str = STRIP_CHARACTERS) -> pd.Series:
     """Text values with spaces and stray quotes stripped; empty and missing tokens become NaN."""
-    text = values.astype("str").str.strip(strip)
-    return text.mask(text.str.lower().isin(MISSING_TOKENS))
+
+    def clean(text: pd.Series) -> pd.Series:
+        text = text.str.strip(strip)
+        return text.mask(text.str.lower().isin(MISSING_TOKENS))
+
+    return _per_distinct_value(values, clean)
 
 
 def clean_text(values: pd.Series) -> pd.Series:
     """Free text (titles, names, places): spaces stripped, one pair of enclosing double quotes
     removed, then a lone unbalanced quote at either end (`' usa"'` → `usa`); quotes that belong
     to the text (`Café "Noir"`) stay. Empty and missing tokens become NaN."""
-    text = values.astype("str").str.strip()
-    enclosed = (text.str.len() >= 2) & text.str.startswith('"') & text.str.endswith('"')
-    text = text.where(~enclosed.fillna(False).astype(bool), text.str[1:-1]).str.strip()
-    unbalanced = (text.str.count('"') % 2 == 1).fillna(False).astype(bool)
-    trailing = unbalanced & text.str.endswith('"').fillna(False).astype(bool)
-    leading = unbalanced & ~trailing & text.str.startswith('"').fillna(False).astype(bool)
-    text = text.where(~trailing, text.str[:-1]).where(~leading, text.str[1:]).str.strip()
-    return text.mask(text.str.lower().isin(MISSING_TOKENS))
+
+    def clean(text: pd.Series) -> pd.Series:
+        text = text.str.strip()
+        enclosed = (text.str.len() >= 2) & text.str.startswith('"') & text.str.endswith('"')
+        text = text.where(~enclosed.fillna(False).astype(bool), text.str[1:-1]).str.strip()
+        unbalanced = (text.str.count('"') % 2 == 1).fillna(False).astype(bool)
+        trailing = unbalanced & text.str.endswith('"').fillna(False).astype(bool)
+        leading = unbalanced & ~trailing & text.str.startswith('"').fillna(False).astype(bool)
+        text = text.where(~trailing, text.str[:-1]).where(~leading, text.str[1:]).str.strip()
+        return text.mask(text.str.lower().isin(MISSING_TOKENS))
+
+    return _per_distinct_value(values, clean)
+
+
+def _per_distinct_value(values: pd.Series, clean: Callable[[pd.Series], pd.Series]) -> pd.Series:
+    """`clean` applied to each distinct value once (string methods run in Python per value, and
+    id columns repeat each value many times), mapped back onto `values` (str dtype, same index)."""
+    codes, distinct = pd.factorize(values.astype("str"))
+    cleaned = clean(pd.Series(distinct, dtype="str")).to_numpy(dtype=object, na_value=np.nan)
+    lookup = np.append(cleaned, np.nan)  # code -1 (missing) → NaN
+    return pd.Series(lookup[codes], index=values.index, dtype="str")
 
 
 def as_object(values: pd.Series) -> pd.Series:

@@ -1,0 +1,174 @@
+"""Stage logic on small hand-computed examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsys.artifacts import AuthorIndex, Popularity, Ragged
+from recsys.errors import InvalidArgument
+from recsys.evaluation.metrics import auc, ndcg_at_k, recall_at_k
+from recsys.features import CrossFeatures, FeatureSpec, PairScores, history_inputs, history_matrix
+from recsys.neighbors import NeighborTable
+from recsys.stages.fusion import Fusion
+from recsys.stages.merge import WeightedMerge
+from recsys.stages.query import UserQuery
+from recsys.stages.sources import (
+    AuthorSource,
+    Candidates,
+    GeoSource,
+    NeighborSource,
+    not_excluded,
+    popular_source,
+)
+
+
+def query(
+    recent: list[int],
+    liked: list[bool] | None = None,
+    excluded: list[int] = (),
+    region: int = 0,
+    **kw: object,
+) -> UserQuery:  # type: ignore[assignment]
+    return UserQuery(
+        user_index=0,
+        region_token=region,
+        recent_items=np.array(recent, np.int32),
+        recent_liked=np.array(liked if liked is not None else [False] * len(recent)),
+        excluded=np.unique(np.array([*recent, *excluded], np.int32)),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+TABLE = NeighborTable(
+    neighbors=np.array([[1, 2, -1], [0, 3, 2], [4, 0, -1], [1, -1, -1], [2, -1, -1]], np.int32),
+    scores=np.array([[0.9, 0.5, 0], [0.9, 0.4, 0.2], [0.7, 0.5, 0], [0.4, 0, 0], [0.7, 0, 0]], np.float32),
+)
+
+
+def test_neighbor_source_aggregates_with_recency_and_rating_weights() -> None:
+    source = NeighborSource("itemcf", TABLE, decay=0.5, liked_boost=2.0)
+    # recent: item 0 (older, liked → weight 0.5·2 = 1), item 1 (newest, weight 1)
+    result = source.candidates(query([0, 1], [True, False]), quota=10)
+    # item 2: 0.5·1 (via 0) + 0.2·1 (via 1) = 0.7; item 3: 0.4·1 = 0.4; 0 and 1 are excluded
+    assert result.items.tolist() == [2, 3]
+    np.testing.assert_allclose(result.scores, [0.7, 0.4], rtol=1e-6)
+    assert source.candidates(query([0, 1], [True, False]), quota=1).items.tolist() == [2]
+    assert len(source.candidates(query([]), quota=10)) == 0
+
+
+def test_excluded_items_never_come_back() -> None:
+    source = NeighborSource("itemcf", TABLE)
+    result = source.candidates(query([0, 1], excluded=[2]), quota=10)
+    assert 2 not in result.items.tolist()
+    mask = not_excluded(np.array([5, 1, 9, 3]), np.array([1, 3, 7], np.int32))
+    assert mask.tolist() == [True, False, True, False]
+
+
+def test_geo_popular_and_author_sources() -> None:
+    popularity = Popularity(
+        global_scores=np.array([5, 9, 1, 7, 3], np.float32),
+        global_top=np.array([1, 3, 0, 4, 2], np.int32),
+        by_region=Ragged(np.array([0, 0, 3]), np.array([4, 2, 1], np.int32)),
+        by_region_scores=Ragged(np.array([0, 0, 3]), np.array([8, 6, 2], np.float32)),
+    )
+    assert popular_source(popularity).candidates(query([1]), 2).items.tolist() == [3, 0]
+    geo = GeoSource(popularity)
+    assert geo.candidates(query([2], region=1), 5).items.tolist() == [4, 1]
+    assert len(geo.candidates(query([2], region=0), 5)) == 0  # unknown region: nothing
+    authors = AuthorIndex(
+        items=Ragged(np.array([0, 0, 2, 3]), np.array([0, 4, 2], np.int32)),
+        scores=Ragged(np.array([0, 0, 2, 3]), np.array([1.0, 0.5, 0.8], np.float32)),
+    )
+    result = AuthorSource(authors).candidates(
+        query(
+            [0],
+            engaged_authors=np.array([2, 1], np.int32),
+            engaged_author_weights=np.array([0.75, 0.25], np.float32),
+        ),
+        quota=5,
+    )
+    # author 2 → item 2 (0.8·0.75 = 0.6); author 1 → item 4 (0.5·0.25); item 0 consumed
+    assert result.items.tolist() == [2, 4]
+    np.testing.assert_allclose(result.scores, [0.6, 0.125])
+
+
+def test_weighted_merge_is_reciprocal_rank_fusion_with_channel_masks() -> None:
+    merge = WeightedMerge(("a", "b"), {"a": 1.0, "b": 2.0}, rank_offset=1.0)
+    lists = {
+        "a": Candidates(np.array([10, 11], np.int32), np.array([5, 4], np.float32)),
+        "b": Candidates(np.array([11, 12], np.int32), np.array([0.9, 0.1], np.float32)),
+    }
+    merged = merge.merge(lists, budget=3)
+    # 10: 1/1 = 1; 11: 1/2 + 2/1 = 2.5; 12: 2/2 = 1 → 11, then 10 and 12 tie (by index)
+    assert merged.items.tolist() == [11, 10, 12]
+    np.testing.assert_allclose(merged.scores, [2.5, 1.0, 1.0])
+    assert merged.channels_of(0) == ["a", "b"]
+    assert merged.channels_of(2) == ["b"]
+    assert merge.merge(lists, budget=1).items.tolist() == [11]
+
+
+def test_fusion_formulas() -> None:
+    scores = {"click": np.array([0.5, 0.2], np.float32), "like": np.array([0.1, 0.9], np.float32)}
+    summed = Fusion("weighted_sum", {"like": 2.0}).fuse(scores)
+    np.testing.assert_allclose(summed, [0.5 + 0.2, 0.2 + 1.8], rtol=1e-6)
+    product = Fusion("weighted_product", {"click": 1.0, "like": 2.0}, {"like": 0.5}).fuse(scores)
+    np.testing.assert_allclose(product, [1.5 * 1.2**0.5, 1.2 * 2.8**0.5], rtol=1e-6)
+    with pytest.raises(InvalidArgument, match=r"fusion.weights: unknown tasks \['share'\]"):
+        Fusion("weighted_sum", {"share": 1.0}).validate(("click", "like"))
+
+
+def test_metrics_on_hand_examples() -> None:
+    ranked = np.array([5, 3, 8, 1])
+    relevant = np.array([3, 1, 7])
+    assert recall_at_k(ranked, relevant, 2) == pytest.approx(1 / 2)
+    assert recall_at_k(ranked, relevant, 4) == pytest.approx(2 / 3)
+    ideal = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    assert ndcg_at_k(ranked, relevant, 10) == pytest.approx((1 / np.log2(3) + 1 / np.log2(5)) / ideal)
+    assert auc(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, False, True, False])) == pytest.approx(0.75)
+    assert auc(np.array([0.5, 0.5]), np.array([True, False])) == pytest.approx(0.5)
+
+
+SPEC = FeatureSpec(
+    10,
+    20,
+    3,
+    3,
+    3,
+    history_length=4,
+    max_categories=2,
+    user_stat_names=("a",),
+    item_stat_names=("b",),
+    embedding_dim=2,
+    heads=("click",),
+)
+
+
+def test_history_inputs_match_the_vectorised_training_version() -> None:
+    items = np.array([3, 7, 1, 9, 4, 2], np.int32)
+    liked = np.array([True, False, False, True, False, True])
+    tokens, weights = history_inputs(SPEC, items[:5], liked[:5])
+    assert tokens.tolist() == [5, 10, 2, 8]  # items 4, 9, 1, 7 (+1), most recent first
+    assert weights.tolist() == [1.0, 2.0, 1.0, 1.0]
+    matrix, matrix_weights = history_matrix(SPEC, items, liked, np.array([0, 0]), np.array([5, 1]))
+    assert matrix[0].tolist() == tokens.tolist()
+    assert matrix_weights[0].tolist() == weights.tolist()
+    assert matrix[1].tolist() == [4, 0, 0, 0]
+
+
+def test_pair_scores_and_cross_features() -> None:
+    pairs = PairScores(TABLE.neighbors, TABLE.scores)
+    np.testing.assert_allclose(
+        pairs.lookup(np.array([0, 1, 3, 9, -1]), np.array([2, 3, 0, 0, 0])), [0.5, 0.4, 0, 0, 0]
+    )
+    embeddings = np.eye(5, 2, dtype=np.float32)
+    cross = CrossFeatures(pairs, pairs, embeddings)
+    features = cross.compute(
+        np.array([[1, 2, 0]]),
+        np.array([[1.0, 3.0, 0.0]], np.float32),
+        np.array([2]),
+        np.array([0.5, 2.0], np.float32),
+    )
+    # history items 0 (w 1) and 1 (w 3) → candidate 2: sims 0.5 and 0.2
+    mean = (0.5 * 1 + 0.2 * 3) / 4
+    np.testing.assert_allclose(features[0], [mean, 0.5, np.log1p(mean), np.log1p(0.5), 0.0], rtol=1e-6)

@@ -1,0 +1,153 @@
+"""The quick MovieLens-100K build (built once per run) and what users do with its store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recsys.store import ModelStore, StoreIntegrityError
+from training.build import publish
+from training.export import PARITY_TOLERANCE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_quick_build_beats_popularity_and_records_everything(quick_store: ModelStore) -> None:
+    version = quick_store.current()
+    assert version is not None
+    manifest = quick_store.manifest(version)
+    metrics = manifest.metrics
+    assert metrics["pipeline"]["ndcg@10"] > metrics["baselines"]["popular"]["ndcg@10"]
+    assert set(metrics["channels"]) == {"itemcf", "swing", "two_tower", "geo", "popular"}  # no authors in ML
+    assert manifest.capabilities["authors"] is False
+    assert "author" not in manifest.capabilities["channels"]
+    assert set(manifest.capabilities["heads"]) == {"click", "like"}
+    for name in ("user_tower", "item_tower", "ranker"):
+        assert metrics["parity"][name]["rows"] >= 1000
+        assert metrics["parity"][name]["max_abs_diff"] <= PARITY_TOLERANCE
+    assert metrics["ann"]["recall@100_vs_exact"] >= 0.95
+    assert manifest.defaults["channel_quotas"]
+    onnx_files = [path for path in manifest.artifacts if path.endswith(".onnx")]
+    assert sorted(onnx_files) == [
+        "ranker/ranker.onnx",
+        "two_tower/item_tower.onnx",
+        "two_tower/user_tower.onnx",
+    ]
+    assert manifest.data_source["dataset"] == "ml-100k"
+    quick_store.verify(version)
+    report = (quick_store.version_path(version) / "eval" / "report.md").read_text()
+    assert "pipeline: NDCG@10" in report
+    assert (quick_store.version_path(version) / "eval" / "recall.png").stat().st_size > 1000
+
+
+SERVE_WITHOUT_TENSORFLOW = """
+import sys, json
+import numpy as np
+from recsys.serving_model import ServingModel
+from recsys.store import ModelStore, StoreIntegrityError
+store = ModelStore(sys.argv[1])
+model = ServingModel.load(store.version_path(store.current()))
+query = model.query(0)
+vector = model.user_embeddings([model.user_inputs(query, *map(np.asarray, (model.core.history.items.row(0), np.ones(len(model.core.history.items.row(0)), bool))))])[0]
+import dataclasses
+query = dataclasses.replace(query, embedding=vector)
+found = {name: source.candidates(query, 50).items.tolist() for name, source in model.sources.items()}
+scores = model.score(model.user_inputs(query), np.array(found["itemcf"][:20]), vector)
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'))
+print(json.dumps({"found": {k: len(v) for k, v in found.items()}, "heavy": heavy, "heads": sorted(scores),
+                  "consumed_returned": sorted(set(sum(found.values(), [])) & set(model.core.history.items.row(0).tolist()))}))
+"""
+
+
+def test_onnx_models_and_the_index_load_and_serve_without_tensorflow(quick_store: ModelStore) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_TENSORFLOW, str(quick_store.path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["heavy"] == []
+    assert answer["consumed_returned"] == []
+    assert answer["heads"] == ["click", "like"]
+    assert all(count == 50 for count in answer["found"].values()), answer["found"]
+
+
+def test_evaluate_prints_only_the_json_and_reproduces_the_build_metrics(quick_store: ModelStore) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "evaluate", "--store", str(quick_store.path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)  # stdout is exactly one JSON document
+    for key in ("channels", "merged", "baselines", "pipeline", "ranker"):
+        assert key in metrics
+    assert set(metrics["channels"]["itemcf"]) >= {"recall@50", "recall@200"}
+    assert set(metrics["ranker"]["auc"]) == {"click", "like"}
+    stored = quick_store.manifest(quick_store.current()).metrics  # type: ignore[arg-type]
+    assert metrics["pipeline"] == stored["pipeline"]
+    assert metrics["merged"] == stored["merged"]
+    assert metrics["channels"] == stored["channels"]
+
+
+def test_a_failed_publish_leaves_current_unchanged(quick_candidate: Any, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+
+    def crash_at(stage: str) -> Any:
+        def hook(reached: str) -> None:
+            if reached == stage:
+                raise Crash(stage)
+
+        return hook
+
+    with pytest.raises(Crash):
+        publish(quick_candidate, store, fail_after=crash_at("artifacts"))
+    assert ModelStore(store).current() is None
+    assert ModelStore(store).versions() == []
+    first = publish(quick_candidate, store).version
+    for stage in ("artifacts", "verify"):
+        # A verifier's failure is reported as an integrity error of the version.
+        with pytest.raises((Crash, StoreIntegrityError)):
+            publish(quick_candidate, store, fail_after=crash_at(stage))
+        assert ModelStore(store).current() == first
+        assert [info.name for info in ModelStore(store).versions()] == [first]
+    assert not [path for path in store.iterdir() if path.name.startswith(".staging")]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("build", "--dataset", "csv", "--store", "x"), "--interactions: required with --dataset csv"),
+        (("build", "--dataset", "ml-100k", "--data-dir", "/nonexistent"), "--data-dir: no such directory"),
+        (("build", "--dataset", "ml-100k", "--keep", "0"), "--keep: must be at least 1"),
+        (("build", "--dataset", "synthetic", "--users", "many"), "--users: expected a whole number"),
+        (("build", "--dataset", "movies"), "argument --dataset: invalid choice: 'movies'"),
+        (("evaluate", "--store", "/nonexistent-store"), "/nonexistent-store"),
+    ],
+)
+def test_cli_errors_name_the_flag(args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]  # one line (after argparse's usage)
