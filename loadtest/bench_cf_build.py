@@ -99,6 +99,15 @@ def movielens_100k() -> Interactions:
     )
 
 
+def current_rss_mib() -> float:
+    """This process's resident memory now (Linux), or NaN where /proc is missing."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def progress_printer(index: str) -> Callable[[int, int], None]:
     started = time.perf_counter()
     last = [0.0]
@@ -197,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{data.name}: {data.n_users:,} users, {data.n_items:,} items, {data.user_index.size:,} interactions "
         f"(heaviest user {heaviest_user:,}, most popular item {most_popular:,}); "
-        f"prepared in {time.perf_counter() - started:.1f} s on {os.cpu_count()} CPUs, {platform.machine()}",
+        f"prepared in {time.perf_counter() - started:.1f} s on {os.cpu_count()} CPUs, {platform.machine()}; "
+        f"RSS before the builds {current_rss_mib():,.0f} MiB (each build's peak includes it)",
         flush=True,
     )
 

@@ -90,6 +90,10 @@ class FeatureSpec:
             *self.item_tower_inputs(),
             InputSpec("item_stats", "float32", (None, len(self.item_stat_names))),
             InputSpec("cross_features", "float32", (None, len(self.cross_feature_names))),
+            # The two-tower embeddings of the user and the candidate: pretrained on far more
+            # rows than the ranker sees, so the ranker starts from what retrieval learned.
+            InputSpec("user_vector", "float32", (None, self.embedding_dim)),
+            InputSpec("item_vector", "float32", (None, self.embedding_dim)),
         ]
 
 
@@ -225,6 +229,30 @@ class CrossFeatures:
         self._itemcf = itemcf
         self._swing = swing
         self._embeddings = np.asarray(item_embeddings, dtype=np.float32)
+
+    def inputs(
+        self,
+        history: npt.NDArray[Any],
+        history_weight: npt.NDArray[Any],
+        items: npt.NDArray[Any],
+        user_embedding: npt.NDArray[Any] | None,
+    ) -> Inputs:
+        """The ranker inputs that come from recall's artifacts: `cross_features`,
+        `user_vector`, `item_vector` (zeros for unknown items or a missing user vector)."""
+        items = np.asarray(items, dtype=np.int64)
+        n, dim = items.shape[0], self._embeddings.shape[1]
+        known = (items >= 0) & (items < self._embeddings.shape[0])
+        item_vector = np.where(known[:, None], self._embeddings[np.where(known, items, 0)], 0.0)
+        if user_embedding is None:
+            user_vector = np.zeros((n, dim), np.float32)
+        else:
+            user = np.asarray(user_embedding, dtype=np.float32)
+            user_vector = np.broadcast_to(user, (n, dim)) if user.ndim == 1 else user
+        return {
+            "cross_features": self.compute(history, history_weight, items, user_embedding),
+            "user_vector": np.ascontiguousarray(user_vector, dtype=np.float32),
+            "item_vector": item_vector.astype(np.float32),
+        }
 
     def compute(
         self,

@@ -157,8 +157,8 @@ class ServingModel:
             user_embedding = self.user_embeddings([user])[0]
         items = np.asarray(item_indexes)
         batch = ranker_inputs(user, self.item_features.inputs(items))
-        batch["cross_features"] = self.cross_features.compute(
-            batch["history"], batch["history_weight"], items, user_embedding
+        batch.update(
+            self.cross_features.inputs(batch["history"], batch["history_weight"], items, user_embedding)
         )
         outputs = self.ranker.run(batch)
         return {head: np.asarray(outputs[head], dtype=np.float32).reshape(-1) for head in self.spec.heads}

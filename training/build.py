@@ -93,7 +93,7 @@ PROFILES = {
     "full": BuildProfile(
         "full",
         TwoTowerConfig(embedding_dim=64, id_dim=64, epochs=10),
-        RankerConfig(epochs=4),
+        RankerConfig(epochs=10),
     ),
 }
 
@@ -242,7 +242,13 @@ def _train_models(
         PairScores(core_fit.swing.neighbors, core_fit.swing.scores),
         embeddings,
     )
-    sampler = NegativeSampler(train.user, train.item, encoded.n_items, seed=profile.ranker.seed)
+    sampler = NegativeSampler(
+        train.user,
+        train.item,
+        encoded.n_items,
+        seed=profile.ranker.seed,
+        exponent=profile.ranker.negative_exponent,
+    )
     inputs, labels = ranker_rows(
         later, later_users, items, sampler, profile.ranker.negatives_per_positive, cross, later_embeddings
     )
@@ -282,12 +288,21 @@ def _serving_model(
 
 
 def _ranker_eval_rows(
-    encoded: Encoded, train: Interactions, test: Interactions, seed: int, negatives: int
+    encoded: Encoded, train: Interactions, test: Interactions, seed: int, config: RankerConfig
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Held-out positives and popularity-sampled negatives never consumed (train or test)."""
+    """Held-out positives and negatives drawn as in training (training popularity to the same
+    exponent), never consumed in training or held out."""
     consumed_user = np.concatenate([train.user, test.user])
     consumed_item = np.concatenate([train.item, test.item])
-    sampler = NegativeSampler(consumed_user, consumed_item, encoded.n_items, seed=seed + 7)
+    sampler = NegativeSampler(
+        consumed_user,
+        consumed_item,
+        encoded.n_items,
+        seed=seed + 7,
+        exponent=config.negative_exponent,
+        popularity_items=train.item,
+    )
+    negatives = config.negatives_per_positive
     rows, items = sampler.sample(test.user, negatives)
     user = np.concatenate([test.user, test.user[rows]]).astype(np.int32)
     item = np.concatenate([test.item, items]).astype(np.int32)
@@ -371,7 +386,7 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
 
     stages.start("evaluate on held-out part")
     heldout = HeldOut.from_pairs(test.user, test.item)
-    ranker_eval = _ranker_eval_rows(encoded, train, test, seed, profile.ranker.negatives_per_positive)
+    ranker_eval = _ranker_eval_rows(encoded, train, test, seed, profile.ranker)
     ease = ease_lists(core, heldout, ease_l2, max(KS)) if ease_l2 is not None else None
     metrics = evaluate(served, heldout, ease_lists=ease, ranker_rows=ranker_eval)
     metrics["ann"] = {"recall@100_vs_exact": round(trained.ann_recall_at_100, 5)}

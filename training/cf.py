@@ -15,7 +15,9 @@ repeated (user, item) pair) and keep, for every item, its `top_k` most similar o
   fooled than cosine by big, undiscriminating audiences. Computed one item at a time: with S the binary
   matrix of the histories of i's users (restricted to items at least two of them share, the only ones a
   pair can have in common), O = S Sᵀ the pairwise overlaps, P = 1 / (α + O) with a zero diagonal,
-  `sim(i, ·) = ½ · colsum(S ⊙ (P S))`.
+  `sim(i, ·) = ½ · colsum(S ⊙ (P S))` with dense products when S is dense (MovieLens), or, when few
+  users share each item (large sparse catalogues), the same sums by enumerating the pairs of users of
+  every shared item, which costs Σ_j |U_i ∩ U_j|² instead of |U_i|² · (shared items).
 
 Caps. Every user contributes |I_u|² item pairs to ItemCF, and every item |U_i|² user pairs to Swing, so
 a few very heavy users (crawlers, resellers, test accounts) or very popular items would dominate the
@@ -24,16 +26,20 @@ cost:
 
 - `max_items_per_user` (both; default 1000): a user with more interactions keeps only the latest
   `max_items_per_user` by `order` (larger is more recent), or a uniform sample seeded by `seed` without
-  `order`. It bounds a user's ItemCF cost at 10⁶ pairs; what is lost is the older history of the ~0.1 %
-  heaviest users, whose co-occurrences are the weakest evidence anyway (a user who consumed everything
-  says little about what goes together). The capped histories are also the ones ItemCF's norms and
-  Swing's overlaps are computed on. MovieLens-100K (at most 737 ratings per user) is unaffected.
+  `order`. It bounds a user's ItemCF cost at 10⁶ pairs. What is lost is the older history of the
+  heaviest users (on the synthetic benchmark of loadtest/bench_cf_build.py: 0.2 % of the users, 4 % of
+  the interactions, and 70 % of ItemCF's multiply-adds), whose co-occurrences are the weakest evidence
+  anyway: a user who consumed everything says little about what goes together. ItemCF's norms and
+  Swing's overlaps are computed on the capped histories. MovieLens-100K (at most 737 ratings a user) is
+  unaffected.
 - `max_users_per_item` (Swing; default 200): an item with a bigger audience is computed from a uniform
-  sample of `max_users_per_item` of its users (seeded by `seed`). It bounds an item's cost at ~2·10⁴ user
-  pairs; a popular item's neighbours then rest on 19,900 pairs of users instead of all of them, enough to
-  rank its neighbours, and scores of popular items shrink relative to unpopular ones (compare scores
-  within a row, not across rows). Sampling happens after the per-user cap, per item, so the neighbour
-  scores of i come from i's sample (Swing is then not exactly symmetric).
+  sample of `max_users_per_item` of its users (seeded by `seed`), bounding an item's cost at
+  19,900 user pairs and its memory at a 200 × 200 overlap matrix. What is lost: a popular item's
+  neighbours rest on a sample of its users (on the synthetic benchmark 0.5 % of the items, holding half
+  the interactions; 117 of MovieLens-100K's 1,682 items), enough to rank them, and its scores are
+  smaller than they would be (compare scores within a row, not across rows). Sampling follows the
+  per-user cap and is per item, so Swing is then not exactly symmetric. With None, an item with m users
+  needs m² memory: fine for small data, not for an item of 10⁵ users.
 
 Ordering: neighbours are ranked by their float32 score, ties by the smaller item index, so a build is
 deterministic for given inputs and seed.
@@ -51,7 +57,7 @@ import scipy.sparse as sp
 from recsys.neighbors import PAD, NeighborTable
 
 Progress = Callable[[int, int], None]
-"""Called as `progress(done, total)` with a number of items, a few hundred times per build at most."""
+"""Called as `progress(done, total)` in items: after each block of rows (ItemCF), every 0.5 % (Swing)."""
 
 DEFAULT_TOP_K = 100
 ITEMCF_MAX_ITEMS_PER_USER = 1000
@@ -65,6 +71,11 @@ _BLOCK_PRODUCTS = 10_000_000
 # shorter ones are ranked together with one sort (cheaper per row, dearer per candidate).
 _LONG_ROW = 256
 _PROGRESS_STEPS = 200
+# Swing computes an item either pair by pair (one numpy step per pair of its users and item they share)
+# or with dense products (members² × shared items multiply-adds, twice). Timed on MovieLens-100K and the
+# synthetic benchmark, a step costs as much as ~450 multiply-adds and the fastest cut-off was 100-200;
+# the cheaper way by this estimate is taken. Both are exact.
+_PAIR_COST_IN_PRODUCTS = 200
 
 
 # --- public API --------------------------------------------------------------------------------------
@@ -207,24 +218,64 @@ def _swing_row(
     lengths = history_indptr[members + 1] - history_indptr[members]
     ends = np.cumsum(lengths)
     positions = np.arange(ends[-1]) + np.repeat(history_indptr[members] - (ends - lengths), lengths)
-    member_of_entry = np.repeat(np.arange(members.size), lengths)
+    entry_members = np.repeat(np.arange(members.size), lengths)
     entry_items = history_items[positions]
 
-    # Only items two members share can be in a pair's intersection (or get a similarity).
-    shared_items, column_of_entry, counts = np.unique(entry_items, return_inverse=True, return_counts=True)
+    # Group the entries by item (members stay ascending within an item). Only items two members share
+    # can be in a pair's intersection, or get a similarity.
+    by_item = np.argsort(entry_items, kind="stable")
+    entry_items, entry_members = entry_items[by_item], entry_members[by_item]
+    firsts = np.flatnonzero(np.concatenate(([True], entry_items[1:] != entry_items[:-1])))
+    counts = np.diff(np.append(firsts, entry_items.size))
     shared = counts >= 2
-    kept = shared[column_of_entry]
-    compact_column = np.cumsum(shared) - 1
-    consumed = np.zeros((members.size, int(shared.sum())), dtype=np.float64)
-    consumed[member_of_entry[kept], compact_column[column_of_entry[kept]]] = 1.0
+    firsts, counts = firsts[shared], counts[shared]
+    columns = entry_items[firsts]
+    starts = np.cumsum(counts) - counts
+    kept = np.repeat(firsts - starts, counts) + np.arange(int(counts.sum()))
+    member, column = entry_members[kept], np.repeat(np.arange(columns.size), counts)
 
+    n_members = members.size
+    pairs = int((counts * (counts - 1)).sum()) // 2
+    if pairs * _PAIR_COST_IN_PRODUCTS < n_members * n_members * columns.size:
+        similarities = _swing_by_pairs(member, column, counts, n_members, alpha)
+    else:
+        similarities = _swing_by_products(member, column, n_members, columns.size, alpha)
+    other = columns != item
+    return columns[other].astype(np.int32), similarities[other]
+
+
+def _swing_by_pairs(
+    member: np.ndarray, column: np.ndarray, counts: np.ndarray, n_members: int, alpha: float
+) -> np.ndarray:
+    """Swing of one item's members enumerating, for every shared item, its pairs of members.
+
+    `member`/`column` are the entries grouped by column (`counts` each), members ascending in a column.
+    Costs one step per (pair, shared item): cheaper than the products when few members share each item.
+    """
+    entry = np.arange(member.size)
+    column_end = np.repeat(np.cumsum(counts), counts)
+    partners = column_end - entry - 1  # the entries after this one in its column
+    first = np.repeat(entry, partners)
+    second = first + 1 + (np.arange(first.size) - np.repeat(np.cumsum(partners) - partners, partners))
+    pair = member[first].astype(np.int64) * n_members + member[second]
+    overlaps = np.bincount(pair, minlength=n_members * n_members)  # |I_u ∩ I_v| for u < v
+    weights = 1.0 / (alpha + overlaps[pair])
+    similarities: np.ndarray = np.bincount(column[first], weights=weights, minlength=counts.size)
+    return similarities
+
+
+def _swing_by_products(
+    member: np.ndarray, column: np.ndarray, n_members: int, n_columns: int, alpha: float
+) -> np.ndarray:
+    """Swing of one item's members with dense products: with S the members × shared items indicator,
+    O = S Sᵀ, P = 1 / (α + O) with a zero diagonal, similarities = ½ · colsum(S ⊙ (P S))."""
+    consumed = np.zeros((n_members, n_columns), dtype=np.float64)
+    consumed[member, column] = 1.0
     overlaps = consumed @ consumed.T
     pair_weights = 1.0 / (alpha + overlaps)
     np.fill_diagonal(pair_weights, 0.0)
-    similarities = 0.5 * np.einsum("uj,uj->j", consumed, pair_weights @ consumed)
-    columns = shared_items[shared]
-    other = columns != item
-    return columns[other].astype(np.int32), similarities[other]
+    similarities: np.ndarray = 0.5 * np.einsum("uj,uj->j", consumed, pair_weights @ consumed)
+    return similarities
 
 
 @contextlib.contextmanager
@@ -232,8 +283,8 @@ def _one_blas_thread() -> Iterator[None]:
     """Run Swing's many small dense products on one BLAS thread.
 
     Each product is too small for threads to pay off, and on a machine busy with other work, BLAS
-    threads spinning at every call's barrier made ML-100K's Swing 7× slower (3 s → 23 s on 2 cores).
-    The limit needs threadpoolctl; without it the build is correct, just at the mercy of the machine.
+    threads spinning at every call's barrier made MovieLens-100K's Swing 7× slower (3 s → 22 s on
+    2 shared cores). The limit needs threadpoolctl; without it the build is as exact, only slower there.
     """
     try:
         threadpoolctl = importlib.import_module("threadpoolctl")

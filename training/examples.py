@@ -56,11 +56,22 @@ def user_rows(
 
 
 class NegativeSampler:
-    """Popularity-proportional (count^0.75) sampling of items a user never consumed."""
+    """Popularity-proportional (count^exponent) sampling of items a user never consumed."""
 
-    def __init__(self, consumed_user: IntArray, consumed_item: IntArray, n_items: int, seed: int) -> None:
-        counts = np.bincount(consumed_item, minlength=n_items).astype(np.float64)
-        weights = np.power(counts, 0.75) + 1e-3  # every item can be drawn, popular ones more often
+    def __init__(
+        self,
+        consumed_user: IntArray,
+        consumed_item: IntArray,
+        n_items: int,
+        seed: int,
+        exponent: float,
+        popularity_items: IntArray | None = None,
+    ) -> None:
+        """`popularity_items` (default: the consumed items) are the interactions whose counts
+        define popularity; the consumed pairs are never drawn."""
+        popular = consumed_item if popularity_items is None else popularity_items
+        counts = np.bincount(popular, minlength=n_items).astype(np.float64)
+        weights = np.power(counts, exponent) + 1e-3  # every item can be drawn, popular ones more often
         self._cdf = np.cumsum(weights / weights.sum())
         self._n_items = n_items
         self._consumed = np.unique(consumed_user.astype(np.int64) * n_items + consumed_item)
@@ -107,9 +118,7 @@ def ranker_rows(
     item = np.concatenate([rows.item.astype(np.int64), negative_items])
     inputs = {name: value[source] for name, value in users.items()}
     inputs.update(items.inputs(item))
-    inputs["cross_features"] = cross.compute(
-        inputs["history"], inputs["history_weight"], item, user_embeddings[source]
-    )
+    inputs.update(cross.inputs(inputs["history"], inputs["history_weight"], item, user_embeddings[source]))
     positive = np.zeros(source.shape[0], dtype=bool)
     positive[: rows.user.shape[0]] = True
     liked = positive & np.concatenate([rows.liked, np.zeros(negative_rows.shape[0], bool)])

@@ -26,10 +26,10 @@ from recsys.stages.sources import (
 def query(
     recent: list[int],
     liked: list[bool] | None = None,
-    excluded: list[int] = (),
+    excluded: tuple[int, ...] = (),
     region: int = 0,
     **kw: object,
-) -> UserQuery:  # type: ignore[assignment]
+) -> UserQuery:
     return UserQuery(
         user_index=0,
         region_token=region,
@@ -59,7 +59,7 @@ def test_neighbor_source_aggregates_with_recency_and_rating_weights() -> None:
 
 def test_excluded_items_never_come_back() -> None:
     source = NeighborSource("itemcf", TABLE)
-    result = source.candidates(query([0, 1], excluded=[2]), quota=10)
+    result = source.candidates(query([0, 1], excluded=(2,)), quota=10)
     assert 2 not in result.items.tolist()
     mask = not_excluded(np.array([5, 1, 9, 3]), np.array([1, 3, 7], np.int32))
     assert mask.tolist() == [True, False, True, False]

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from recsys.store import ModelStore, StoreIntegrityError
@@ -58,14 +57,16 @@ from recsys.store import ModelStore, StoreIntegrityError
 store = ModelStore(sys.argv[1])
 model = ServingModel.load(store.version_path(store.current()))
 query = model.query(0)
-vector = model.user_embeddings([model.user_inputs(query, *map(np.asarray, (model.core.history.items.row(0), np.ones(len(model.core.history.items.row(0)), bool))))])[0]
+history = np.asarray(model.core.history.items.row(0))
+vector = model.user_embeddings([model.user_inputs(query, history, np.ones(len(history), bool))])[0]
 import dataclasses
 query = dataclasses.replace(query, embedding=vector)
 found = {name: source.candidates(query, 50).items.tolist() for name, source in model.sources.items()}
 scores = model.score(model.user_inputs(query), np.array(found["itemcf"][:20]), vector)
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'))
+returned = set(sum(found.values(), []))
 print(json.dumps({"found": {k: len(v) for k, v in found.items()}, "heavy": heavy, "heads": sorted(scores),
-                  "consumed_returned": sorted(set(sum(found.values(), [])) & set(model.core.history.items.row(0).tolist()))}))
+                  "consumed_returned": sorted(returned & set(history.tolist()))}))
 """
 
 

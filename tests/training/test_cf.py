@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from recsys.neighbors import PAD, NeighborTable
+from training import cf
 from training.cf import build_itemcf, build_swing, cap_items_per_user
 
 # Like weights of 5 users (rows) for 6 items (columns); 0 means no interaction. Item 5 has no users.
@@ -135,8 +136,16 @@ def test_neighbors_are_best_first_ties_by_item_index_and_padded() -> None:
 
 
 # --- Swing ---------------------------------------------------------------------------------------------
+@pytest.fixture(params=["pairs", "products"])
+def swing_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force one of Swing's two (equally exact) ways of computing an item."""
+    method: str = request.param
+    monkeypatch.setattr(cf, "_PAIR_COST_IN_PRODUCTS", 0 if method == "pairs" else 10**18)
+    return method
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
-def test_swing_matches_the_formula_on_a_hand_example(alpha: float) -> None:
+def test_swing_matches_the_formula_on_a_hand_example(alpha: float, swing_method: str) -> None:
     users, items, _ = interactions(LIKES)
     table = build_swing(
         users, items, 5, 6, top_k=5, alpha=alpha, max_users_per_item=None, max_items_per_user=None
@@ -148,13 +157,13 @@ def test_swing_matches_the_formula_on_a_hand_example(alpha: float) -> None:
     assert_same_similarities(table, swing_by_loops(LIKES > 0, alpha))
 
 
-def test_swing_matches_the_formula_on_random_data() -> None:
-    consumed = np.random.default_rng(11).random((14, 12)) < 0.45
+def test_swing_matches_the_formula_on_random_data(swing_method: str) -> None:
+    consumed = np.random.default_rng(11).random((30, 25)) < 0.3
     users, items, _ = interactions(consumed.astype(np.float64))
-    table = build_swing(users, items, 14, 12, top_k=11, max_users_per_item=None, max_items_per_user=None)
+    table = build_swing(users, items, 30, 25, top_k=24, max_users_per_item=None, max_items_per_user=None)
     table.validate()
     assert_same_similarities(table, swing_by_loops(consumed, alpha=1.0))
-    assert not (table.neighbors == np.arange(12)[:, None]).any()
+    assert not (table.neighbors == np.arange(25)[:, None]).any()
 
 
 # --- caps ----------------------------------------------------------------------------------------------
@@ -210,7 +219,7 @@ def test_equal_recency_keeps_the_later_positions() -> None:
     assert kept.tolist() == [False, False, False, True, True]
 
 
-def test_the_user_cap_computes_a_popular_item_from_a_sample_of_its_users() -> None:
+def test_the_user_cap_computes_a_popular_item_from_a_sample_of_its_users(swing_method: str) -> None:
     users, items, _ = interactions(HEAVY)
     consumed = HEAVY > 0
     table = build_swing(users, items, 5, 7, top_k=6, max_users_per_item=2, max_items_per_user=None, seed=5)
@@ -226,6 +235,22 @@ def test_the_user_cap_computes_a_popular_item_from_a_sample_of_its_users() -> No
         row.keys() == expected.keys() and all(row[j] == pytest.approx(s) for j, s in expected.items())
         for expected in allowed
     )
+
+
+@pytest.mark.parametrize("index", ["itemcf", "swing"])
+def test_progress_reaches_every_item(index: str) -> None:
+    users, items, likes = interactions(LIKES)
+    calls: list[tuple[int, int]] = []
+
+    def report(done: int, total: int) -> None:
+        calls.append((done, total))
+
+    if index == "itemcf":
+        build_itemcf(users, items, likes, 5, 6, progress=report)
+    else:
+        build_swing(users, items, 5, 6, progress=report)
+    assert calls[-1] == (6, 6)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
 
 
 # --- inputs and the table format ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from training.data import (
     sha256_of,
 )
 from training.data.book_crossing import clean_place, regions
-from training.data.csv_importer import FLAGS
+from training.data.csv_importer import FLAGS, parse_times
 from training.data.raw import clean_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,9 +195,7 @@ def test_book_crossing_counts_match_the_data_readme(book_crossing: RawData):
     # spellings; upper-casing ISBNs merges them, so there are 18,184 distinct items.
     assert book_crossing.report.rows_read["book-crossing-subset/BX-Books.csv"] == 18_185
     assert len(book_crossing.items) == book_crossing.interactions["item_id"].nunique() == 18_184
-    assert book_crossing.report.dropped == {
-        "items (ISBN stripped and upper-cased): duplicate item_id, kept last": 1
-    }
+    assert book_crossing.report.dropped == {"items: duplicate ISBN once upper-cased, kept last": 1}
     check_canonical(book_crossing)
 
 
@@ -447,6 +445,17 @@ def test_csv_importer_survives_broken_quotes_and_garbage_lines(tmp_path: Path):
     empty = write(tmp_path / "empty.csv", "user,item,rating\n,,\n")
     with pytest.raises(CsvSpecError, match=r"^--interactions: no usable interactions"):
         load_csv(CsvSpec(interactions=empty, user_col="user", item_col="item"))
+
+
+def test_time_values_are_unix_seconds_milliseconds_or_dates():
+    numbers = ["1614816000", "1614816000500", "1614816000.9"]
+    dates = ["2021-03-04", ' "2021-03-04T01:00:00+01:00" ', "03/04/2021", "4 March 2021"]
+    values = pd.Series([*numbers, *dates, "NULL", "", "garbage"])
+    seconds, missing, milliseconds = parse_times(values)
+    assert seconds[:7].tolist() == [MARCH_4_2021, MARCH_4_2021 + 0.5, MARCH_4_2021 + 0.9] + [MARCH_4_2021] * 4
+    assert missing.tolist() == [False] * 7 + [True, True, False]
+    assert np.isnan(seconds[7:]).all()
+    assert milliseconds == 1
 
 
 def test_clean_text_strips_stray_quotes_but_keeps_quoted_words():

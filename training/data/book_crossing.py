@@ -61,7 +61,7 @@ def load_book_crossing(data_dir: Path) -> RawData:
     report.drop("users: missing user id", int(user_id.isna().sum()))
     known = user_id.notna().to_numpy()
     users = users_frame(user_id[known], regions(user_table["User-Country"], user_table["User-State"])[known])
-    users = drop_duplicate_ids(users, "user_id", report, "users")
+    users = drop_duplicate_ids(users, "user_id", report)
 
     interactions = drop_duplicate_interactions(interactions, report)
     items = complete_items(items, interactions, report)
@@ -162,4 +162,4 @@ def _books(table: pd.DataFrame, report: LoadReport) -> pd.DataFrame:
         item_time=year,
     )
     # Upper-casing merges ISBNs that differ only in the case of the check digit "x".
-    return drop_duplicate_ids(items, "item_id", report, "items (ISBN stripped and upper-cased)")
+    return drop_duplicate_ids(items, "item_id", report, "items: duplicate ISBN once upper-cased, kept last")

@@ -516,7 +516,7 @@ def _items(
     items = items_frame(
         item_id[keep], title=titles, categories=categories, author=authors, item_time=item_time
     )
-    items = drop_duplicate_ids(items, "item_id", report, "items")
+    items = drop_duplicate_ids(items, "item_id", report)
 
     if spec.title_col is None:
         report.note("no title column (--title-col): titles are empty")
@@ -562,7 +562,7 @@ def _users(
     report.drop("users: missing user id", int(user_id.isna().sum()))
     keep = user_id.notna().to_numpy()
     region = clean_text(table.columns["region_col"])[keep] if spec.region_col is not None else None
-    users = drop_duplicate_ids(users_frame(user_id[keep], region), "user_id", report, "users")
+    users = drop_duplicate_ids(users_frame(user_id[keep], region), "user_id", report)
     has_regions = spec.region_col is not None and bool(users["region"].notna().any())
     if spec.region_col is None:
         report.note("no region column (--region-col): no geo channel")

@@ -124,7 +124,7 @@ def _items(table: pd.DataFrame, genres: list[str], report: LoadReport) -> pd.Dat
     # Release dates look like "01-Jan-1995"; the year is what survives as item_time.
     years = pd.to_numeric(table["release_date"].str.strip().str[-4:], errors="coerce")
     items = items_frame(item_id, title=titles, categories=categories, item_time=years)
-    return drop_duplicate_ids(items, "item_id", report, "items")
+    return drop_duplicate_ids(items, "item_id", report)
 
 
 def _zip_regions(zip_codes: pd.Series) -> pd.Series:

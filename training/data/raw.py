@@ -251,10 +251,14 @@ def drop_duplicate_interactions(
     return ordered[~duplicated.to_numpy()].sort_index().reset_index(drop=True)
 
 
-def drop_duplicate_ids(frame: pd.DataFrame, id_column: str, report: LoadReport, label: str) -> pd.DataFrame:
-    """One metadata row per id, the last one in the file."""
+def drop_duplicate_ids(
+    frame: pd.DataFrame, id_column: str, report: LoadReport, reason: str | None = None
+) -> pd.DataFrame:
+    """One metadata row per id, the last one in the file; the dropped rows are counted under
+    `reason` (default "<items|users>: duplicate <id_column>, kept last")."""
     duplicated = frame.duplicated([id_column], keep="last")
-    report.drop(f"{label}: duplicate {id_column}, kept last", int(duplicated.sum()))
+    label = "items" if id_column == "item_id" else "users"
+    report.drop(reason or f"{label}: duplicate {id_column}, kept last", int(duplicated.sum()))
     return frame[~duplicated.to_numpy()].reset_index(drop=True)
 
 

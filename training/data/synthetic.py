@@ -144,7 +144,9 @@ def _sorted_uniforms(rng: np.random.Generator, size: int) -> FloatArray:
 def _draw(rng: np.random.Generator, weights: FloatArray, size: int) -> IntArray:
     """`size` independent draws of indexes with probability proportional to `weights`, in random
     order: multinomial counts per index, expanded and shuffled (linear in size + len(weights))."""
-    counts = rng.multinomial(size, weights / weights.sum())
+    # A hair under 1 in total: numpy rejects probabilities whose rounding sums above 1; the
+    # last index absorbs the hair (1e-9 of the draws at most).
+    counts = rng.multinomial(size, weights / (weights.sum() * (1 + 1e-9)))
     return rng.permutation(np.repeat(np.arange(len(weights), dtype=np.int64), counts))
 
 
