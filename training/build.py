@@ -66,7 +66,7 @@ from training.report import write_report
 
 log = logging.getLogger("recsys.build")
 
-EASE_GRID = (50.0, 200.0, 500.0, 1000.0, 3000.0)
+EASE_GRID = (50.0, 200.0, 500.0, 1000.0, 3000.0, 10000.0)
 EASE_MAX_ITEMS = 20_000
 
 

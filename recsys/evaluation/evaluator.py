@@ -118,11 +118,26 @@ def _cut(candidates: Candidates, quota: int) -> Candidates:
 
 
 def tune_merge(
-    run: ChannelRun, heldout: HeldOut, budget: int, grid: Sequence[float] = WEIGHT_GRID, rounds: int = 2
+    run: ChannelRun,
+    heldout: HeldOut,
+    budget: int,
+    grid: Sequence[float] = WEIGHT_GRID,
+    rounds: int = 2,
+    max_users: int = 3000,
 ) -> tuple[dict[str, float], dict[str, int], float]:
     """Coordinate ascent on per-channel weights maximising merged recall@budget, then the
     quotas each channel needs: the 90th percentile (over users) of how deep into its list
-    the merged top-`budget` reaches, so the services fetch no more than the merge uses."""
+    the merged top-`budget` reaches, so the services fetch no more than the merge uses.
+
+    At most `max_users` users (a seeded sample) take part: each step re-merges every user's
+    lists, and a few thousand users pin the weights down as well as fifty thousand."""
+    if len(heldout) > max_users:
+        keep = np.sort(np.random.default_rng(0).choice(len(heldout), size=max_users, replace=False))
+        run = ChannelRun(
+            [run.queries[i] for i in keep],
+            {name: [lists[i] for i in keep] for name, lists in run.lists.items()},
+        )
+        heldout = HeldOut(heldout.users[keep], [heldout.relevant[i] for i in keep])
     names = tuple(run.lists)
     weights = dict.fromkeys(names, 1.0)
 
