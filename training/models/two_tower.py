@@ -28,6 +28,7 @@ class TwoTowerConfig:
     epochs: int = 8
     learning_rate: float = 2e-3
     user_id_dropout: float = 0.2  # so the tower also works from history alone (new users)
+    holdout_fraction: float = 0.05  # users whose rows pick the best epoch
     seed: int = 0
 
 
@@ -83,7 +84,6 @@ def train_two_tower(
     sampling probability of row r's item (its share of the training rows). Returns the
     mean loss per epoch."""
     config = model.config
-    n = int(item_inputs["item_id"].shape[0])
     rng = np.random.default_rng(config.seed)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     variables = model.user_model.trainable_variables + [
@@ -93,27 +93,41 @@ def train_two_tower(
     ]
     inverse_temperature = 1.0 / config.temperature
 
+    def batch_loss(
+        users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor, training: bool
+    ) -> tf.Tensor:
+        u = model.user_model(users, training=training)["user_embedding"]
+        v = model.item_model(items, training=training)["item_embedding"]
+        logits = tf.matmul(u, v, transpose_b=True) * inverse_temperature - log_q[None, :]
+        # The same item twice in a batch is not a negative of itself.
+        same = tf.equal(items["item_id"][:, None], items["item_id"][None, :])
+        diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
+        logits = tf.where(same & ~diagonal, tf.fill(tf.shape(logits), -1e9), logits)
+        labels = tf.range(tf.shape(logits)[0])
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def step(users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            u = model.user_model(users, training=True)["user_embedding"]
-            v = model.item_model(items, training=True)["item_embedding"]
-            logits = tf.matmul(u, v, transpose_b=True) * inverse_temperature - log_q[None, :]
-            # The same item twice in a batch is not a negative of itself.
-            same = tf.equal(items["item_id"][:, None], items["item_id"][None, :])
-            diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
-            logits = tf.where(same & ~diagonal, tf.fill(tf.shape(logits), -1e9), logits)
-            labels = tf.range(tf.shape(logits)[0])
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            loss = batch_loss(users, items, log_q, True)
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
         return loss
 
+    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
+    def held_loss(users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor) -> tf.Tensor:
+        return batch_loss(users, items, log_q, False)
+
+    # Early stopping on the rows of a slice of users: on sparse data (many users with a few
+    # interactions) the id embeddings memorise within a few epochs.
+    held = (user_inputs["user_id"] % 1000) < int(config.holdout_fraction * 1000)
+    train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    best_loss, best_weights, worse = np.inf, _weights(model), 0
     losses = []
     for epoch in range(config.epochs):
-        order = rng.permutation(n)
+        order = train_rows[rng.permutation(train_rows.shape[0])]
         total, batches = 0.0, 0
-        for start in range(0, n - config.batch_size + 1, config.batch_size):
+        for start in range(0, order.shape[0] - config.batch_size + 1, config.batch_size):
             rows = order[start : start + config.batch_size]
             users = {name: tf.constant(value[rows]) for name, value in user_inputs.items()}
             if config.user_id_dropout:
@@ -125,7 +139,38 @@ def train_two_tower(
         losses.append(total / max(batches, 1))
         if progress is not None:
             progress(epoch, losses[-1])
+        held_total, held_batches = 0.0, 0
+        for start in range(0, held_rows.shape[0] - config.batch_size + 1, config.batch_size):
+            rows = held_rows[start : start + config.batch_size]
+            held_total += float(
+                held_loss(
+                    {name: tf.constant(value[rows]) for name, value in user_inputs.items()},
+                    {name: tf.constant(value[rows]) for name, value in item_inputs.items()},
+                    tf.constant(item_log_q[rows], dtype=tf.float32),
+                )
+            )
+            held_batches += 1
+        if held_batches == 0:
+            continue
+        current = held_total / held_batches
+        if current < best_loss:
+            best_loss, best_weights, worse = current, _weights(model), 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    _set_weights(model, best_weights)
     return losses
+
+
+def _weights(model: TwoTower) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return model.user_model.get_weights(), model.item_model.get_weights()
+
+
+def _set_weights(model: TwoTower, weights: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+    # The towers share the item id embedding; setting both restores the same saved values.
+    model.user_model.set_weights(weights[0])
+    model.item_model.set_weights(weights[1])
 
 
 def embed(model: keras.Model, inputs: Inputs, output: str, batch: int = 4096) -> np.ndarray:
