@@ -1,0 +1,189 @@
+"""Model versions in a serving process: watch the store's CURRENT, load a new version in the
+background, swap atomically, keep the previous one for a grace period.
+
+- Until the first version is loaded the service is not ready (health NOT_SERVING).
+- A version whose checksums do not match (or that fails to load) is refused; the loaded one
+  keeps serving and the refusal is logged and counted.
+- With a Redis feature store, a version is switched to only once its features are pushed
+  (its "ready" marker is set), so `build` → `push-features` → switch, in that order.
+- Calls may name a version: the current one, or the previous one during its grace period;
+  anything else is `WrongModelVersion` (FAILED_PRECONDITION at the edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from recsys.errors import NotReady, WrongModelVersion
+from recsys.store import ModelStore
+from services.common.metrics import ServiceMetrics
+
+log = logging.getLogger("recsys.versions")
+
+ModelT = TypeVar("ModelT")
+Loader = Callable[[ModelStore, str], ModelT]
+ReadyCheck = Callable[[str], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[ModelT]):
+    version: str
+    model: ModelT
+    loaded_at: float
+
+
+class VersionMetrics:
+    def __init__(self, service: str) -> None:
+        metrics = ServiceMetrics(service)
+        self.loaded = metrics.gauge(
+            "model_version_info", "1 for each model version this process can serve.", ("version", "role")
+        )
+        self.loads = metrics.counter("model_loads_total", "Model version loads by outcome.", ("outcome",))
+        self.load_seconds = metrics.histogram(
+            "model_load_seconds",
+            "Time to load and verify a model version.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+
+
+class ModelVersions(Generic[ModelT]):
+    """The versions a process serves. `current` is swapped by reference: readers take it once
+    per call and keep using that object, so a swap never changes a call half-way."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        loader: Loader[ModelT],
+        metrics: VersionMetrics,
+        *,
+        poll_seconds: float = 5.0,
+        grace_seconds: float = 60.0,
+        verify: bool = True,
+        ready_check: ReadyCheck | None = None,
+        on_change: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._loader = loader
+        self._metrics = metrics
+        self._poll_seconds = poll_seconds
+        self._grace_seconds = grace_seconds
+        self._verify = verify
+        self._ready_check = ready_check
+        self._on_change = on_change
+        self.current: Loaded[ModelT] | None = None
+        self.previous: Loaded[ModelT] | None = None
+        self._previous_until = 0.0
+        self._refused: set[str] = set()
+        self._marker: tuple[str | None, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, version: str = "") -> Loaded[ModelT]:
+        """The loaded version a call asked for ("" = current)."""
+        current = self.current
+        if current is None:
+            raise NotReady("no model version is loaded yet")
+        if not version or version == current.version:
+            return current
+        previous = self.previous
+        if previous is not None and version == previous.version and time.monotonic() < self._previous_until:
+            return previous
+        raise WrongModelVersion(version, self.available())
+
+    def available(self) -> list[str]:
+        names = [] if self.current is None else [self.current.version]
+        if self.previous is not None and time.monotonic() < self._previous_until:
+            names.append(self.previous.version)
+        return names
+
+    # -- watching --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Begin watching; the first load happens in the background (call `refresh()` to
+        wait for it)."""
+        self._task = asyncio.create_task(self._watch(), name="model-version-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a bad store state must not kill the watcher
+                log.exception("checking the model store failed")
+            self._expire_previous()
+            await asyncio.sleep(self._poll_seconds)
+
+    def _expire_previous(self) -> None:
+        if self.previous is not None and time.monotonic() >= self._previous_until:
+            self._metrics.loaded.labels(self.previous.version, "previous").set(0)
+            self.previous = None
+
+    async def refresh(self) -> bool:
+        """Load and switch to the store's CURRENT if it changed; True when a switch happened."""
+        async with self._lock:
+            marker = await asyncio.to_thread(self._store.current_marker)
+            name = marker[0]
+            if marker == self._marker or name is None:
+                return False
+            if self.current is not None and name == self.current.version:
+                self._marker = marker
+                return False
+            if name in self._refused:
+                return False
+            if self._ready_check is not None and not await self._ready_check(name):
+                # Features not pushed yet: look again at the next poll, without remembering
+                # the marker, so the switch happens as soon as the marker is set.
+                log.info("version waits for its features", extra={"version": name})
+                return False
+            started = time.perf_counter()
+            try:
+                model = await asyncio.to_thread(self._load, name)
+            except Exception as error:
+                self._refused.add(name)
+                self._metrics.loads.labels("refused").inc()
+                log.error(
+                    "model version refused; the loaded one keeps serving",
+                    extra={
+                        "version": name,
+                        "serving": self.current.version if self.current else None,
+                        "error": str(error),
+                    },
+                )
+                return False
+            self._metrics.load_seconds.observe(time.perf_counter() - started)
+            self._metrics.loads.labels("loaded").inc()
+            self._swap(Loaded(name, model, time.time()))
+            self._marker = marker
+        if self._on_change is not None and self.current is not None:
+            await self._on_change(self.current)
+        return True
+
+    def _load(self, name: str) -> ModelT:
+        if self._verify:
+            self._store.verify(name)
+        return self._loader(self._store, name)
+
+    def _swap(self, loaded: Loaded[ModelT]) -> None:
+        old = self.current
+        if self.previous is not None:
+            self._metrics.loaded.labels(self.previous.version, "previous").set(0)
+        if old is not None:
+            self.previous = old
+            self._previous_until = time.monotonic() + self._grace_seconds
+            self._metrics.loaded.labels(old.version, "current").set(0)
+            self._metrics.loaded.labels(old.version, "previous").set(1)
+        self.current = loaded  # one reference assignment: readers see old or new, never a mix
+        self._metrics.loaded.labels(loaded.version, "current").set(1)
+        previous = old.version if old else None
+        log.info("serving model version", extra={"version": loaded.version, "previous": previous})
