@@ -55,6 +55,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     prune = add("prune", _prune, "Delete the oldest versions, keeping N (never the current one).")
     prune.add_argument("--keep", metavar="N", type=_at_least_one, required=True, help="versions to keep")
 
+    from recsys.commands.push_features import add_push_features
+
+    add_push_features(subcommands)
+
 
 # --- handlers --------------------------------------------------------------------------------
 def _list(args: argparse.Namespace) -> int:

@@ -1,0 +1,506 @@
+"""`RedisFeatureStore`: the feature store in Redis (redis.asyncio with hiredis).
+
+Key schema (`P` is the prefix, "recsys" by default; `U` the external user id, with `%`, `{`
+and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
+
+| key | type | what |
+| --- | --- | --- |
+| `P:v:VERSION:ready` | string | JSON summary (users, bytes, pushed_at, format); set last by push-features |
+| `P:v:VERSION:u:{U}:snap` | string | the user's packed snapshot in VERSION (`Snapshot.pack`) |
+| `P:u:{U}:live` | list | packed live events (`LiveEvent.pack`), oldest first, LTRIM-capped |
+| `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilter`) |
+| `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
+| `P:evt:EVENT_ID` | string | "1", SET NX EX: the event was applied (idempotency) |
+
+- A snapshot is `16 + 16·n` bytes: header `<4sIiI` (b"RSS1", n, region token, 0), then
+  times int64[n], items int32[n], ratings float32[n], little-endian. Users with no
+  history and no region are not written (they read as empty, as unknown users do).
+- Version keys never expire; `delete_version` removes them (SCAN + UNLINK) when the store
+  prunes the version. The ready key is the last written and the first deleted.
+- Live lists expire `live_ttl_seconds` after the user's last event. Exposure slices are
+  written with `BITFIELD … SET u1` (so concurrent writers never lose bits; the command also
+  grows the string to exactly m/8 bytes) and expire N + 1 slices after the slice began. The
+  cache hash expires `cache_max_age_seconds` after its last put; `put_cache` and `take_cache`
+  are Lua scripts, so concurrent takes never serve an item more than `cache_max_uses` times.
+- Every key of one user carries the hash tag `{U}`, so in Redis Cluster they share a slot and
+  `user_state` (GET + LRANGE + MGET + HGETALL) is one pipeline to one node. No command spans
+  users except the event-id SETs, which a cluster pipeline splits by slot.
+
+Cluster mode (`redis+cluster://…` or `?cluster=1`) uses `redis.asyncio.cluster.RedisCluster`.
+It is written for, but not tested against, a real cluster (tests run on a single Redis).
+
+Every call is bounded: reads by `read_timeout` (50 ms by default), writes by `write_timeout`,
+both as socket timeouts and as an overall deadline, with no retries (the caller's deadline
+is the retry budget). Failures raise `FeatureStoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import struct
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from recsys.feature_store.base import (
+    FeatureStoreUnavailable,
+    LiveDataPolicy,
+    LiveEvent,
+    Snapshot,
+    UserState,
+    best_first,
+    cache_entry_alive,
+    newest_last,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "recsys"
+DEFAULT_READ_TIMEOUT = 0.05
+DEFAULT_WRITE_TIMEOUT = 0.2
+
+CACHE_ENTRY = struct.Struct("<ddI")  # score, time added, uses
+_SCORE = struct.Struct("<d")
+_UNLINK_BATCH = 500
+
+Client = Redis | RedisCluster
+
+# KEYS[1]: cache hash. ARGV: limit, now, max_age, max_uses.
+_TAKE_CACHE = """
+local key = KEYS[1]
+local limit, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_age, max_uses = tonumber(ARGV[3]), tonumber(ARGV[4])
+local flat = redis.call('HGETALL', key)
+local alive = {}
+for i = 1, #flat, 2 do
+  local score, added, uses = struct.unpack('<ddI4', flat[i + 1])
+  if uses >= max_uses or now - added > max_age then
+    redis.call('HDEL', key, flat[i])
+  else
+    alive[#alive + 1] = {flat[i], score, added, uses}
+  end
+end
+table.sort(alive, function(a, b)
+  if a[2] ~= b[2] then return a[2] > b[2] end
+  return a[1] < b[1]
+end)
+local taken = {}
+for i = 1, math.min(limit, #alive) do
+  local entry = alive[i]
+  local uses = entry[4] + 1
+  if uses >= max_uses then
+    redis.call('HDEL', key, entry[1])
+  else
+    redis.call('HSET', key, entry[1], struct.pack('<ddI4', entry[2], entry[3], uses))
+  end
+  taken[#taken + 1] = entry[1]
+  taken[#taken + 1] = struct.pack('<d', entry[2])
+end
+return taken
+"""
+
+# KEYS[1]: cache hash. ARGV: now, max_items, ttl, max_age, max_uses, then item, score pairs.
+_PUT_CACHE = """
+local key = KEYS[1]
+local now, max_items, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_age, max_uses = tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 6, #ARGV, 2 do
+  local uses = 0
+  local old = redis.call('HGET', key, ARGV[i])
+  if old then
+    local _, _, previous = struct.unpack('<ddI4', old)
+    uses = previous
+  end
+  redis.call('HSET', key, ARGV[i], struct.pack('<ddI4', tonumber(ARGV[i + 1]), now, uses))
+end
+if redis.call('HLEN', key) > max_items then
+  local flat = redis.call('HGETALL', key)
+  local alive = {}
+  for i = 1, #flat, 2 do
+    local score, added, uses = struct.unpack('<ddI4', flat[i + 1])
+    if uses >= max_uses or now - added > max_age then
+      redis.call('HDEL', key, flat[i])
+    else
+      alive[#alive + 1] = {flat[i], score}
+    end
+  end
+  table.sort(alive, function(a, b)
+    if a[2] ~= b[2] then return a[2] > b[2] end
+    return a[1] < b[1]
+  end)
+  for i = max_items + 1, #alive do
+    redis.call('HDEL', key, alive[i][1])
+  end
+end
+redis.call('EXPIRE', key, ttl)
+return 1
+"""
+
+
+class RedisKeys:
+    """The key schema (see the module docstring) under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix or "{" in prefix or "}" in prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"prefix: expected a non-empty string without braces or spaces, got {prefix!r}")
+        self.prefix = prefix
+
+    @staticmethod
+    def user_tag(user_id: str) -> str:
+        """The user id as a hash tag body: `%`, `{`, `}` percent-encoded (one-to-one)."""
+        if "%" in user_id or "{" in user_id or "}" in user_id:
+            user_id = user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        return user_id
+
+    def _version(self, version: str) -> str:
+        if not version or "{" in version or "}" in version:
+            raise ValueError(f"version: expected a non-empty name without braces, got {version!r}")
+        return f"{self.prefix}:v:{version}"
+
+    def ready(self, version: str) -> str:
+        return f"{self._version(version)}:ready"
+
+    def snapshot(self, version: str, user_id: str) -> str:
+        return f"{self._version(version)}:u:{{{self.user_tag(user_id)}}}:snap"
+
+    def version_pattern(self, version: str) -> str:
+        """A SCAN MATCH pattern for every key of `version`."""
+        return f"{_glob_escape(self._version(version))}:*"
+
+    def live(self, user_id: str) -> str:
+        return f"{self.prefix}:u:{{{self.user_tag(user_id)}}}:live"
+
+    def seen(self, user_id: str, slice_id: int) -> str:
+        return f"{self.prefix}:u:{{{self.user_tag(user_id)}}}:seen:{slice_id}"
+
+    def cache(self, user_id: str) -> str:
+        return f"{self.prefix}:u:{{{self.user_tag(user_id)}}}:cache"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.prefix}:evt:{event_id}"
+
+
+class RedisFeatureStore:
+    """The feature store on Redis at `url` (`redis://`, `rediss://`, `unix://`; cluster with
+    `redis+cluster://` or `?cluster=1`), every key under `prefix`."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        policy: LiveDataPolicy | None = None,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        max_connections: int | None = None,
+    ) -> None:
+        for name, value in (("read_timeout", read_timeout), ("write_timeout", write_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
+        self.keys = RedisKeys(prefix)
+        self.policy = policy or LiveDataPolicy()
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        target, self.cluster = parse_redis_url(url)
+        self.url = redact_url(url)
+        # Two pools, so that a read never waits behind the longer timeout of a write.
+        self._reads = _client(target, self.cluster, read_timeout, max_connections)
+        self._writes = _client(target, self.cluster, write_timeout, max_connections)
+        self._take_cache = self._writes.register_script(_TAKE_CACHE)
+        self._put_cache = self._writes.register_script(_PUT_CACHE)
+
+    def __repr__(self) -> str:
+        return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, operation: str, seconds: float | None) -> AsyncIterator[None]:
+        """Bound a call by `seconds` and turn Redis failures into FeatureStoreUnavailable."""
+        try:
+            if seconds is None:
+                yield
+            else:
+                async with asyncio.timeout(seconds):
+                    yield
+        except TimeoutError:
+            limit = "" if seconds is None else f" within {seconds * 1000:.0f} ms"
+            raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: no answer{limit}") from None
+        except (RedisError, OSError) as error:
+            raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
+
+    # --- version snapshots ---------------------------------------------------------------------
+    async def snapshot_ready(self, version: str) -> bool:
+        key = self.keys.ready(version)
+        async with self._guard("snapshot_ready", self.read_timeout):
+            return bool(await self._reads.exists(key))
+
+    async def write_snapshots(self, version: str, snapshots: Sequence[tuple[str, bytes]]) -> int:
+        """SET packed snapshots (user id, `Snapshot.pack()`) of `version` in one pipeline;
+        return the bytes written. Used by push-features; overwrites, so re-running is safe."""
+        keys = [self.keys.snapshot(version, user) for user, _ in snapshots]
+        async with self._guard("write_snapshots", self.write_timeout):
+            pipeline = self._writes.pipeline(transaction=False)
+            for key, (_, packed) in zip(keys, snapshots, strict=True):
+                pipeline.set(key, packed)
+            await pipeline.execute()
+        return sum(len(packed) for _, packed in snapshots)
+
+    async def mark_ready(self, version: str, summary: Mapping[str, Any]) -> None:
+        """Set the version's ready marker (its value: `summary` as JSON); never expires."""
+        async with self._guard("mark_ready", self.write_timeout):
+            await self._writes.set(self.keys.ready(version), json.dumps(dict(summary), sort_keys=True))
+
+    async def ready_summary(self, version: str) -> dict[str, Any] | None:
+        """What `mark_ready` stored, or None when the version is not ready."""
+        async with self._guard("ready_summary", self.read_timeout):
+            value = await self._reads.get(self.keys.ready(version))
+        if value is None:
+            return None
+        summary: dict[str, Any] = json.loads(value)
+        return summary
+
+    async def delete_version(self, version: str) -> int:
+        ready = self.keys.ready(version)
+        pattern = self.keys.version_pattern(version)
+        deleted = 0
+        # Unbounded overall (a version can have millions of keys); each command is bounded
+        # by the write client's socket timeout.
+        async with self._guard("delete_version", None):
+            deleted += int(await self._writes.unlink(ready))  # first: no reader trusts a partial version
+            batch: list[bytes] = []
+            async for key in self._writes.scan_iter(match=pattern, count=1_000):
+                batch.append(key)
+                if len(batch) >= _UNLINK_BATCH:
+                    deleted += await self._unlink(batch)
+                    batch = []
+            if batch:
+                deleted += await self._unlink(batch)
+        return deleted
+
+    async def _unlink(self, keys: Sequence[bytes]) -> int:
+        # One UNLINK per key: in a cluster the keys of a version live in every slot.
+        pipeline = self._writes.pipeline(transaction=False)
+        for key in keys:
+            pipeline.unlink(key)
+        return sum(int(count) for count in await pipeline.execute())
+
+    # --- reads ----------------------------------------------------------------------------------
+    async def user_state(self, version: str, user_id: str, *, now: float, live_limit: int = 200) -> UserState:
+        (state,) = await self.users_states(version, [user_id], now=now, live_limit=live_limit)
+        return state
+
+    async def users_states(
+        self, version: str, user_ids: Sequence[str], *, now: float, live_limit: int = 200
+    ) -> list[UserState]:
+        if not user_ids:
+            return []
+        window = self.policy.exposures.window(now)
+        pipeline = self._reads.pipeline(transaction=False)
+        for user in user_ids:
+            pipeline.get(self.keys.snapshot(version, user))
+            if live_limit > 0:  # LRANGE key -0 -1 would be the whole list
+                pipeline.lrange(self.keys.live(user), -live_limit, -1)
+            pipeline.mget([self.keys.seen(user, slice_id) for slice_id in window])
+            pipeline.hgetall(self.keys.cache(user))
+        async with self._guard("user_state", self.read_timeout):
+            replies = await pipeline.execute(raise_on_error=False)
+        states = []
+        reply = iter(replies)
+        for user in user_ids:
+            snapshot = next(reply)
+            live = next(reply) if live_limit > 0 else []
+            seen, cache = next(reply), next(reply)
+            states.append(self._user_state(version, user, now, live_limit, snapshot, live, seen, cache))
+        return states
+
+    def _user_state(
+        self,
+        version: str,
+        user: str,
+        now: float,
+        live_limit: int,
+        snapshot: Any,
+        live: Any,
+        seen: Any,
+        cache: Any,
+    ) -> UserState:
+        for name, reply in (("snapshot", snapshot), ("live history", live)):
+            if isinstance(reply, Exception):
+                raise FeatureStoreUnavailable(f"redis at {self.url}: reading the {name} of a user: {reply}")
+        try:
+            unpacked = Snapshot.empty() if snapshot is None else Snapshot.unpack(snapshot)
+            events = [LiveEvent.unpack(data) for data in live]
+        except ValueError as error:
+            raise FeatureStoreUnavailable(
+                f"redis at {self.url}: unreadable data for user {user!r} in version {version!r}: {error}"
+            ) from None
+        if isinstance(seen, Exception):
+            logger.warning("exposures of user %r unreadable, serving without them: %s", user, seen)
+            exposures = None
+        else:
+            exposures = self.policy.exposures.snapshot(seen)
+        if isinstance(cache, Exception):
+            logger.warning("cache of user %r unreadable, serving without it: %s", user, cache)
+            cache = {}
+        return UserState(
+            snapshot=unpacked,
+            live_events=newest_last(events, live_limit),
+            exposure_filter=exposures,
+            cache_items=tuple(best_first(self._alive_cache(cache, now))),
+        )
+
+    def _alive_cache(self, cache: Mapping[bytes, bytes], now: float) -> list[tuple[str, float]]:
+        alive = []
+        for item, packed in cache.items():
+            score, added, uses = CACHE_ENTRY.unpack(packed)
+            if cache_entry_alive(added, uses, now, self.policy):
+                alive.append((item.decode("utf-8"), score))
+        return alive
+
+    # --- writes ---------------------------------------------------------------------------------
+    async def append_events(self, user_id: str, events: Sequence[LiveEvent]) -> None:
+        if not events:
+            return
+        key = self.keys.live(user_id)
+        pipeline = self._writes.pipeline(transaction=not self.cluster)
+        pipeline.rpush(key, *[event.pack() for event in events])
+        pipeline.ltrim(key, -self.policy.live_max_length, -1)
+        if self.policy.live_ttl_seconds is not None:
+            pipeline.expire(key, self.policy.live_ttl_seconds)
+        async with self._guard("append_events", self.write_timeout):
+            await pipeline.execute()
+
+    async def mark_events_seen(self, event_ids: Sequence[str], ttl_seconds: int) -> list[bool]:
+        if ttl_seconds < 1:
+            raise ValueError(f"ttl_seconds: expected at least 1, got {ttl_seconds}")
+        if not event_ids:
+            return []
+        pipeline = self._writes.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipeline.set(self.keys.event(event_id), b"1", nx=True, ex=ttl_seconds)
+        async with self._guard("mark_events_seen", self.write_timeout):
+            replies = await pipeline.execute()
+        return [bool(reply) for reply in replies]
+
+    async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
+        if not item_ids:
+            return
+        exposures = self.policy.exposures
+        slice_id = exposures.slice_of(now)
+        key = self.keys.seen(user_id, slice_id)
+        positions = sorted(set(exposures.positions(item_ids).reshape(-1).tolist()))
+        arguments: list[str | int] = []
+        for position in positions:
+            arguments += ["SET", "u1", position, 1]
+        # Adding 0 to the last bit sets nothing but makes Redis size the string to m/8 bytes.
+        arguments += ["INCRBY", "u1", exposures.bits - 1, 0]
+        pipeline = self._writes.pipeline(transaction=not self.cluster)
+        pipeline.execute_command("BITFIELD", key, *arguments)
+        pipeline.expire(key, exposures.ttl_seconds(slice_id, now))
+        async with self._guard("record_exposures", self.write_timeout):
+            await pipeline.execute()
+
+    async def put_cache(self, user_id: str, items: Sequence[tuple[str, float]], now: float) -> None:
+        if not items:
+            return
+        policy = self.policy
+        arguments: list[str | int | float] = [
+            repr(float(now)),
+            policy.cache_max_items,
+            max(1, math.ceil(policy.cache_max_age_seconds)),
+            repr(float(policy.cache_max_age_seconds)),
+            policy.cache_max_uses,
+        ]
+        for item, score in items:
+            if not math.isfinite(score):
+                raise ValueError(f"items: the score of {item!r} is not finite ({score!r})")
+            arguments += [item, repr(float(score))]
+        async with self._guard("put_cache", self.write_timeout):
+            await self._put_cache(keys=[self.keys.cache(user_id)], args=arguments)
+
+    async def take_cache(self, user_id: str, limit: int, now: float) -> list[tuple[str, float]]:
+        if limit <= 0:
+            return []
+        policy = self.policy
+        arguments: list[str | int] = [
+            limit,
+            repr(float(now)),
+            repr(float(policy.cache_max_age_seconds)),
+            policy.cache_max_uses,
+        ]
+        async with self._guard("take_cache", self.write_timeout):
+            flat = await self._take_cache(keys=[self.keys.cache(user_id)], args=arguments)
+        return [
+            (flat[index].decode("utf-8"), _SCORE.unpack(flat[index + 1])[0])
+            for index in range(0, len(flat), 2)
+        ]
+
+    async def close(self) -> None:
+        for client in (self._reads, self._writes):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+
+
+# --- URLs and clients ---------------------------------------------------------------------------
+def parse_redis_url(url: str) -> tuple[str, bool]:
+    """(the URL redis-py understands, whether it names a cluster). A cluster is named by the
+    scheme `redis+cluster://` (or `rediss+cluster://`) or the query parameter `cluster=1`."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise ValueError(
+            f"unsupported Redis URL scheme {parts.scheme!r} in {redact_url(url)!r}: "
+            "expected redis://, rediss://, unix:// or redis+cluster://"
+        )
+    cluster = scheme.endswith("+cluster")
+    query = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "cluster":
+            cluster = cluster or value.lower() in ("1", "true", "yes")
+        else:
+            query.append((name, value))
+    if cluster and scheme == "unix":
+        raise ValueError("a Redis Cluster cannot be reached through a unix:// socket")
+    return urlunsplit(
+        (scheme.removesuffix("+cluster"), parts.netloc, parts.path, urlencode(query), "")
+    ), cluster
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+def _client(url: str, cluster: bool, timeout: float, max_connections: int | None) -> Client:
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
