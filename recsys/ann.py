@@ -54,14 +54,14 @@ class HnswIndex:
         k = min(k, self.size)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        self._index.set_ef(max(self._ef, k))
+        # No set_ef here: searches run concurrently from worker threads and ef is shared
+        # state; hnswlib searches with max(ef, k) anyway.
         labels, distances = self._index.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=k)
         # hnswlib's "ip" distance is 1 − inner product.
         return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
 
     def search_many(self, vectors: FloatArray, k: int) -> npt.NDArray[np.int64]:
         k = min(k, self.size)
-        self._index.set_ef(max(self._ef, k))
         labels, _ = self._index.knn_query(np.asarray(vectors, dtype=np.float32), k=k)
         result: npt.NDArray[np.int64] = labels.astype(np.int64)
         return result

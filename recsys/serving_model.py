@@ -84,6 +84,28 @@ class ServingModel:
             capabilities=manifest.get("capabilities", {}),
         )
 
+    # -- external ids ----------------------------------------------------------------------
+    @cached_property
+    def user_lookup(self) -> dict[str, int]:
+        return {str(user): index for index, user in enumerate(self.core.users.user_ids.tolist())}
+
+    @cached_property
+    def item_lookup(self) -> dict[str, int]:
+        return {str(item): index for index, item in enumerate(self.core.catalogue.item_ids.tolist())}
+
+    @cached_property
+    def region_lookup(self) -> dict[str, int]:
+        regions = self.core.users.region_vocab.tolist()
+        return {str(region): token for token, region in enumerate(regions, start=1)}
+
+    def warm(self) -> None:
+        """Build the lookups and feature tables now (at load, in the loading thread) rather
+        than on the first request."""
+        for name in ("user_lookup", "item_lookup", "region_lookup", "item_features", "user_features"):
+            getattr(self, name)
+        _ = self.sources
+        _ = self.cross_features
+
     # -- features ------------------------------------------------------------------------
     @cached_property
     def item_features(self) -> ItemFeatures:

@@ -22,8 +22,19 @@ from collections.abc import Sequence
 from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
+
+# go-grpc-prometheus has no `_created` series; they would only double what operators scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Latency buckets for a recommender: most calls take milliseconds, a few take up to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

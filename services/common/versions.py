@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,12 @@ class VersionMetrics:
             "Time to load and verify a model version.",
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60),
         )
+
+
+@functools.cache
+def version_metrics(service: str) -> VersionMetrics:
+    """One set per service and process (Prometheus refuses a metric registered twice)."""
+    return VersionMetrics(service)
 
 
 class ModelVersions(Generic[ModelT]):

@@ -1,0 +1,1 @@
+"""The recall service: candidate generation from every channel, concurrently, under deadlines."""

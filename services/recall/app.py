@@ -1,0 +1,95 @@
+"""Wiring: settings → store, feature store, version watcher, engine, servicer."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from grpc import aio
+
+from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.serving_model import ServingModel
+from recsys.store import ModelStore
+from recsys.v1 import recall_pb2_grpc
+from services.common.server import Readiness, ServiceSpec
+from services.common.versions import Loaded, ModelVersions, version_metrics
+from services.recall.engine import RecallEngine, RecallLimits
+from services.recall.metrics import recall_metrics
+from services.recall.servicer import RecallServicer
+from services.recall.settings import RecallSettings
+
+log = logging.getLogger("recsys.recall")
+
+
+def load_model(store: ModelStore, version: str) -> ServingModel:
+    model = ServingModel.load(store.version_path(version), version=version)
+    model.warm()
+    return model
+
+
+def limits_from(settings: RecallSettings) -> RecallLimits:
+    return RecallLimits(
+        max_quota=settings.max_quota,
+        max_candidates=settings.max_candidates,
+        default_candidates=settings.default_candidates,
+        channel_timeout=settings.channel_timeout_ms / 1000,
+        feature_store_timeout=settings.feature_store_timeout_ms / 1000,
+        default_deadline=settings.default_deadline_ms / 1000,
+    )
+
+
+class RecallApp:
+    name = "recall"
+    service_names = ("recsys.v1.Recall",)
+
+    def __init__(self, settings: RecallSettings, features: FeatureStore | None = None) -> None:
+        self.settings = settings
+        self.store = ModelStore(settings.store)
+        if features is not None:
+            self.features = features
+        elif settings.redis:
+            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
+        else:
+            self.features = InProcessFeatureStore()
+        self.executor = ThreadPoolExecutor(settings.channel_threads, thread_name_prefix="recall-channel")
+        in_process = isinstance(self.features, InProcessFeatureStore)
+        self.versions: ModelVersions[ServingModel] = ModelVersions(
+            self.store,
+            load_model,
+            version_metrics("recall"),
+            poll_seconds=settings.poll_seconds,
+            grace_seconds=settings.version_grace_seconds,
+            # A Redis-backed process switches only once the version's features are pushed.
+            ready_check=None if in_process else self.features.snapshot_ready,
+            on_change=self._on_change,
+        )
+        self.engine = RecallEngine(
+            self.versions, self.features, self.executor, recall_metrics(), limits_from(settings)
+        )
+        self._readiness: Readiness | None = None
+
+    async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
+        if isinstance(self.features, InProcessFeatureStore):
+            self.features.add_version(loaded.version, loaded.model.core)
+        if self._readiness is not None:
+            await self._readiness.set_serving(True)
+
+    def register(self, server: aio.Server) -> None:
+        recall_pb2_grpc.add_RecallServicer_to_server(RecallServicer(self.engine), server)
+
+    async def start(self, readiness: Readiness) -> None:
+        self._readiness = readiness
+        await self.versions.start()
+
+    async def stop(self) -> None:
+        await self.versions.stop()
+        await self.features.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(settings: Any) -> RecallApp:
+    return RecallApp(settings)
+
+
+SPEC = ServiceSpec("recall", create_app)

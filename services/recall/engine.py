@@ -1,0 +1,336 @@
+"""The recall service's business logic: every channel concurrently under its own deadline,
+fail-open, then exposure filtering, merging and de-duplication. No gRPC here.
+
+The channels' math is `recsys.stages` (the code offline evaluation runs); this module only
+schedules it. Channel work is CPU-bound numpy/onnxruntime/hnswlib, so it runs in a small
+thread pool, never on the event loop; a channel that misses its deadline is reported as a
+timeout and the answer goes out without it (its thread finishes in the background).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.artifacts import FloatArray, IntArray
+from recsys.errors import InvalidArgument
+from recsys.feature_store import FeatureStore, UserState
+from recsys.serving_model import ALL_CHANNELS, ServingModel
+from recsys.stages.merge import MergedCandidates, WeightedMerge
+from recsys.stages.query import UserQuery, build_query
+from recsys.stages.sources import Candidates, top_candidates
+from services.common.versions import ModelVersions
+from services.recall.metrics import RecallMetrics
+
+log = logging.getLogger("recsys.recall")
+
+COLD_START_CHANNELS = ("geo", "popular")
+
+
+@dataclass(frozen=True)
+class RecallLimits:
+    max_quota: int = 1000
+    max_candidates: int = 1000
+    default_candidates: int = 500
+    max_exclusions: int = 10_000
+    channel_timeout: float = 0.05  # seconds each channel may take at most
+    feature_store_timeout: float = 0.03
+    deadline_margin: float = 0.005  # kept for merging and answering
+    default_deadline: float = 0.2  # when the caller sets none
+    cold_start_quota: int = 200
+    exposure_overfetch: float = 1.5  # a channel fetches this × its quota before exposure filtering
+
+
+@dataclass(frozen=True)
+class RecallQuery:
+    user_id: str
+    region: str = ""
+    now: float = 0.0
+    quotas: Mapping[str, int] = field(default_factory=dict)
+    exclude: IntArray = field(default_factory=lambda: np.zeros(0, np.int32))
+    model_version: str = ""
+    max_candidates: int = 0
+    time_remaining: float | None = None
+
+
+@dataclass
+class ChannelOutcome:
+    channel: str
+    status: str  # ok | timeout | error | skipped
+    count: int = 0
+    milliseconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class RecallResult:
+    model_version: str
+    merged: MergedCandidates
+    stats: list[ChannelOutcome]
+    embedding: FloatArray | None
+    cold_start: bool
+    degraded: list[str]
+
+
+def validate_quotas(quotas: Mapping[str, int], limits: RecallLimits) -> None:
+    for name, value in quotas.items():
+        if name not in ALL_CHANNELS:
+            raise InvalidArgument(f"quotas[{name}]", f"unknown channel (known: {', '.join(ALL_CHANNELS)})")
+        if value < 0:
+            raise InvalidArgument(f"quotas[{name}]", f"must be >= 0, got {value}")
+        if value > limits.max_quota:
+            raise InvalidArgument(f"quotas[{name}]", f"at most {limits.max_quota}, got {value}")
+
+
+class RecallEngine:
+    def __init__(
+        self,
+        versions: ModelVersions[ServingModel],
+        features: FeatureStore,
+        executor: Executor,
+        metrics: RecallMetrics,
+        limits: RecallLimits | None = None,
+    ) -> None:
+        self._versions = versions
+        self._features = features
+        self._executor = executor
+        self._metrics = metrics
+        self.limits = limits or RecallLimits()
+        # Test hook and operations knob: extra seconds a channel sleeps (to exercise deadlines).
+        self.channel_delays: dict[str, float] = {}
+
+    async def recall(self, query: RecallQuery) -> RecallResult:
+        limits = self.limits
+        if not query.user_id:
+            raise InvalidArgument("user_id", "must not be empty")
+        validate_quotas(query.quotas, limits)
+        if query.max_candidates < 0 or query.max_candidates > limits.max_candidates:
+            raise InvalidArgument("max_candidates", f"must be in [0, {limits.max_candidates}]")
+        if query.exclude.shape[0] > limits.max_exclusions:
+            raise InvalidArgument("exclude_item_indexes", f"at most {limits.max_exclusions} items")
+        loaded = self._versions.get(query.model_version)
+        model = loaded.model
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = query.time_remaining if query.time_remaining is not None else limits.default_deadline
+        deadline = started + max(0.0, budget - limits.deadline_margin)
+        now = query.now or time.time()
+        degraded: list[str] = []
+
+        state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
+        user_query = self._query(model, query, state)
+        cold_start = user_query.cold_start
+        quotas = self._quotas(model, query, cold_start)
+
+        outcomes: dict[str, ChannelOutcome] = {}
+        lists: dict[str, Candidates] = {}
+        embedding: FloatArray | None = None
+        tasks: dict[str, asyncio.Task[tuple[Candidates, FloatArray | None, float]]] = {}
+        for name in ALL_CHANNELS:
+            quota = quotas.get(name, 0)
+            if name not in model.channels and name != "cache":
+                outcomes[name] = ChannelOutcome(name, "skipped", detail="not supported by this model version")
+            elif quota <= 0:
+                outcomes[name] = ChannelOutcome(name, "skipped", detail="quota 0")
+            elif name == "cache" and state is None:
+                outcomes[name] = ChannelOutcome(name, "skipped", detail="feature store unavailable")
+            else:
+                tasks[name] = asyncio.create_task(self._run_channel(name, model, user_query, state, quota))
+        if tasks:
+            timeout = min(limits.channel_timeout, max(0.0, deadline - loop.time()))
+            _, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+            for name, task in tasks.items():
+                if task in pending:
+                    task.cancel()
+                    outcomes[name] = ChannelOutcome(
+                        name, "timeout", milliseconds=timeout * 1000, detail="deadline"
+                    )
+                    degraded.append(f"channel_timeout:{name}")
+                    self._metrics.channel_outcomes.labels(name, "timeout").inc()
+                    continue
+                error = task.exception()
+                if error is not None:
+                    log.warning("channel failed", extra={"channel": name, "error": repr(error)})
+                    outcomes[name] = ChannelOutcome(name, "error", detail=type(error).__name__)
+                    degraded.append(f"channel_error:{name}")
+                    self._metrics.channel_outcomes.labels(name, "error").inc()
+                    continue
+                candidates, vector, milliseconds = task.result()
+                if vector is not None:
+                    embedding = vector
+                lists[name] = candidates
+                outcomes[name] = ChannelOutcome(name, "ok", milliseconds=milliseconds)
+        if state is not None and state.exposure_filter is not None:
+            lists = self._filter_exposed(model, lists, state)
+        for name, candidates in lists.items():
+            kept = Candidates(candidates.items[: quotas[name]], candidates.scores[: quotas[name]])
+            lists[name] = kept
+            outcome = outcomes.get(name) or ChannelOutcome(name, "ok")
+            outcome.count = len(kept)
+            outcomes[name] = outcome
+            self._metrics.channel_outcomes.labels(name, "ok").inc()
+            self._metrics.channel_candidates.labels(name).observe(len(kept))
+        merge = WeightedMerge(ALL_CHANNELS, self._weights(model, cold_start))
+        budget_items = query.max_candidates or limits.default_candidates
+        merged = merge.merge(lists, budget_items)
+        if cold_start:
+            self._metrics.cold_start.inc()
+        stats = [outcomes[name] for name in ALL_CHANNELS]
+        return RecallResult(loaded.version, merged, stats, embedding, cold_start, degraded)
+
+    # -- pieces ------------------------------------------------------------------------------
+    async def _user_state(
+        self, version: str, user_id: str, now: float, deadline: float, degraded: list[str]
+    ) -> UserState | None:
+        loop = asyncio.get_running_loop()
+        timeout = min(self.limits.feature_store_timeout, max(0.0, deadline - loop.time()))
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._features.user_state(version, user_id, now=now)
+        except Exception as error:  # Redis down or slow: serve from what needs no Redis
+            self._metrics.feature_store_errors.labels(type(error).__name__).inc()
+            log.warning("feature store unavailable; serving without it", extra={"error": repr(error)})
+            degraded.extend(["feature_store_unavailable", "exposure_filter_unavailable"])
+            return None
+
+    def _query(self, model: ServingModel, query: RecallQuery, state: UserState | None) -> UserQuery:
+        user_index = model.user_lookup.get(query.user_id, -1)
+        region = model.region_lookup.get(query.region, 0) if query.region else None
+        if state is None:
+            # Without the feature store: the profile the model version has (its training
+            # history), or nothing for users it does not know.
+            return build_query(
+                model.core,
+                user_index,
+                recent_limit=model.defaults.recent_items,
+                region_token=region,
+                extra_excluded=query.exclude.astype(np.int64),
+            )
+        snapshot = state.snapshot
+        live_items = [
+            model.item_lookup.get(event.item_id, -1) for event in state.live_events if event.consumes
+        ]
+        live_liked = [
+            event.kind in ("like", "click", "consume") or self._liked(model, event.value)
+            for event in state.live_events
+            if event.consumes
+        ]
+        known = np.asarray([index >= 0 for index in live_items], dtype=bool)
+        items = np.concatenate([snapshot.items.astype(np.int32), np.asarray(live_items, np.int32)[known]])
+        liked = np.concatenate(
+            [self._liked_array(model, snapshot.ratings), np.asarray(live_liked, bool)[known]]
+        )
+        if region is None:
+            region = snapshot.region if snapshot.region > 0 else None
+        return build_query(
+            model.core,
+            user_index,
+            recent_limit=model.defaults.recent_items,
+            region_token=region,
+            extra_excluded=query.exclude.astype(np.int64),
+            history_items=items,
+            history_liked=liked,
+        )
+
+    @staticmethod
+    def _liked(model: ServingModel, value: float) -> bool:
+        threshold = model.core.like_threshold
+        return threshold is None or value >= threshold
+
+    @staticmethod
+    def _liked_array(model: ServingModel, ratings: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+        threshold = model.core.like_threshold
+        if threshold is None:
+            return np.ones(ratings.shape[0], bool)
+        return np.nan_to_num(ratings, nan=-np.inf) >= threshold
+
+    def _quotas(self, model: ServingModel, query: RecallQuery, cold_start: bool) -> dict[str, int]:
+        defaults = dict(model.defaults.channel_quotas)
+        defaults.setdefault("cache", 50)
+        if cold_start:
+            # Personalised channels have nothing to start from: geo and popular answer.
+            defaults = {
+                name: (
+                    max(defaults.get(name, 0), self.limits.cold_start_quota)
+                    if name in COLD_START_CHANNELS
+                    else 0
+                )
+                for name in ALL_CHANNELS
+            }
+        return {name: int(query.quotas.get(name, defaults.get(name, 0))) for name in ALL_CHANNELS}
+
+    @staticmethod
+    def _weights(model: ServingModel, cold_start: bool) -> dict[str, float]:
+        weights = dict(model.defaults.channel_weights)
+        weights.setdefault("cache", 1.0)
+        if cold_start:
+            weights = dict.fromkeys(COLD_START_CHANNELS, 1.0)
+        # A channel the tuned defaults switched off still counts when a caller asks for it.
+        return {name: weights.get(name) or 0.25 for name in ALL_CHANNELS}
+
+    async def _run_channel(
+        self, name: str, model: ServingModel, query: UserQuery, state: UserState | None, quota: int
+    ) -> tuple[Candidates, FloatArray | None, float]:
+        started = time.perf_counter()
+        delay = self.channel_delays.get(name, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        fetch = int(quota * self.limits.exposure_overfetch) + 10
+        loop = asyncio.get_running_loop()
+        vector: FloatArray | None = None
+        if name == "cache":
+            candidates = self._cache_candidates(model, query, state, fetch)
+        elif name == "two_tower":
+            candidates, vector = await loop.run_in_executor(
+                self._executor, self._two_tower, model, query, fetch
+            )
+        else:
+            source = model.sources[name]
+            candidates = await loop.run_in_executor(self._executor, source.candidates, query, fetch)
+        elapsed = time.perf_counter() - started
+        self._metrics.channel_seconds.labels(name).observe(elapsed)
+        return candidates, vector, elapsed * 1000
+
+    @staticmethod
+    def _two_tower(model: ServingModel, query: UserQuery, fetch: int) -> tuple[Candidates, FloatArray]:
+        vector = model.user_embeddings([model.user_inputs(query)])[0]
+        with_vector = dataclasses.replace(query, embedding=vector)
+        return model.sources["two_tower"].candidates(with_vector, fetch), vector
+
+    @staticmethod
+    def _cache_candidates(
+        model: ServingModel, query: UserQuery, state: UserState | None, fetch: int
+    ) -> Candidates:
+        if state is None or not state.cache_items:
+            return Candidates.empty()
+        pairs = [(model.item_lookup.get(item, -1), score) for item, score in state.cache_items[: fetch * 2]]
+        items = np.asarray([index for index, _ in pairs if index >= 0], dtype=np.int32)
+        scores = np.asarray([score for index, score in pairs if index >= 0], dtype=np.float32)
+        # Cache scores are ranker scores; shift so every kept item scores above zero.
+        return top_candidates(
+            items, scores - scores.min() + 1e-3 if scores.size else scores, fetch, query.excluded
+        )
+
+    def _filter_exposed(
+        self, model: ServingModel, lists: Mapping[str, Candidates], state: UserState
+    ) -> dict[str, Candidates]:
+        assert state.exposure_filter is not None
+        result = {}
+        item_ids = model.core.catalogue.item_ids
+        for name, candidates in lists.items():
+            if len(candidates) == 0:
+                result[name] = candidates
+                continue
+            shown = state.exposure_filter.contains([str(value) for value in item_ids[candidates.items]])
+            self._metrics.filtered.labels("exposure", name).inc(int(shown.sum()))
+            keep = ~np.asarray(shown, dtype=bool)
+            result[name] = Candidates(candidates.items[keep], candidates.scores[keep])
+        return result

@@ -1,0 +1,31 @@
+"""Recall settings: `RECSYS_RECALL_*` environment variables and `recsys serve recall` flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServerSettings
+
+
+class RecallSettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_RECALL_", frozen=True, extra="ignore")
+
+    port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int | None = Field(9102, ge=0, le=65535)
+    store: str = Field("./store", description="Model store PATH or file://PATH.")
+    redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
+    redis_prefix: str = "recsys"
+    poll_seconds: float = Field(5.0, gt=0, description="How often the store's CURRENT is checked.")
+    version_grace_seconds: float = Field(
+        60.0, ge=0, description="How long the previous version stays servable."
+    )
+    channel_timeout_ms: float = Field(50.0, gt=0)
+    feature_store_timeout_ms: float = Field(30.0, gt=0)
+    default_deadline_ms: float = Field(200.0, gt=0)
+    max_quota: int = Field(1000, ge=1)
+    max_candidates: int = Field(1000, ge=1)
+    default_candidates: int = Field(500, ge=1)
+    channel_threads: int = Field(
+        4, ge=1, le=64, description="Threads running channel work off the event loop."
+    )

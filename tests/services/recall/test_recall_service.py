@@ -1,0 +1,220 @@
+"""The recall service on the real quick MovieLens-100K store, over real gRPC (port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc import aio
+
+from recsys.feature_store import open_feature_store
+from recsys.store import ModelStore
+from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+from services.common.server import GrpcHost
+from services.recall.app import RecallApp
+from services.recall.settings import RecallSettings
+
+OK = recall_pb2.CHANNEL_STATUS_OK
+TIMEOUT = recall_pb2.CHANNEL_STATUS_TIMEOUT
+
+
+class Running:
+    def __init__(self, app: RecallApp, host: GrpcHost, channel: aio.Channel) -> None:
+        self.app, self.host, self.channel = app, host, channel
+        self.stub = recall_pb2_grpc.RecallStub(channel)
+
+    @property
+    def model(self) -> Any:
+        return self.app.versions.get().model
+
+
+async def start(store: str, **settings: Any) -> Running:
+    app = RecallApp(RecallSettings(store=store, port=0, metrics_port=None, poll_seconds=0.2, **settings))
+    host = GrpcHost(app, app.settings)
+    await host.start()
+    async with asyncio.timeout(30):
+        while not host.readiness.serving:
+            await asyncio.sleep(0.05)
+    return Running(app, host, aio.insecure_channel(f"127.0.0.1:{host.port}"))
+
+
+@pytest.fixture
+async def recall(quick_store: ModelStore) -> AsyncIterator[Running]:
+    running = await start(str(quick_store.path))
+    yield running
+    await running.channel.close()
+    await running.host.stop(grace=0)
+
+
+def stats(response: recall_pb2.RecallResponse) -> dict[str, recall_pb2.ChannelStats]:
+    return {stat.channel: stat for stat in response.channel_stats}
+
+
+def channel_items(response: recall_pb2.RecallResponse, channel: str) -> set[int]:
+    bit = list(response.channel_names).index(channel)
+    return {
+        item
+        for item, mask in zip(response.item_indexes, response.channel_masks, strict=True)
+        if mask >> bit & 1
+    }
+
+
+async def test_channels_return_sensible_items_and_never_consumed_ones(recall: Running) -> None:
+    model = recall.model
+    user_id = "196"
+    user = model.user_lookup[user_id]
+    history = np.asarray(model.core.history.items.row(user))
+    response = await recall.stub.Recall(
+        recall_pb2.RecallRequest(user_id=user_id, max_candidates=1000), timeout=2
+    )
+    assert not response.cold_start
+    assert list(response.degraded_reasons) == []
+    assert all(stats(response)[name].status == OK for name in ("itemcf", "swing", "two_tower"))
+    assert len(response.user_embedding) == model.spec.embedding_dim
+    returned = set(response.item_indexes)
+    assert not returned & set(history.tolist()), "a consumed item came back"
+    assert len(returned) == len(response.item_indexes), "duplicates in the merged list"
+    # ItemCF: the neighbours (co-rated items) of the user's last item are among its candidates.
+    last = int(history[-1])
+    neighbours = [
+        int(n) for n in model.core.itemcf.neighbors[last][:10] if n >= 0 and n not in set(history.tolist())
+    ]
+    assert set(neighbours[:5]) <= channel_items(response, "itemcf")
+    # Geo: asked for by quota, its items are the popular items of the user's region.
+    region = int(model.core.users.regions[user])
+    geo = await recall.stub.Recall(recall_pb2.RecallRequest(user_id=user_id, quotas={"geo": 50}), timeout=2)
+    region_list = set(np.asarray(model.core.popularity.by_region.row(region)).tolist())
+    geo_items = channel_items(geo, "geo")
+    assert stats(geo)["geo"].count == 50
+    assert geo_items <= region_list
+    assert len(geo_items) == 50
+
+
+async def test_an_unknown_user_gets_the_cold_start_channels(recall: Running) -> None:
+    region = str(recall.model.core.users.region_vocab[0])
+    request = recall_pb2.RecallRequest(user_id="never-seen", context=common_pb2.RequestContext(region=region))
+    response = await recall.stub.Recall(request, timeout=2)
+    assert response.cold_start
+    assert stats(response)["popular"].status == OK
+    assert stats(response)["geo"].count > 0
+    assert stats(response)["itemcf"].status == recall_pb2.CHANNEL_STATUS_SKIPPED
+
+
+async def test_exclusions_are_honoured(recall: Running) -> None:
+    first = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+    excluded = list(first.item_indexes[:30])
+    second = await recall.stub.Recall(
+        recall_pb2.RecallRequest(user_id="196", exclude_item_indexes=excluded), timeout=2
+    )
+    assert not set(excluded) & set(second.item_indexes)
+
+
+async def test_a_slow_channel_is_cut_at_its_deadline(recall: Running) -> None:
+    recall.app.engine.channel_delays["swing"] = 1.0
+    try:
+        started = time.perf_counter()
+        response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+        elapsed = time.perf_counter() - started
+    finally:
+        recall.app.engine.channel_delays.clear()
+    assert stats(response)["swing"].status == TIMEOUT
+    assert "channel_timeout:swing" in response.degraded_reasons
+    assert stats(response)["itemcf"].status == OK
+    assert len(response.item_indexes) > 0
+    assert elapsed < 0.5  # the channel timeout is 50 ms; the swing channel would take 1 s
+
+
+@pytest.mark.parametrize(
+    ("field", "request_"),
+    [
+        ("user_id", recall_pb2.RecallRequest(user_id="")),
+        ("quotas[itemcf]", recall_pb2.RecallRequest(user_id="1", quotas={"itemcf": -1})),
+        ("quotas[bogus]", recall_pb2.RecallRequest(user_id="1", quotas={"bogus": 1})),
+        ("quotas[geo]", recall_pb2.RecallRequest(user_id="1", quotas={"geo": 100_000})),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    recall: Running, field: str, request_: recall_pb2.RecallRequest
+) -> None:
+    with pytest.raises(aio.AioRpcError) as raised:
+        await recall.stub.Recall(request_, timeout=2)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(f"{field}:")
+
+
+async def test_an_unknown_model_version_is_failed_precondition(recall: Running) -> None:
+    with pytest.raises(aio.AioRpcError) as raised:
+        await recall.stub.Recall(recall_pb2.RecallRequest(user_id="1", model_version="v0"), timeout=2)
+    assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_with_redis_down_the_answer_arrives_in_time_and_flagged(quick_store: ModelStore) -> None:
+    app = RecallApp(
+        RecallSettings(store=str(quick_store.path), port=0, metrics_port=None),
+        features=open_feature_store("redis://127.0.0.1:1/0", read_timeout=0.02),
+    )
+    # The version is loaded regardless of the feature store here (no ready check in this test).
+    app.versions._ready_check = None
+    host = GrpcHost(app, app.settings)
+    await host.start()
+    try:
+        async with asyncio.timeout(30):
+            while not host.readiness.serving:
+                await asyncio.sleep(0.05)
+        async with aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            started = time.perf_counter()
+            response = await recall_pb2_grpc.RecallStub(channel).Recall(
+                recall_pb2.RecallRequest(user_id="196"), timeout=0.5
+            )
+            elapsed = time.perf_counter() - started
+        assert "feature_store_unavailable" in response.degraded_reasons
+        assert "exposure_filter_unavailable" in response.degraded_reasons
+        assert len(response.item_indexes) > 100  # CF on the profile the model version has
+        assert elapsed < 0.5
+    finally:
+        await host.stop(grace=0)
+
+
+async def test_a_version_swap_under_50_concurrent_callers_fails_no_call(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    from training.build import publish
+
+    store = tmp_path / "store"
+    first = publish(quick_candidate, store).version
+    running = await start(str(store))
+    try:
+        stop = asyncio.Event()
+        versions_seen: set[str] = set()
+        failures: list[BaseException] = []
+
+        async def caller(index: int) -> None:
+            while not stop.is_set():
+                try:
+                    response = await running.stub.Recall(
+                        recall_pb2.RecallRequest(user_id=str(1 + index % 900)), timeout=5
+                    )
+                    versions_seen.add(response.model_version)
+                except Exception as error:  # any failed call fails the test
+                    failures.append(error)
+
+        callers = [asyncio.create_task(caller(index)) for index in range(50)]
+        await asyncio.sleep(0.5)
+        second = await asyncio.to_thread(lambda: publish(quick_candidate, store).version)
+        async with asyncio.timeout(60):
+            while running.app.versions.get().version != second:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*callers)
+        assert failures == []
+        assert versions_seen == {first, second}
+    finally:
+        await running.channel.close()
+        await running.host.stop(grace=0)
