@@ -46,7 +46,9 @@ async def test_sigterm_lets_the_in_flight_call_finish_and_refuses_new_ones(
         assert server.lines[-1]["in_flight"] == 1
         with pytest.raises(aio.AioRpcError) as refused:
             await stub.Recall(recall_pb2.RecallRequest(user_id="u"), timeout=5)
-        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        # Refused by the draining guard (UNAVAILABLE), or, if it reaches the server after
+        # grpc's own stop began, cancelled by it: either way it never runs.
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert not slow.done()
         response = await slow
         assert response.item_indexes == [3, 1, 2]

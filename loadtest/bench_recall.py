@@ -1,0 +1,185 @@
+"""Benchmark the recall service: p50/p99 latency and requests/s at several concurrencies,
+and p99 at a fixed arrival rate, for ~1,000 candidates per call across all channels.
+
+    python loadtest/bench_recall.py --store ./store [--seconds 10] [--workers 1] [--rate 200]
+
+Starts `recsys serve recall` (a separate process, one worker by default) on a free loopback
+port, drives it from this process with a grpc.aio client (closed loop at each concurrency,
+then an open loop at `--rate` requests/s), prints a table and a final JSON line. The client
+shares the machine's cores with the server: on 2 cores that costs the server throughput, so
+read the figures as a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from grpc import aio
+
+from recsys.serving_model import ServingModel
+from recsys.store import ModelStore
+from recsys.v1 import recall_pb2, recall_pb2_grpc
+
+QUOTAS = {"itemcf": 300, "swing": 300, "two_tower": 300, "geo": 100, "author": 100, "popular": 100}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_ready(stub: recall_pb2_grpc.RecallStub, user: str) -> None:
+    async with asyncio.timeout(120):
+        while True:
+            try:
+                await stub.Recall(recall_pb2.RecallRequest(user_id=user), timeout=2)
+                return
+            except aio.AioRpcError:
+                await asyncio.sleep(0.2)
+
+
+def request_for(user: str, quotas: dict[str, int]) -> recall_pb2.RecallRequest:
+    return recall_pb2.RecallRequest(user_id=user, quotas=quotas, max_candidates=1000)
+
+
+async def closed_loop(
+    stub: recall_pb2_grpc.RecallStub, users: list[str], quotas: dict[str, int], concurrency: int, seconds: float
+) -> dict[str, float]:
+    latencies: list[float] = []
+    candidates: list[int] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(offset: int) -> None:
+        nonlocal errors
+        index = offset
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                response = await stub.Recall(request_for(users[index % len(users)], quotas), timeout=2)
+                latencies.append(time.perf_counter() - started)
+                candidates.append(len(response.item_indexes))
+            except aio.AioRpcError:
+                errors += 1
+            index += concurrency
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(offset) for offset in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    return summary(latencies, elapsed, errors, candidates)
+
+
+async def open_loop(
+    stub: recall_pb2_grpc.RecallStub, users: list[str], quotas: dict[str, int], rate: float, seconds: float
+) -> dict[str, float]:
+    latencies: list[float] = []
+    candidates: list[int] = []
+    errors = 0
+
+    async def one(user: str) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            response = await stub.Recall(request_for(user, quotas), timeout=2)
+            latencies.append(time.perf_counter() - started)
+            candidates.append(len(response.item_indexes))
+        except aio.AioRpcError:
+            errors += 1
+
+    tasks = []
+    began = time.perf_counter()
+    for index in range(int(rate * seconds)):
+        target = began + index / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(users[index % len(users)])))
+    await asyncio.gather(*tasks)
+    return summary(latencies, time.perf_counter() - began, errors, candidates)
+
+
+def summary(latencies: list[float], elapsed: float, errors: int, candidates: list[int]) -> dict[str, float]:
+    values = np.asarray(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed if elapsed else 0.0,
+        "p50_ms": float(np.percentile(values, 50)) if values.size else float("nan"),
+        "p99_ms": float(np.percentile(values, 99)) if values.size else float("nan"),
+        "mean_candidates": float(np.mean(candidates)) if candidates else 0.0,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    store = ModelStore(args.store)
+    version = store.current()
+    assert version is not None, f"{args.store} has no current version"
+    model = ServingModel.load(store.version_path(version), version=version)
+    users = [str(user) for user in model.core.users.user_ids[: args.users].tolist()]
+    quotas = {name: value for name, value in QUOTAS.items() if name in model.channels}
+    port = free_port()
+    command = [
+        sys.executable, "-m", "recsys.cli", "serve", "recall", "--store", args.store, "--port", str(port),
+        "--metrics-port", "0", "--workers", str(args.workers), "--log-level", "warning",
+        "--max-in-flight", "1024",
+    ]
+    server = subprocess.Popen(command, env={**os.environ, "RECSYS_RECALL_CHANNEL_TIMEOUT_MS": "200"})
+    rows: list[dict[str, object]] = []
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = recall_pb2_grpc.RecallStub(channel)
+            await wait_ready(stub, users[0])
+            await closed_loop(stub, users, quotas, 8, 2.0)  # warm-up
+            for concurrency in args.concurrency:
+                result = await closed_loop(stub, users, quotas, concurrency, args.seconds)
+                rows.append({"mode": f"concurrency {concurrency}", **result})
+            result = await open_loop(stub, users, quotas, args.rate, args.seconds)
+            rows.append({"mode": f"open loop {args.rate:g}/s", **result})
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "benchmark": "bench_recall",
+        "store": str(Path(args.store)),
+        "version": version,
+        "items": model.core.catalogue.n_items,
+        "workers": args.workers,
+        "quotas": quotas,
+        "machine": f"{os.cpu_count()} cpu, {platform.machine()}, Python {platform.python_version()}",
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    args = parser.parse_args()
+    report = asyncio.run(run(args))
+    print(f"recall benchmark: {report['items']:,} items, workers={report['workers']}, {report['machine']}")
+    print(f"{'mode':<20} {'requests':>9} {'errors':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'cands':>6}")
+    for row in report["rows"]:  # type: ignore[attr-defined]
+        print(
+            f"{row['mode']:<20} {row['requests']:>9} {row['errors']:>7} {row['rps']:>8.1f}"
+            f" {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {row['mean_candidates']:>6.0f}"
+        )
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
