@@ -98,10 +98,24 @@ class ServingModel:
         regions = self.core.users.region_vocab.tolist()
         return {str(region): token for token, region in enumerate(regions, start=1)}
 
+    @cached_property
+    def item_digests(self) -> npt.NDArray[np.uint64]:
+        """Each item's exposure-filter hash, computed once per version instead of per request."""
+        from recsys.feature_store.bloom import item_digests
+
+        return item_digests([str(item) for item in self.core.catalogue.item_ids.tolist()])
+
     def warm(self) -> None:
         """Build the lookups and feature tables now (at load, in the loading thread) rather
         than on the first request."""
-        for name in ("user_lookup", "item_lookup", "region_lookup", "item_features", "user_features"):
+        for name in (
+            "user_lookup",
+            "item_lookup",
+            "region_lookup",
+            "item_features",
+            "user_features",
+            "item_digests",
+        ):
             getattr(self, name)
         _ = self.sources
         _ = self.cross_features

@@ -60,14 +60,25 @@ def optimal_hashes(bits: int, capacity: int) -> int:
     return max(1, round(bits / capacity * _LN2))
 
 
+def item_digests(item_ids: Sequence[str]) -> npt.NDArray[np.uint64]:
+    """The xxh3_128 digest of each item id as two uint64 halves, [len(item_ids), 2]. Servers
+    compute them once per catalogue (a digest does not depend on the filter's size)."""
+    if len(item_ids) == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    digests = b"".join([xxhash.xxh3_128_digest(item.encode("utf-8")) for item in item_ids])
+    return np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
 def bit_positions(item_ids: Sequence[str], bits: int, hashes: int) -> PositionArray:
     """The `hashes` bit positions of each item id, as an int64 array [len(item_ids), hashes]."""
+    return positions_from_digests(item_digests(item_ids), bits, hashes)
+
+
+def positions_from_digests(halves: npt.NDArray[np.uint64], bits: int, hashes: int) -> PositionArray:
     if bits < 2:
         raise ValueError(f"bits: expected at least 2, got {bits}")
-    if len(item_ids) == 0:
+    if halves.shape[0] == 0:
         return np.zeros((0, hashes), dtype=np.int64)
-    digests = b"".join([xxhash.xxh3_128_digest(item.encode("utf-8")) for item in item_ids])
-    halves = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
     size = np.uint64(bits)
     first = halves[:, 1] % size
     # In [1, m): a zero step would put all k positions on one bit.
@@ -167,9 +178,13 @@ class ExposureSnapshot:
     def contains(self, item_ids: Sequence[str]) -> BoolArray:
         """Whether each external item id may have been shown in the window read (no false
         negatives; false positives at about the filter's error rate per slice)."""
-        if self.slice_count == 0 or len(item_ids) == 0:
-            return np.zeros(len(item_ids), dtype=np.bool_)
-        byte_index, mask = _masks(bit_positions(item_ids, self.bits, self.hashes))
+        return self.contains_digests(item_digests(item_ids))
+
+    def contains_digests(self, digests: npt.NDArray[np.uint64]) -> BoolArray:
+        """`contains` for items given by their precomputed `item_digests`."""
+        if self.slice_count == 0 or digests.shape[0] == 0:
+            return np.zeros(digests.shape[0], dtype=np.bool_)
+        byte_index, mask = _masks(positions_from_digests(digests, self.bits, self.hashes))
         # [slices, items, hashes]: present in a slice = all k bits set there; shown = in any slice.
         hits = (self.slices[:, byte_index] & mask) != 0
         return np.asarray(hits.all(axis=2).any(axis=0), dtype=np.bool_)

@@ -70,6 +70,14 @@ class ChannelOutcome:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class ChannelRun:
+    candidates: Candidates
+    embedding: FloatArray | None
+    milliseconds: float
+    error: Exception | None = None
+
+
 @dataclass
 class RecallResult:
     model_version: str
@@ -133,7 +141,7 @@ class RecallEngine:
         outcomes: dict[str, ChannelOutcome] = {}
         lists: dict[str, Candidates] = {}
         embedding: FloatArray | None = None
-        tasks: dict[str, asyncio.Task[tuple[Candidates, FloatArray | None, float]]] = {}
+        runnable: list[str] = []
         for name in ALL_CHANNELS:
             quota = quotas.get(name, 0)
             if name not in model.channels and name != "cache":
@@ -143,31 +151,44 @@ class RecallEngine:
             elif name == "cache" and state is None:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="feature store unavailable")
             else:
-                tasks[name] = asyncio.create_task(self._run_channel(name, model, user_query, state, quota))
-        if tasks:
-            timeout = min(limits.channel_timeout, max(0.0, deadline - loop.time()))
-            _, pending = await asyncio.wait(tasks.values(), timeout=timeout)
-            for name, task in tasks.items():
-                if task in pending:
-                    task.cancel()
-                    outcomes[name] = ChannelOutcome(
-                        name, "timeout", milliseconds=timeout * 1000, detail="deadline"
-                    )
-                    degraded.append(f"channel_timeout:{name}")
-                    self._metrics.channel_outcomes.labels(name, "timeout").inc()
-                    continue
-                error = task.exception()
-                if error is not None:
-                    log.warning("channel failed", extra={"channel": name, "error": repr(error)})
-                    outcomes[name] = ChannelOutcome(name, "error", detail=type(error).__name__)
-                    degraded.append(f"channel_error:{name}")
-                    self._metrics.channel_outcomes.labels(name, "error").inc()
-                    continue
-                candidates, vector, milliseconds = task.result()
-                if vector is not None:
-                    embedding = vector
-                lists[name] = candidates
-                outcomes[name] = ChannelOutcome(name, "ok", milliseconds=milliseconds)
+                runnable.append(name)
+        results: dict[str, ChannelRun] = {}
+        lanes = [
+            [name for name in runnable if name != "two_tower"],
+            [name for name in runnable if name == "two_tower"],
+        ]
+        timeout = min(limits.channel_timeout, max(0.0, deadline - loop.time()))
+        stop_at = time.monotonic() + timeout
+        jobs = [
+            loop.run_in_executor(
+                self._executor, self._run_lane, lane, model, user_query, state, quotas, results, stop_at
+            )
+            for lane in lanes
+            if lane
+        ]
+        if jobs:
+            await asyncio.wait(jobs, timeout=timeout)
+        for name in runnable:
+            run = results.get(name)  # written by the lane's thread; a dict store is atomic
+            if run is None:
+                outcomes[name] = ChannelOutcome(
+                    name, "timeout", milliseconds=timeout * 1000, detail="deadline"
+                )
+                degraded.append(f"channel_timeout:{name}")
+                self._metrics.channel_outcomes.labels(name, "timeout").inc()
+            elif run.error is not None:
+                log.warning("channel failed", extra={"channel": name, "error": repr(run.error)})
+                outcomes[name] = ChannelOutcome(
+                    name, "error", milliseconds=run.milliseconds, detail=type(run.error).__name__
+                )
+                degraded.append(f"channel_error:{name}")
+                self._metrics.channel_outcomes.labels(name, "error").inc()
+            else:
+                if run.embedding is not None:
+                    embedding = run.embedding
+                lists[name] = run.candidates
+                outcomes[name] = ChannelOutcome(name, "ok", milliseconds=run.milliseconds)
+                self._metrics.channel_seconds.labels(name).observe(run.milliseconds / 1000)
         if state is not None and state.exposure_filter is not None:
             lists = self._filter_exposed(model, lists, state)
         for name, candidates in lists.items():
@@ -276,28 +297,44 @@ class RecallEngine:
         # A channel the tuned defaults switched off still counts when a caller asks for it.
         return {name: weights.get(name) or 0.25 for name in ALL_CHANNELS}
 
-    async def _run_channel(
-        self, name: str, model: ServingModel, query: UserQuery, state: UserState | None, quota: int
-    ) -> tuple[Candidates, FloatArray | None, float]:
-        started = time.perf_counter()
-        delay = self.channel_delays.get(name, 0.0)
-        if delay:
-            await asyncio.sleep(delay)
-        fetch = int(quota * self.limits.exposure_overfetch) + 10
-        loop = asyncio.get_running_loop()
-        vector: FloatArray | None = None
-        if name == "cache":
-            candidates = self._cache_candidates(model, query, state, fetch)
-        elif name == "two_tower":
-            candidates, vector = await loop.run_in_executor(
-                self._executor, self._two_tower, model, query, fetch
-            )
-        else:
-            source = model.sources[name]
-            candidates = await loop.run_in_executor(self._executor, source.candidates, query, fetch)
-        elapsed = time.perf_counter() - started
-        self._metrics.channel_seconds.labels(name).observe(elapsed)
-        return candidates, vector, elapsed * 1000
+    def _run_lane(
+        self,
+        names: list[str],
+        model: ServingModel,
+        query: UserQuery,
+        state: UserState | None,
+        quotas: Mapping[str, int],
+        results: dict[str, ChannelRun],
+        stop_at: float,
+    ) -> None:
+        """Run channels one after another in a worker thread, publishing each result as soon
+        as it is ready; a channel not finished when the caller's wait ends is reported as a
+        timeout (the thread finishes in the background and its results are dropped).
+
+        Two lanes run concurrently: the two-tower channel (ONNX + ANN) and the rest. One
+        thread hop per lane rather than per channel: on a one-core worker process the hops,
+        not the numpy work, dominated (2.2 ms of 4.4 ms per request, measured)."""
+        for name in names:
+            if time.monotonic() >= stop_at:
+                return  # past the deadline: do not start more work
+            started = time.perf_counter()
+            try:
+                delay = self.channel_delays.get(name, 0.0)
+                if delay:
+                    time.sleep(delay)
+                fetch = int(quotas[name] * self.limits.exposure_overfetch) + 10
+                vector: FloatArray | None = None
+                if name == "cache":
+                    candidates = self._cache_candidates(model, query, state, fetch)
+                elif name == "two_tower":
+                    candidates, vector = self._two_tower(model, query, fetch)
+                else:
+                    candidates = model.sources[name].candidates(query, fetch)
+                results[name] = ChannelRun(candidates, vector, (time.perf_counter() - started) * 1000)
+            except Exception as error:  # fail-open: the other channels still answer
+                results[name] = ChannelRun(
+                    Candidates.empty(), None, (time.perf_counter() - started) * 1000, error=error
+                )
 
     @staticmethod
     def _two_tower(model: ServingModel, query: UserQuery, fetch: int) -> tuple[Candidates, FloatArray]:
@@ -324,12 +361,12 @@ class RecallEngine:
     ) -> dict[str, Candidates]:
         assert state.exposure_filter is not None
         result = {}
-        item_ids = model.core.catalogue.item_ids
+        digests = model.item_digests
         for name, candidates in lists.items():
             if len(candidates) == 0:
                 result[name] = candidates
                 continue
-            shown = state.exposure_filter.contains([str(value) for value in item_ids[candidates.items]])
+            shown = state.exposure_filter.contains_digests(digests[candidates.items])
             self._metrics.filtered.labels("exposure", name).inc(int(shown.sum()))
             keep = ~np.asarray(shown, dtype=bool)
             result[name] = Candidates(candidates.items[keep], candidates.scores[keep])
