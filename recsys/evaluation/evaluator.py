@@ -20,7 +20,7 @@ from recsys.artifacts import CoreArtifacts, IntArray
 from recsys.evaluation.metrics import auc, mean_metrics, ndcg_at_k, recall_at_k
 from recsys.serving_model import ServingModel
 from recsys.stages.merge import WeightedMerge
-from recsys.stages.query import UserQuery
+from recsys.stages.query import UserQuery, liked_mask
 from recsys.stages.sources import Candidates, NeighborSource
 
 KS = (10, 50, 100, 200)
@@ -92,13 +92,7 @@ def _full(model: ServingModel, query: UserQuery) -> tuple[IntArray, npt.NDArray[
 def _tail(model: ServingModel, user: int, limit: int) -> tuple[IntArray, npt.NDArray[np.bool_]]:
     items = np.asarray(model.core.history.items.row(user), dtype=np.int32)[-limit:]
     ratings = np.asarray(model.core.history.ratings.row(user))[-limit:]
-    threshold = model.core.like_threshold
-    liked = (
-        np.ones(items.shape[0], bool)
-        if threshold is None
-        else np.nan_to_num(ratings, nan=-np.inf) >= threshold
-    )
-    return items, liked
+    return items, liked_mask(model.core.like_threshold, ratings)
 
 
 def merged_lists(

@@ -81,8 +81,14 @@ def build_query(
     )
 
 
-def _liked(core: CoreArtifacts, ratings: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
-    threshold = core.like_threshold
+def liked_mask(threshold: float | None, ratings: npt.NDArray[np.floating]) -> npt.NDArray[np.bool_]:
+    """Which ratings are likes: at or above the threshold; every interaction when the data
+    has no rating (no threshold, or only NaN ratings)."""
+    ratings = np.asarray(ratings)
     if threshold is None or np.isnan(ratings).all():
         return np.ones(ratings.shape[0], dtype=bool)
-    return np.nan_to_num(ratings, nan=-np.inf) >= threshold
+    return np.asarray(np.nan_to_num(ratings, nan=-np.inf) >= threshold)
+
+
+def _liked(core: CoreArtifacts, ratings: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    return liked_mask(core.like_threshold, ratings)

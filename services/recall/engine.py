@@ -25,7 +25,7 @@ from recsys.errors import InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.stages.merge import MergedCandidates, WeightedMerge
-from recsys.stages.query import UserQuery, build_query
+from recsys.stages.query import UserQuery, build_query, liked_mask
 from recsys.stages.sources import Candidates, top_candidates
 from services.common.versions import ModelVersions
 from services.recall.metrics import RecallMetrics
@@ -223,34 +223,29 @@ class RecallEngine:
             return None
 
     def _query(self, model: ServingModel, query: RecallQuery, state: UserState | None) -> UserQuery:
+        """The user's query: from the feature store's snapshot plus live events, or, without
+        the feature store, from the profile the model version itself has (None history)."""
         user_index = model.user_lookup.get(query.user_id, -1)
         region = model.region_lookup.get(query.region, 0) if query.region else None
-        if state is None:
-            # Without the feature store: the profile the model version has (its training
-            # history), or nothing for users it does not know.
-            return build_query(
-                model.core,
-                user_index,
-                recent_limit=model.defaults.recent_items,
-                region_token=region,
-                extra_excluded=query.exclude.astype(np.int64),
+        items: IntArray | None = None
+        liked: npt.NDArray[np.bool_] | None = None
+        if state is not None:
+            threshold = model.core.like_threshold
+            consumed = [event for event in state.live_events if event.consumes]
+            live = np.asarray([model.item_lookup.get(event.item_id, -1) for event in consumed], np.int32)
+            live_liked = np.asarray(
+                [
+                    event.kind != "rating" or bool(liked_mask(threshold, np.array([event.value]))[0])
+                    for event in consumed
+                ],
+                dtype=bool,
             )
-        snapshot = state.snapshot
-        live_items = [
-            model.item_lookup.get(event.item_id, -1) for event in state.live_events if event.consumes
-        ]
-        live_liked = [
-            event.kind in ("like", "click", "consume") or self._liked(model, event.value)
-            for event in state.live_events
-            if event.consumes
-        ]
-        known = np.asarray([index >= 0 for index in live_items], dtype=bool)
-        items = np.concatenate([snapshot.items.astype(np.int32), np.asarray(live_items, np.int32)[known]])
-        liked = np.concatenate(
-            [self._liked_array(model, snapshot.ratings), np.asarray(live_liked, bool)[known]]
-        )
-        if region is None:
-            region = snapshot.region if snapshot.region > 0 else None
+            known = live >= 0
+            snapshot = state.snapshot
+            items = np.concatenate([snapshot.items.astype(np.int32), live[known]])
+            liked = np.concatenate([liked_mask(threshold, snapshot.ratings), live_liked[known]])
+            if region is None and snapshot.region > 0:
+                region = snapshot.region
         return build_query(
             model.core,
             user_index,
@@ -260,18 +255,6 @@ class RecallEngine:
             history_items=items,
             history_liked=liked,
         )
-
-    @staticmethod
-    def _liked(model: ServingModel, value: float) -> bool:
-        threshold = model.core.like_threshold
-        return threshold is None or value >= threshold
-
-    @staticmethod
-    def _liked_array(model: ServingModel, ratings: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
-        threshold = model.core.like_threshold
-        if threshold is None:
-            return np.ones(ratings.shape[0], bool)
-        return np.nan_to_num(ratings, nan=-np.inf) >= threshold
 
     def _quotas(self, model: ServingModel, query: RecallQuery, cold_start: bool) -> dict[str, int]:
         defaults = dict(model.defaults.channel_quotas)
