@@ -60,10 +60,15 @@ class WeightedMerge:
             return MergedCandidates(
                 np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint64), self.channel_names
             )
-        unique, inverse = np.unique(np.concatenate(items), return_inverse=True)
-        scores = np.bincount(inverse, weights=np.concatenate(contributions))
-        masks = np.zeros(unique.shape[0], dtype=np.uint64)
-        np.bitwise_or.at(masks, inverse, np.concatenate(bits))
+        # Group by item with one sort and two reduceats (no np.unique, no ufunc.at: both
+        # cost far more than the arithmetic on a request's ~1,000 entries).
+        all_items = np.concatenate(items)
+        order = np.argsort(all_items, kind="stable")
+        ordered = all_items[order]
+        starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+        unique = ordered[starts]
+        scores = np.add.reduceat(np.concatenate(contributions)[order], starts)
+        masks = np.bitwise_or.reduceat(np.concatenate(bits)[order], starts)
         count = min(budget, unique.shape[0])
         best = (
             np.argpartition(-scores, count - 1)[:count]

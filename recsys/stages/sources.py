@@ -48,6 +48,18 @@ def not_excluded(items: npt.NDArray[Any], excluded: IntArray) -> npt.NDArray[np.
     return np.asarray(excluded[position] != items)
 
 
+def group_sum(items: npt.NDArray[Any], weights: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FloatArray]:
+    """Sum `weights` per distinct item: (distinct items ascending, their sums). A sort and a
+    `reduceat`: several times faster than `np.unique(return_inverse=True)` + `bincount` on
+    the few thousand entries a request aggregates."""
+    if items.shape[0] == 0:
+        return items, np.zeros(0, np.float32)
+    order = np.argsort(items, kind="stable")
+    ordered = items[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    return ordered[starts], np.add.reduceat(np.asarray(weights, np.float64)[order], starts).astype(np.float32)
+
+
 def top_candidates(
     items: npt.NDArray[Any], scores: npt.NDArray[Any], quota: int, excluded: IntArray
 ) -> Candidates:
@@ -102,9 +114,7 @@ class NeighborSource:
         neighbors = self._neighbors[query.recent_items, : self._per_item]
         scores = self._scores[query.recent_items, : self._per_item] * weights[:, None]
         valid = neighbors >= 0
-        flat_items, flat_scores = neighbors[valid], scores[valid]
-        unique, inverse = np.unique(flat_items, return_inverse=True)
-        totals = np.bincount(inverse, weights=flat_scores).astype(np.float32)
+        unique, totals = group_sum(neighbors[valid], scores[valid])
         return top_candidates(unique, totals, quota, query.excluded)
 
 
@@ -182,9 +192,7 @@ class AuthorSource:
                 scores.append(self._scores.row(int(author))[: self._per_author] * weight)
         if not items:
             return Candidates.empty()
-        all_items = np.concatenate(items)
-        unique, inverse = np.unique(all_items, return_inverse=True)
-        totals = np.bincount(inverse, weights=np.concatenate(scores)).astype(np.float32)
+        unique, totals = group_sum(np.concatenate(items), np.concatenate(scores))
         return top_candidates(unique, totals, quota, query.excluded)
 
 

@@ -189,7 +189,7 @@ class RecallEngine:
                 lists[name] = run.candidates
                 outcomes[name] = ChannelOutcome(name, "ok", milliseconds=run.milliseconds)
                 self._metrics.channel_seconds.labels(name).observe(run.milliseconds / 1000)
-        if state is not None and state.exposure_filter is not None:
+        if state is not None and state.exposure_filter is not None and state.exposure_filter.slice_count:
             lists = self._filter_exposed(model, lists, state)
         for name, candidates in lists.items():
             kept = Candidates(candidates.items[: quotas[name]], candidates.scores[: quotas[name]])
