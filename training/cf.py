@@ -55,6 +55,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsys.neighbors import PAD, NeighborTable
+from recsys.validation import check_index, describe
 
 Progress = Callable[[int, int], None]
 """Called as `progress(done, total)` in items: after each block of rows (ItemCF), every 0.5 % (Swing)."""
@@ -425,6 +426,11 @@ def _csr(
 
 
 # --- input checks ------------------------------------------------------------------------------------
+def _check_index(name: str, index: np.ndarray, size: int, size_name: str) -> np.ndarray:
+    # int32 indexes halve the memory of 10⁷-row builds.
+    return check_index(name, index, size, size_name, np.int32 if size < 2**31 else np.int64)
+
+
 def _check_interactions(
     user_index: np.ndarray, item_index: np.ndarray, n_users: int, n_items: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -435,24 +441,13 @@ def _check_interactions(
     return users, items
 
 
-def _check_index(name: str, index: np.ndarray, size: int, size_name: str) -> np.ndarray:
-    if not isinstance(size, int | np.integer) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"{size_name}: expected a positive integer, got {size!r}")
-    if not isinstance(index, np.ndarray) or index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise ValueError(f"{name}: expected a 1-D integer array, got {_describe(index)}")
-    if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
-        bad = index[(index < 0) | (index >= size)][0]
-        raise ValueError(f"{name}: {bad} is outside [0, {size_name}={size})")
-    return index.astype(np.int32 if size < 2**31 else np.int64, copy=False)
-
-
 def _check_like_weight(like_weight: np.ndarray, size: int) -> np.ndarray:
     if (
         not isinstance(like_weight, np.ndarray)
         or like_weight.ndim != 1
         or not (np.issubdtype(like_weight.dtype, np.floating) or np.issubdtype(like_weight.dtype, np.integer))
     ):
-        raise ValueError(f"like_weight: expected a 1-D numeric array, got {_describe(like_weight)}")
+        raise ValueError(f"like_weight: expected a 1-D numeric array, got {describe(like_weight)}")
     if like_weight.size != size:
         raise ValueError(f"like_weight: has {like_weight.size} entries, user_index has {size}")
     weights = like_weight.astype(np.float64)
@@ -470,7 +465,7 @@ def _check_order(order: np.ndarray | None, size: int) -> np.ndarray | None:
         or order.ndim != 1
         or not (np.issubdtype(order.dtype, np.integer) or np.issubdtype(order.dtype, np.floating))
     ):
-        raise ValueError(f"order: expected a 1-D numeric array, got {_describe(order)}")
+        raise ValueError(f"order: expected a 1-D numeric array, got {describe(order)}")
     if order.size != size:
         raise ValueError(f"order: has {order.size} entries, user_index has {size}")
     if np.issubdtype(order.dtype, np.floating) and not np.isfinite(order).all():
@@ -486,9 +481,3 @@ def _check_top_k(top_k: int) -> None:
 def _check_cap(name: str, cap: int | None) -> None:
     if cap is not None and (not isinstance(cap, int | np.integer) or isinstance(cap, bool) or cap < 1):
         raise ValueError(f"{name}: expected a positive integer or None, got {cap!r}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.ndim}-D {value.dtype} array"
-    return type(value).__name__

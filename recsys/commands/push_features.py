@@ -37,7 +37,7 @@ def add_push_features(subcommands: argparse._SubParsersAction[argparse.ArgumentP
     parser.add_argument("--version", metavar="V", help="the version to push (default: CURRENT)")
     parser.add_argument("--prefix", metavar="P", default="recsys", help="key prefix (default: recsys)")
     parser.add_argument(
-        "--batch", metavar="N", type=_at_least_one, default=1_000, help="users per pipeline (default: 1000)"
+        "--batch", metavar="N", type=at_least_one, default=1_000, help="users per pipeline (default: 1000)"
     )
     parser.set_defaults(handler=_push_features, command="store push-features")
 
@@ -94,7 +94,7 @@ def _size(size: int) -> str:
     return f"{size / 1_048_576:.1f} MiB"
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from recsys.commands.push_features import add_push_features, at_least_one
+
 if TYPE_CHECKING:
     from datetime import datetime
 
@@ -53,9 +55,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     verify.add_argument("version", metavar="VERSION", nargs="?", help="the version (default: CURRENT)")
 
     prune = add("prune", _prune, "Delete the oldest versions, keeping N (never the current one).")
-    prune.add_argument("--keep", metavar="N", type=_at_least_one, required=True, help="versions to keep")
-
-    from recsys.commands.push_features import add_push_features
+    prune.add_argument("--keep", metavar="N", type=at_least_one, required=True, help="versions to keep")
 
     add_push_features(subcommands)
 
@@ -182,16 +182,6 @@ def _version_argument(store: ModelStore, name: str | None) -> str:
     except (VersionNotFound, ValueError) as error:
         raise StoreError(f"VERSION: {error}") from None
     return name
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 # --- formatting ---------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.validation import check_index
+
 MAX_ITEMS = 20_000
 FLOAT64_MAX_ITEMS = 5_000
 PAD = -1
@@ -51,8 +53,8 @@ class EaseModel:
             )
         if not isinstance(l2, int | float) or isinstance(l2, bool) or not (np.isfinite(l2) and l2 > 0):
             raise ValueError(f"l2: expected a finite number > 0, got {l2!r}")
-        users = _check_index("user_index", user_index, n_users, "n_users")
-        items = _check_index("item_index", item_index, n_items, "n_items")
+        users = check_index("user_index", user_index, n_users, "n_users")
+        items = check_index("item_index", item_index, n_items, "n_items")
         if users.size != items.size:
             raise ValueError(f"item_index: has {items.size} entries, user_index has {users.size}")
 
@@ -81,7 +83,7 @@ class EaseModel:
         """
         scores = np.zeros((len(histories), self.n_items), dtype=self.weights.dtype)
         for row, history in enumerate(histories):
-            items = np.unique(_check_index(f"histories[{row}]", history, self.n_items, "n_items"))
+            items = np.unique(check_index(f"histories[{row}]", history, self.n_items, "n_items"))
             if items.size:
                 self.weights[items].sum(axis=0, out=scores[row])
         return scores
@@ -113,7 +115,7 @@ class EaseModel:
             stop = min(start + batch_size, len(histories))
             scores = self.score_users(histories[start:stop])
             for row in range(stop - start):
-                excluded = _check_index(
+                excluded = check_index(
                     f"exclude[{start + row}]", exclude[start + row], self.n_items, "n_items"
                 )
                 scores[row, excluded] = -np.inf
@@ -156,20 +158,3 @@ def _gram(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, dtyp
         np.add.at(flat, np.repeat(batch_items, entry_lengths) * n_items + batch_items[partner], 1.0)
         first_user = last_user
     return gram
-
-
-def _check_index(name: str, index: np.ndarray, size: int, size_name: str) -> np.ndarray:
-    if not isinstance(size, int | np.integer) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"{size_name}: expected a positive integer, got {size!r}")
-    if not isinstance(index, np.ndarray) or index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise ValueError(f"{name}: expected a 1-D integer array, got {_describe(index)}")
-    if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
-        bad = index[(index < 0) | (index >= size)][0]
-        raise ValueError(f"{name}: {bad} is outside [0, {size_name}={size})")
-    return index.astype(np.int64, copy=False)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.ndim}-D {value.dtype} array"
-    return type(value).__name__
