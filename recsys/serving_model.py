@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from recsys.ann import HnswIndex
 from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core
+from recsys.errors import NotReady
 from recsys.features import (
     CrossFeatures,
     FeatureSpec,
@@ -58,7 +59,7 @@ class ServingModel:
     user_tower: OnnxModel
     item_embeddings: FloatArray
     index: HnswIndex
-    ranker: OnnxModel
+    ranker: OnnxModel | None  # None: a retrieval-only version (`recsys build --retrieval-only`)
     defaults: Defaults
     capabilities: Mapping[str, Any] = field(default_factory=dict)
 
@@ -79,7 +80,7 @@ class ServingModel:
             user_tower=OnnxModel(version_dir / USER_TOWER),
             item_embeddings=embeddings,
             index=HnswIndex.load(version_dir / ANN_INDEX, dim=int(embeddings.shape[1])),
-            ranker=OnnxModel(version_dir / RANKER),
+            ranker=OnnxModel(version_dir / RANKER) if (version_dir / RANKER).exists() else None,
             defaults=defaults,
             capabilities=manifest.get("capabilities", {}),
         )
@@ -187,6 +188,8 @@ class ServingModel:
     ) -> dict[str, FloatArray]:
         """Every head's probability for one user's candidates. Without a user embedding
         (recall did not send one) the user tower computes it."""
+        if self.ranker is None:
+            raise NotReady(f"version {self.version} is retrieval-only: it has no ranker")
         if len(item_indexes) == 0:
             return {head: np.zeros(0, np.float32) for head in self.spec.heads}
         if user_embedding is None:

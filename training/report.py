@@ -38,18 +38,15 @@ def _plot_recall(metrics: dict[str, Any], path: Path) -> None:
 
 
 def _plot_ndcg(metrics: dict[str, Any], path: Path) -> None:
-    names = [
-        "pipeline",
-        "popular",
-        *(["ease"] if "ease" in metrics["baselines"] else []),
-        *metrics["channels"],
-    ]
-    values = [metrics["pipeline"]["ndcg@10"], metrics["baselines"]["popular"]["ndcg@10"]]
-    if "ease" in metrics["baselines"]:
-        values.append(metrics["baselines"]["ease"]["ndcg@10"])
-    values += [channel["ndcg@10"] for channel in metrics["channels"].values()]
+    bars = {name: values["ndcg@10"] for name, values in metrics["baselines"].items()}
+    bars.update({name: values["ndcg@10"] for name, values in metrics["channels"].items()})
+    highlight = "pipeline" in metrics  # a retrieval-only version has no final list
+    if highlight:
+        bars = {"pipeline": metrics["pipeline"]["ndcg@10"], **bars}
+    names = list(bars)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    axis.barh(names[::-1], values[::-1], color=["#4477aa"] * (len(names) - 1) + ["#cc3311"])
+    colours = ["#4477aa"] * (len(names) - 1) + ["#cc3311" if highlight else "#4477aa"]
+    axis.barh(names[::-1], list(bars.values())[::-1], color=colours)
     axis.set_xlabel("NDCG@10")
     axis.set_title("Final top 10: pipeline vs baselines vs single channels")
     figure.tight_layout()
@@ -74,9 +71,12 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
         cells.append(f"{values.get('hit_rate@200', float('nan')):.4f}")
         cells.append(f"{values.get('ndcg@10', float('nan')):.4f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    pipeline = metrics["pipeline"]
     lines += ["", "## Final list (merged recall → ranker → top 10)", ""]
-    lines += [f"- pipeline: NDCG@10 {pipeline['ndcg@10']:.4f}, recall@10 {pipeline['recall@10']:.4f}"]
+    if "pipeline" in metrics:
+        pipeline = metrics["pipeline"]
+        lines += [f"- pipeline: NDCG@10 {pipeline['ndcg@10']:.4f}, recall@10 {pipeline['recall@10']:.4f}"]
+    else:
+        lines += ["- none: a retrieval-only version has no ranker"]
     lines += [f"- popularity: NDCG@10 {metrics['baselines']['popular']['ndcg@10']:.4f}"]
     if "ease" in metrics["baselines"]:
         lines += [f"- EASE: NDCG@10 {metrics['baselines']['ease']['ndcg@10']:.4f}"]
@@ -84,7 +84,13 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
         lines += ["", "## Ranker", ""] + [
             f"- AUC {head}: {value:.4f}" for head, value in metrics["ranker"]["auc"].items()
         ]
-    lines += ["", "## ANN", "", f"- hnswlib recall@100 vs exact: {metrics['ann']['recall@100_vs_exact']:.4f}"]
+    if "ann" in metrics:  # measured while building; `recsys evaluate` does not repeat it
+        lines += [
+            "",
+            "## ANN",
+            "",
+            f"- hnswlib recall@100 vs exact: {metrics['ann']['recall@100_vs_exact']:.4f}",
+        ]
     ablation = metrics.get("ablations", {})
     if ablation:
         lines += ["", "## Recency", ""]

@@ -69,6 +69,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--store", default=default_store(), help="model store PATH or file://PATH (default ./store)"
     )
     parser.add_argument("--profile", choices=("quick", "full"), default="full")
+    parser.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="no ranker: recall artifacts only, evaluated on a sample of users (for very large catalogues)",
+    )
     parser.add_argument("--data-dir", type=Path, help="directory with ml-100k/ and book-crossing-subset/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=int, default=5, help="versions to keep in the store")
@@ -123,9 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UsageError("--keep: must be at least 1")
     raw = _raw(args)  # data errors surface before TensorFlow is imported
-    from training.build import PROFILES, build, metrics_json, summary_rows
+    from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
 
-    result = build(raw, args.store, PROFILES[args.profile], seed=args.seed, keep=args.keep, quiet=args.quiet)
+    profile = PROFILES[args.profile]
+    if args.retrieval_only:
+        profile = retrieval_only(profile)
+    result = build(raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet)
     if args.json:
         print(metrics_json(result.metrics))
         return 0

@@ -41,15 +41,13 @@ def evaluate_version(store: str, version: str | None) -> dict[str, object]:
         return loaded
 
     heldout = HeldOut.from_pairs(array("eval/heldout_user.npy"), array("eval/heldout_item.npy"))
-    labels = {head: array(f"eval/ranker_{head}.npy") for head in model.spec.heads}
     ease_l2 = manifest.extra.get("ease_l2")
     ease = ease_lists(model.core, heldout, float(ease_l2), max(KS)) if ease_l2 is not None else None
-    return evaluate(
-        model,
-        heldout,
-        ease_lists=ease,
-        ranker_rows=(array("eval/ranker_user.npy"), array("eval/ranker_item.npy"), labels),
-    )
+    ranker_rows = None
+    if model.ranker is not None:  # a retrieval-only version has no ranker to score
+        labels = {head: array(f"eval/ranker_{head}.npy") for head in model.spec.heads}
+        ranker_rows = (array("eval/ranker_user.npy"), array("eval/ranker_item.npy"), labels)
+    return evaluate(model, heldout, ease_lists=ease, ranker_rows=ranker_rows)
 
 
 def run(args: argparse.Namespace) -> int:

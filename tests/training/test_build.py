@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from recsys.errors import NotReady
+from recsys.evaluation.evaluator import HeldOut, evaluate
+from recsys.serving_model import ServingModel
 from recsys.store import ModelStore, StoreIntegrityError
 from training.build import publish
 from training.export import PARITY_TOLERANCE
+from training.report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,6 +134,39 @@ def test_a_failed_publish_leaves_current_unchanged(quick_candidate: Any, tmp_pat
         assert ModelStore(store).current() == first
         assert [info.name for info in ModelStore(store).versions()] == [first]
     assert not [path for path in store.iterdir() if path.name.startswith(".staging")]
+
+
+def test_a_retrieval_only_version_publishes_loads_and_evaluates_without_a_ranker(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    """The shape `recsys build --retrieval-only` publishes (the 1M-item benchmark catalogue),
+    made from the shared candidate by dropping its ranker: no second training run."""
+    candidate = dataclasses.replace(
+        quick_candidate,
+        trained=dataclasses.replace(quick_candidate.trained, ranker=None),
+        ranker_eval=None,
+    )
+    version = publish(candidate, tmp_path / "store").version
+    store = ModelStore(tmp_path / "store")
+    manifest = store.manifest(version)
+    assert manifest.capabilities["heads"] == []
+    assert "ranker/ranker.onnx" not in manifest.artifacts
+    assert not (store.version_path(version) / "ranker").exists()
+    model = ServingModel.load(store.version_path(version))
+    assert model.ranker is None
+    with pytest.raises(NotReady, match="retrieval-only"):
+        model.score(model.user_inputs(model.query(0)), np.arange(5))
+    heldout = HeldOut.from_pairs(candidate.heldout_user, candidate.heldout_item)
+    sample = heldout.sample(200, seed=3)
+    assert len(sample) == 200
+    assert set(sample.users.tolist()) <= set(heldout.users.tolist())
+    metrics = evaluate(model, sample)
+    assert "pipeline" not in metrics
+    assert "ranker" not in metrics
+    assert metrics["headline"] == ["merged.recall@200"]
+    assert metrics["merged"]["recall@200"] > metrics["channels"]["popular"]["recall@200"]
+    write_report(tmp_path / "report.md", metrics, "ml-100k", [])
+    assert "retrieval-only" in (tmp_path / "report.md").read_text()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
