@@ -34,6 +34,8 @@ def limits_from(settings: RecallSettings) -> RecallLimits:
         max_candidates=settings.max_candidates,
         default_candidates=settings.default_candidates,
         channel_timeout=settings.channel_timeout_ms / 1000,
+        channel_timeouts={name: ms / 1000 for name, ms in settings.channel_timeouts_ms.items()},
+        workers=settings.channel_workers,
         feature_store_timeout=settings.feature_store_timeout_ms / 1000,
         default_deadline=settings.default_deadline_ms / 1000,
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from recsys.serving_model import ALL_CHANNELS
 from services.common.settings import ServerSettings
 
 
@@ -20,7 +21,13 @@ class RecallSettings(ServerSettings):
     version_grace_seconds: float = Field(
         60.0, ge=0, description="How long the previous version stays servable."
     )
-    channel_timeout_ms: float = Field(50.0, gt=0)
+    channel_timeout_ms: float = Field(
+        50.0, gt=0, description="Each channel's deadline unless it has its own."
+    )
+    channel_timeouts_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-channel deadlines, e.g. RECSYS_RECALL_CHANNEL_TIMEOUTS_MS='{\"two_tower\": 30}'.",
+    )
     feature_store_timeout_ms: float = Field(30.0, gt=0)
     default_deadline_ms: float = Field(200.0, gt=0)
     max_quota: int = Field(1000, ge=1)
@@ -29,3 +36,16 @@ class RecallSettings(ServerSettings):
     channel_threads: int = Field(
         4, ge=1, le=64, description="Threads running channel work off the event loop."
     )
+    channel_workers: int = Field(
+        2, ge=1, le=8, description="Threads one request's channels share (a slow channel holds up one)."
+    )
+
+    @field_validator("channel_timeouts_ms")
+    @classmethod
+    def _known_channels(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, milliseconds in value.items():
+            if name not in ALL_CHANNELS:
+                raise ValueError(f"unknown channel {name!r} (known: {', '.join(ALL_CHANNELS)})")
+            if milliseconds <= 0:
+                raise ValueError(f"{name}: expected a positive number of milliseconds, got {milliseconds}")
+        return value

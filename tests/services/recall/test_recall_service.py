@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from recsys.feature_store import open_feature_store
+from recsys.feature_store import InProcessFeatureStore, open_feature_store
 from recsys.store import ModelStore
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 from services.common.server import GrpcHost
-from services.recall.app import RecallApp
+from services.recall.app import RecallApp, limits_from
 from services.recall.settings import RecallSettings
 
 OK = recall_pb2.CHANNEL_STATUS_OK
@@ -117,17 +118,57 @@ async def test_exclusions_are_honoured(recall: Running) -> None:
 
 async def test_a_slow_channel_is_cut_at_its_deadline(recall: Running) -> None:
     recall.app.engine.channel_delays["swing"] = 1.0
+    quotas = {"itemcf": 100, "swing": 100, "two_tower": 100, "geo": 50, "popular": 50}
     try:
         started = time.perf_counter()
-        response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+        response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196", quotas=quotas), timeout=2)
         elapsed = time.perf_counter() - started
     finally:
         recall.app.engine.channel_delays.clear()
     assert stats(response)["swing"].status == TIMEOUT
     assert "channel_timeout:swing" in response.degraded_reasons
-    assert stats(response)["itemcf"].status == OK
+    # Only the slow channel is lost: the others share the remaining worker.
+    for name in ("itemcf", "two_tower", "geo", "popular"):
+        assert stats(response)[name].status == OK, name
     assert len(response.item_indexes) > 0
     assert elapsed < 0.5  # the channel timeout is 50 ms; the swing channel would take 1 s
+
+
+async def test_each_channel_has_its_own_deadline(recall: Running) -> None:
+    engine = recall.app.engine
+    defaults = engine.limits
+    engine.limits = dataclasses.replace(defaults, channel_timeouts={"two_tower": 0.01})
+    engine.channel_delays["two_tower"] = 0.03  # over its own 10 ms, under the default 50 ms
+    engine.channel_delays["itemcf"] = 0.03
+    try:
+        response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+    finally:
+        engine.limits = defaults
+        engine.channel_delays.clear()
+    assert stats(response)["two_tower"].status == TIMEOUT
+    assert list(response.user_embedding) == []  # a late two-tower result is dropped whole
+    assert stats(response)["itemcf"].status == OK
+
+
+async def test_the_cache_channel_serves_unshown_items_a_limited_number_of_times(recall: Running) -> None:
+    model = recall.model
+    user_id = "196"
+    history = set(np.asarray(model.core.history.items.row(model.user_lookup[user_id])).tolist())
+    unseen = [i for i in np.argsort(-model.core.popularity.global_scores) if int(i) not in history]
+    cached = [str(model.core.catalogue.item_ids[i]) for i in unseen[-3:]]  # unpopular: no other channel
+    features = recall.app.features
+    assert isinstance(features, InProcessFeatureStore)
+    await features.put_cache(user_id, [(item, 1.0 - 0.1 * n) for n, item in enumerate(cached)], time.time())
+    request = recall_pb2.RecallRequest(user_id=user_id, quotas={"cache": 10})
+    answers = [
+        await recall.stub.Recall(request, timeout=2) for _ in range(features.policy.cache_max_uses + 1)
+    ]
+    expected = {model.item_lookup[item] for item in cached}
+    for response in answers[:-1]:
+        assert channel_items(response, "cache") == expected
+        assert stats(response)["cache"].status == OK
+    assert channel_items(answers[-1], "cache") == set()  # every reuse spent
+    assert stats(answers[-1])["cache"].count == 0
 
 
 @pytest.mark.parametrize(
@@ -218,3 +259,14 @@ async def test_a_version_swap_under_50_concurrent_callers_fails_no_call(
     finally:
         await running.channel.close()
         await running.host.stop(grace=0)
+
+
+def test_per_channel_deadlines_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_RECALL_CHANNEL_TIMEOUTS_MS", '{"two_tower": 30, "swing": 20}')
+    limits = limits_from(RecallSettings())
+    assert limits.timeout_for("two_tower") == pytest.approx(0.03)
+    assert limits.timeout_for("swing") == pytest.approx(0.02)
+    assert limits.timeout_for("itemcf") == limits.channel_timeout
+    monkeypatch.setenv("RECSYS_RECALL_CHANNEL_TIMEOUTS_MS", '{"bogus": 30}')
+    with pytest.raises(ValueError, match="unknown channel 'bogus'"):
+        RecallSettings()
