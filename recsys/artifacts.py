@@ -188,7 +188,10 @@ def _load(kind: type, directory: Path, mmap: bool) -> Any:
 
 
 def _npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
-    array: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    loaded = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    # A plain ndarray view of the mapping (no copy): every slice of an np.memmap builds
+    # another memmap object, which cost about 20 Python calls per recall request.
+    array: npt.NDArray[Any] = np.asarray(loaded)
     return array
 
 

@@ -195,20 +195,20 @@ class RecallEngine:
                     name, "timeout", milliseconds=limits.timeout_for(name) * 1000, detail="deadline"
                 )
                 degraded.append(f"channel_timeout:{name}")
-                self._metrics.channel_outcomes.labels(name, "timeout").inc()
+                self._metrics.outcome[name, "timeout"].inc()
             elif run.error is not None:
                 log.warning("channel failed", extra={"channel": name, "error": repr(run.error)})
                 outcomes[name] = ChannelOutcome(
                     name, "error", milliseconds=run.milliseconds, detail=type(run.error).__name__
                 )
                 degraded.append(f"channel_error:{name}")
-                self._metrics.channel_outcomes.labels(name, "error").inc()
+                self._metrics.outcome[name, "error"].inc()
             else:
                 if run.embedding is not None:
                     embedding = run.embedding
                 lists[name] = run.candidates
                 outcomes[name] = ChannelOutcome(name, "ok", milliseconds=run.milliseconds)
-                self._metrics.channel_seconds.labels(name).observe(run.milliseconds / 1000)
+                self._metrics.channel_timer[name].observe(run.milliseconds / 1000)
         if state is not None and state.exposure_filter is not None and state.exposure_filter.slice_count:
             lists = self._filter_exposed(model, lists, state)
         for name, candidates in lists.items():
@@ -217,8 +217,8 @@ class RecallEngine:
             outcome = outcomes.get(name) or ChannelOutcome(name, "ok")
             outcome.count = len(kept)
             outcomes[name] = outcome
-            self._metrics.channel_outcomes.labels(name, "ok").inc()
-            self._metrics.channel_candidates.labels(name).observe(len(kept))
+            self._metrics.outcome[name, "ok"].inc()
+            self._metrics.channel_count[name].observe(len(kept))
         merge = WeightedMerge(ALL_CHANNELS, self._weights(model, cold_start))
         budget_items = query.max_candidates or limits.default_candidates
         merged = merge.merge(lists, budget_items)
@@ -400,7 +400,7 @@ class RecallEngine:
                 result[name] = candidates
                 continue
             shown = state.exposure_filter.contains_digests(digests[candidates.items])
-            self._metrics.filtered.labels("exposure", name).inc(int(shown.sum()))
+            self._metrics.exposure_filtered[name].inc(int(shown.sum()))
             keep = ~np.asarray(shown, dtype=bool)
             result[name] = Candidates(candidates.items[keep], candidates.scores[keep])
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from recsys.serving_model import ALL_CHANNELS
 from services.common.metrics import ServiceMetrics
 
 
@@ -29,6 +30,16 @@ class RecallMetrics:
             "feature_store_errors_total", "Feature store reads that failed or timed out.", ("error",)
         )
         self.cold_start = metrics.counter("cold_start_total", "Requests answered by the cold-start channels.")
+        # Label children bound once: `.labels()` costs more than the increment it precedes,
+        # and a request touches these a dozen times.
+        self.channel_timer = {name: self.channel_seconds.labels(name) for name in ALL_CHANNELS}
+        self.channel_count = {name: self.channel_candidates.labels(name) for name in ALL_CHANNELS}
+        self.outcome = {
+            (name, outcome): self.channel_outcomes.labels(name, outcome)
+            for name in ALL_CHANNELS
+            for outcome in ("ok", "timeout", "error")
+        }
+        self.exposure_filtered = {name: self.filtered.labels("exposure", name) for name in ALL_CHANNELS}
 
 
 @cache
