@@ -24,7 +24,7 @@ from recsys.feature_store.base import (
     Snapshot,
     UserState,
 )
-from recsys.feature_store.bloom import BloomFilter, BloomParameters, ExposureFilter, ExposureSnapshot
+from recsys.feature_store.bloom import BloomFilter, BloomParameters, ExposureFilterConfig, ExposureSnapshot
 from recsys.feature_store.memory import InProcessFeatureStore
 
 MEMORY_URL = "memory://"
@@ -47,7 +47,7 @@ __all__ = [
     "MEMORY_URL",
     "BloomFilter",
     "BloomParameters",
-    "ExposureFilter",
+    "ExposureFilterConfig",
     "ExposureSnapshot",
     "FeatureStore",
     "FeatureStoreUnavailable",

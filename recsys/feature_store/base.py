@@ -25,7 +25,7 @@ import numpy as np
 
 from recsys.artifacts import FloatArray, Int64Array, IntArray
 from recsys.errors import DependencyUnavailable
-from recsys.feature_store.bloom import ExposureFilter, ExposureSnapshot
+from recsys.feature_store.bloom import ExposureFilterConfig, ExposureSnapshot
 
 EVENT_KINDS = ("impression", "click", "like", "rating", "consume")
 """What a live event records. Everything but an impression consumes the item."""
@@ -158,7 +158,7 @@ class LiveDataPolicy:
     cache_max_uses: int = 10  # a cached item is served at most this many times
     cache_max_age_seconds: float = 3 * 86_400  # and for at most this long after it was cached
     cache_max_items: int = 500  # per user; the lowest scores go first
-    exposures: ExposureFilter = field(default_factory=ExposureFilter)
+    exposures: ExposureFilterConfig = field(default_factory=ExposureFilterConfig)
 
     def __post_init__(self) -> None:
         for name in ("live_max_length", "cache_max_uses", "cache_max_items"):

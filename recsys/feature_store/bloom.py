@@ -191,7 +191,7 @@ class ExposureSnapshot:
 
 
 @dataclass(frozen=True)
-class ExposureFilter:
+class ExposureFilterConfig:
     """How exposures are remembered: one Bloom filter per `slice_seconds` of unix time sized
     for `capacity` items at `error_rate`, of which the last `slices` are read.
 

@@ -8,7 +8,7 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:v:VERSION:ready` | string | JSON summary (users, bytes, pushed_at, format); set last by push-features |
 | `P:v:VERSION:u:{U}:snap` | string | the user's packed snapshot in VERSION (`Snapshot.pack`) |
 | `P:u:{U}:live` | list | packed live events (`LiveEvent.pack`), oldest first, LTRIM-capped |
-| `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilter`) |
+| `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilterConfig`) |
 | `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
 | `P:evt:EVENT_ID` | string | "1", SET NX EX: the event was applied (idempotency) |
 

@@ -27,6 +27,7 @@ from recsys.artifacts import FloatArray, IntArray
 from recsys.errors import InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
 from recsys.serving_model import ALL_CHANNELS, ServingModel
+from recsys.stages.filters import ExposureFilter
 from recsys.stages.merge import MergedCandidates, WeightedMerge
 from recsys.stages.query import UserQuery, build_query, liked_mask
 from recsys.stages.sources import Candidates, top_candidates
@@ -209,8 +210,13 @@ class RecallEngine:
                 lists[name] = run.candidates
                 outcomes[name] = ChannelOutcome(name, "ok", milliseconds=run.milliseconds)
                 self._metrics.channel_timer[name].observe(run.milliseconds / 1000)
-        if state is not None and state.exposure_filter is not None and state.exposure_filter.slice_count:
-            lists = self._filter_exposed(model, lists, state)
+        if state is not None and state.exposure_filter is not None:
+            exposure = ExposureFilter(state.exposure_filter, model.item_digests)
+            if exposure.active:
+                for name, candidates in lists.items():
+                    filtered = exposure.apply(candidates)
+                    self._metrics.exposure_filtered[name].inc(filtered.removed)
+                    lists[name] = filtered.kept
         for name, candidates in lists.items():
             kept = Candidates(candidates.items[: quotas[name]], candidates.scores[: quotas[name]])
             lists[name] = kept
@@ -388,19 +394,3 @@ class RecallEngine:
         vector = model.user_embeddings([model.user_inputs(query)])[0]
         with_vector = dataclasses.replace(query, embedding=vector)
         return model.sources["two_tower"].candidates(with_vector, fetch), vector
-
-    def _filter_exposed(
-        self, model: ServingModel, lists: Mapping[str, Candidates], state: UserState
-    ) -> dict[str, Candidates]:
-        assert state.exposure_filter is not None
-        result = {}
-        digests = model.item_digests
-        for name, candidates in lists.items():
-            if len(candidates) == 0:
-                result[name] = candidates
-                continue
-            shown = state.exposure_filter.contains_digests(digests[candidates.items])
-            self._metrics.exposure_filtered[name].inc(int(shown.sum()))
-            keep = ~np.asarray(shown, dtype=bool)
-            result[name] = Candidates(candidates.items[keep], candidates.scores[keep])
-        return result

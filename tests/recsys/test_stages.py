@@ -8,8 +8,10 @@ import pytest
 from recsys.artifacts import AuthorIndex, Popularity, Ragged
 from recsys.errors import InvalidArgument
 from recsys.evaluation.metrics import auc, ndcg_at_k, recall_at_k
+from recsys.feature_store.bloom import ExposureFilterConfig, item_digests
 from recsys.features import CrossFeatures, FeatureSpec, PairScores, history_inputs, history_matrix
 from recsys.neighbors import NeighborTable
+from recsys.stages.filters import ExposureFilter
 from recsys.stages.fusion import Fusion
 from recsys.stages.merge import WeightedMerge
 from recsys.stages.query import UserQuery
@@ -172,3 +174,23 @@ def test_pair_scores_and_cross_features() -> None:
     # history items 0 (w 1) and 1 (w 3) → candidate 2: sims 0.5 and 0.2
     mean = (0.5 * 1 + 0.2 * 3) / 4
     np.testing.assert_allclose(features[0], [mean, 0.5, np.log1p(mean), np.log1p(0.5), 0.0], rtol=1e-6)
+
+
+def test_exposure_filter_drops_shown_items_and_counts_them() -> None:
+    config = ExposureFilterConfig(capacity=100, error_rate=0.001)
+    ids = [f"item-{i}" for i in range(50)]
+    shown = config.new_slice()
+    shown.add_many(ids[:10])
+    stage = ExposureFilter(config.snapshot([shown.to_bytes()]), item_digests(ids))
+    candidates = Candidates(
+        np.arange(50, dtype=np.int32)[::-1].copy(), np.linspace(1, 0, 50, dtype=np.float32)
+    )
+    result = stage.apply(candidates)
+    assert stage.identifier == "exposure"
+    assert result.removed == 10
+    assert set(result.kept.items.tolist()) == set(range(10, 50))
+    assert result.kept.items.tolist() == list(range(49, 9, -1))  # order and scores kept
+    assert np.allclose(result.kept.scores, candidates.scores[:40])
+    nothing_shown = ExposureFilter(config.snapshot([]), item_digests(ids))
+    assert not nothing_shown.active
+    assert nothing_shown.apply(candidates).kept is candidates

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from recsys.feature_store import (
     BloomFilter,
     BloomParameters,
-    ExposureFilter,
+    ExposureFilterConfig,
     InProcessFeatureStore,
     LiveDataPolicy,
 )
@@ -109,7 +109,7 @@ async def test_bit_order_is_the_one_redis_uses() -> None:
 
 # --- time slices ---------------------------------------------------------------------------------
 def test_slices_window_and_expiry() -> None:
-    exposures = ExposureFilter(slice_seconds=DAY, slices=7)
+    exposures = ExposureFilterConfig(slice_seconds=DAY, slices=7)
     now = 100 * DAY + 3_600
     assert exposures.slice_of(now) == 100
     assert list(exposures.window(now)) == [94, 95, 96, 97, 98, 99, 100]
@@ -121,7 +121,7 @@ def test_slices_window_and_expiry() -> None:
 
 
 def test_snapshot_skips_slices_of_another_size() -> None:
-    exposures = ExposureFilter(capacity=100)
+    exposures = ExposureFilterConfig(capacity=100)
     current = exposures.new_slice()
     current.add_many(["a"])
     other = BloomFilter(current.bits + 8, current.hashes)
@@ -133,7 +133,7 @@ def test_snapshot_skips_slices_of_another_size() -> None:
 
 
 async def test_in_process_store_drops_slices_older_than_the_window() -> None:
-    store = InProcessFeatureStore(policy=LiveDataPolicy(exposures=ExposureFilter(slices=7)))
+    store = InProcessFeatureStore(policy=LiveDataPolicy(exposures=ExposureFilterConfig(slices=7)))
     start = 1_000 * DAY
     for day in range(12):
         await store.record_exposures("alice", [f"day-{day}"], start + day * DAY)
@@ -148,7 +148,7 @@ async def test_in_process_store_drops_slices_older_than_the_window() -> None:
 
 async def test_redis_slices_expire_by_themselves() -> None:
     prefix = unique_prefix()
-    policy = LiveDataPolicy(exposures=ExposureFilter(slice_seconds=DAY, slices=7))
+    policy = LiveDataPolicy(exposures=ExposureFilterConfig(slice_seconds=DAY, slices=7))
     store = RedisFeatureStore(REDIS_URL, prefix, policy=policy, write_timeout=1.0)
     now = 1_000 * DAY + 600
     client = Redis.from_url(REDIS_URL)

@@ -12,7 +12,7 @@ import pytest
 
 from recsys.artifacts import CoreArtifacts
 from recsys.feature_store import (
-    ExposureFilter,
+    ExposureFilterConfig,
     FeatureStore,
     InProcessFeatureStore,
     LiveDataPolicy,
@@ -30,7 +30,7 @@ POLICY = LiveDataPolicy(
     cache_max_uses=3,
     cache_max_age_seconds=100.0,
     cache_max_items=4,
-    exposures=ExposureFilter(capacity=200, error_rate=0.01),
+    exposures=ExposureFilterConfig(capacity=200, error_rate=0.01),
 )
 
 

@@ -21,14 +21,14 @@ from redis.crc import key_slot
 
 from recsys.artifacts import save_core
 from recsys.feature_store import FeatureStoreUnavailable, LiveDataPolicy, LiveEvent, Snapshot
-from recsys.feature_store.bloom import ExposureFilter
+from recsys.feature_store.bloom import ExposureFilterConfig
 from recsys.feature_store.push import push_core, push_features
 from recsys.feature_store.redis_store import CACHE_ENTRY, RedisFeatureStore, parse_redis_url, redact_url
 from recsys.store import VersionWriter
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, tiny_core, unique_prefix
 
 NOW = 1_750_000_000.0
-POLICY = LiveDataPolicy(exposures=ExposureFilter(capacity=100, error_rate=0.01))
+POLICY = LiveDataPolicy(exposures=ExposureFilterConfig(capacity=100, error_rate=0.01))
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
 
 
