@@ -99,6 +99,7 @@ class RecallRequest(_message.Message):
     EXCLUDE_ITEM_INDEXES_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """External user id. Required. An unknown user is served by the cold-start channels
     (`cold_start` set), not refused.
@@ -107,6 +108,10 @@ class RecallRequest(_message.Message):
     """Model version the caller's indexes belong to. Empty → the server's current version."""
     max_candidates: _builtins.int
     """Cap on the merged candidate list; 0 → the configured default."""
+    dry_run: _builtins.bool
+    """No side effects: the cache channel reads the user's cached items without using up
+    their reuses (the gateway sets it for its own `dry_run` requests).
+    """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext: ...
     @_builtins.property
@@ -130,10 +135,11 @@ class RecallRequest(_message.Message):
         exclude_item_indexes: _abc.Iterable[_builtins.int] | None = ...,
         model_version: _builtins.str = ...,
         max_candidates: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "exclude_item_indexes", b"exclude_item_indexes", "max_candidates", b"max_candidates", "model_version", b"model_version", "quotas", b"quotas", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dry_run", b"dry_run", "exclude_item_indexes", b"exclude_item_indexes", "max_candidates", b"max_candidates", "model_version", b"model_version", "quotas", b"quotas", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,7 @@ class RecallQuery:
     model_version: str = ""
     max_candidates: int = 0
     time_remaining: float | None = None
+    dry_run: bool = False  # no side effects: cached items are read, their reuses not used up
 
 
 @dataclass
@@ -185,7 +186,7 @@ class RecallEngine:
         ]
         if "cache" in runnable:
             jobs.append(
-                asyncio.ensure_future(self._cache(model, query, user_query, quotas, results, stop_at))
+                asyncio.ensure_future(self._cache(model, query, user_query, state, quotas, results, stop_at))
             )
         if jobs:
             await asyncio.wait(jobs, timeout=wait)
@@ -358,22 +359,27 @@ class RecallEngine:
         model: ServingModel,
         query: RecallQuery,
         user_query: UserQuery,
+        state: UserState | None,
         quotas: Mapping[str, int],
         results: dict[str, ChannelRun],
         stop_at: Mapping[str, float],
     ) -> None:
         """Items ranked highly for this user earlier but not shown. Taking them uses one of
         each item's reuses (the feature store drops an item after its last use or when it is
-        too old), so the cache never serves the same leftovers forever."""
+        too old), so the cache never serves the same leftovers forever; a dry run reads the
+        ones the user's state already holds instead."""
         started = time.perf_counter()
         try:
             delay = self.channel_delays.get("cache", 0.0)
             async with asyncio.timeout(max(0.0, stop_at["cache"] - time.monotonic())):
                 if delay:
                     await asyncio.sleep(delay)
-                taken = await self._features.take_cache(
-                    query.user_id, self._fetch(quotas["cache"]), query.now or time.time()
-                )
+                if query.dry_run:
+                    taken = list(state.cache_items[: self._fetch(quotas["cache"])]) if state else []
+                else:
+                    taken = await self._features.take_cache(
+                        query.user_id, self._fetch(quotas["cache"]), query.now or time.time()
+                    )
             known = [(model.item_lookup.get(item, -1), score) for item, score in taken]
             items = np.asarray([index for index, _ in known if index >= 0], dtype=np.int32)
             scores = np.asarray([score for index, score in known if index >= 0], dtype=np.float32)

@@ -33,6 +33,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             model_version=request.model_version,
             max_candidates=request.max_candidates,
             time_remaining=context.time_remaining(),
+            dry_run=request.dry_run,
         )
         result = await self._engine.recall(query)
         merged = result.merged

@@ -160,10 +160,13 @@ async def test_the_cache_channel_serves_unshown_items_a_limited_number_of_times(
     assert isinstance(features, InProcessFeatureStore)
     await features.put_cache(user_id, [(item, 1.0 - 0.1 * n) for n, item in enumerate(cached)], time.time())
     request = recall_pb2.RecallRequest(user_id=user_id, quotas={"cache": 10})
+    expected = {model.item_lookup[item] for item in cached}
+    dry = recall_pb2.RecallRequest(user_id=user_id, quotas={"cache": 10}, dry_run=True)
+    for _ in range(features.policy.cache_max_uses + 2):  # dry runs use nothing up
+        assert channel_items(await recall.stub.Recall(dry, timeout=2), "cache") == expected
     answers = [
         await recall.stub.Recall(request, timeout=2) for _ in range(features.policy.cache_max_uses + 1)
     ]
-    expected = {model.item_lookup[item] for item in cached}
     for response in answers[:-1]:
         assert channel_items(response, "cache") == expected
         assert stats(response)["cache"].status == OK
