@@ -11,6 +11,7 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilterConfig`) |
 | `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
 | `P:evt:EVENT_ID` | string | "1", SET NX EX: the event was applied (idempotency) |
+| `P:events` | stream | the durable event log (`RedisEventLog`): one entry per accepted event, capped ~N |
 
 - A snapshot is `16 + 16·n` bytes: header `<4sIiI` (b"RSS1", n, region token, 0), then
   times int64[n], items int32[n], ratings float32[n], little-endian. Users with no
@@ -188,6 +189,9 @@ class RedisKeys:
 
     def event(self, event_id: str) -> str:
         return f"{self.prefix}:evt:{event_id}"
+
+    def events_log(self) -> str:
+        return f"{self.prefix}:events"
 
 
 class RedisFeatureStore:
@@ -442,6 +446,29 @@ class RedisFeatureStore:
         return [
             (flat[index].decode("utf-8"), _SCORE.unpack(flat[index + 1])[0])
             for index in range(0, len(flat), 2)
+        ]
+
+    # --- the durable event log (see recsys.feature_store.event_log) ----------------------------
+    async def log_append(self, entries: Sequence[Mapping[str, str]], max_length: int) -> None:
+        """XADD each entry (field → value) to the event stream, approximately capped."""
+        if not entries:
+            return
+        key = self.keys.events_log()
+        pipeline = self._writes.pipeline(transaction=False)
+        for entry in entries:
+            fields: dict[Any, Any] = dict(entry)
+            pipeline.xadd(key, fields, maxlen=max_length, approximate=True)
+        async with self._guard("log_append", self.write_timeout):
+            await pipeline.execute()
+
+    async def log_read(self, limit: int | None) -> list[dict[str, str]]:
+        """The oldest `limit` entries of the event stream (all when None)."""
+        key = self.keys.events_log()
+        async with self._guard("log_read", None):
+            replies: list[tuple[bytes, dict[bytes, bytes]]] = await self._reads.xrange(key, count=limit)  # type: ignore[assignment]
+        return [
+            {field.decode("utf-8"): value.decode("utf-8") for field, value in fields.items()}
+            for _, fields in replies
         ]
 
     async def close(self) -> None:
