@@ -198,6 +198,11 @@ class FeatureStore(Protocol):
         False for a duplicate (skip it)."""
         ...
 
+    async def forget_events(self, event_ids: Sequence[str]) -> None:
+        """Undo `mark_events_seen` for these ids (their events could not be applied, so a
+        retry must apply them)."""
+        ...
+
     async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
         """Remember that these items were shown at `now`."""
         ...

@@ -171,6 +171,10 @@ class InProcessFeatureStore:
             first.append(is_new)
         return first
 
+    async def forget_events(self, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            self._seen_events.pop(event_id, None)
+
     async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
         if not item_ids:
             return

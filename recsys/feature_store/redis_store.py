@@ -395,6 +395,15 @@ class RedisFeatureStore:
             replies = await pipeline.execute()
         return [bool(reply) for reply in replies]
 
+    async def forget_events(self, event_ids: Sequence[str]) -> None:
+        if not event_ids:
+            return
+        pipeline = self._writes.pipeline(transaction=False)
+        for event_id in event_ids:  # one DEL per key: in a cluster the ids live in different slots
+            pipeline.delete(self.keys.event(event_id))
+        async with self._guard("forget_events", self.write_timeout):
+            await pipeline.execute()
+
     async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
         if not item_ids:
             return

@@ -173,6 +173,13 @@ async def test_mark_events_seen_is_true_once_per_id(harness: Harness) -> None:
     assert await harness.store.mark_events_seen([], ttl_seconds=60) == []
 
 
+async def test_forgotten_event_ids_are_new_again(harness: Harness) -> None:
+    assert await harness.store.mark_events_seen(["f1", "f2"], ttl_seconds=60) == [True, True]
+    await harness.store.forget_events(["f1", "never-marked"])
+    await harness.store.forget_events([])
+    assert await harness.store.mark_events_seen(["f1", "f2"], ttl_seconds=60) == [True, False]
+
+
 # --- exposures -----------------------------------------------------------------------------------
 async def test_recorded_exposures_are_in_the_filter(harness: Harness) -> None:
     shown = [f"shown-{index}" for index in range(50)]

@@ -1,0 +1,1 @@
+"""The gateway: the public Recommend and ReportEvents API (gRPC and HTTP/JSON)."""

@@ -1,0 +1,43 @@
+"""Gateway settings: `RECSYS_GATEWAY_*` environment variables and `recsys serve gateway` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ClientSettings, ServerSettings
+
+
+class GatewaySettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_GATEWAY_", frozen=True, extra="ignore")
+
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(9101, ge=0, le=65535)
+    http_port: int | None = Field(8080, ge=0, le=65535, description="HTTP/JSON port; unset: no HTTP.")
+    store: str = Field("./store", description="Model store PATH or file://PATH.")
+    recall_addr: str = Field("127.0.0.1:50052", description="host:port of the recall service.")
+    rank_addr: str = Field("127.0.0.1:50053", description="host:port of the rank service.")
+    redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
+    redis_prefix: str = "recsys"
+    event_log: Path = Field(
+        Path("events.csv"), description="The durable event log file without Redis (a stream with Redis)."
+    )
+    scenes_file: Path | None = Field(None, description="JSON file declaring scenes; unset: `default` only.")
+    experiments_file: Path | None = Field(None, description="JSON file declaring experiments and arms.")
+    blocklist_file: Path | None = Field(None, description="Item ids never to show, one per line.")
+    poll_seconds: float = Field(5.0, gt=0)
+    version_grace_seconds: float = Field(60.0, ge=0)
+    default_deadline_ms: float = Field(300.0, gt=0, description="When the caller sets no deadline.")
+    recall_timeout_ms: float = Field(120.0, gt=0, description="At most this for the recall call.")
+    rank_timeout_ms: float = Field(120.0, gt=0, description="At most this for the rank call.")
+    margin_ms: float = Field(10.0, ge=0, description="Kept back from each downstream call's budget.")
+    max_count: int = Field(100, ge=1, description="Most items one Recommend may ask for.")
+    max_events: int = Field(1000, ge=1, description="Most events one ReportEvents may carry.")
+    event_dedupe_seconds: int = Field(7 * 86_400, ge=1, description="How long an event id is remembered.")
+    fallback_items: int = Field(500, ge=10, description="Size of the local popular list used without recall.")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open a circuit breaker.")
+    breaker_open_seconds: float = Field(2.0, gt=0, description="How long an open breaker refuses calls.")
+    cache_items: int = Field(100, ge=0, description="Ranked but unshown items stored for the cache channel.")
+    client: ClientSettings = Field(default_factory=ClientSettings)
