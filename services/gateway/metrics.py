@@ -35,8 +35,8 @@ class GatewayMetrics:
         self.side_effect_errors = metrics.counter(
             "side_effect_errors_total", "Exposure or cache writes that failed after answering.", ("what",)
         )
-        self.breaker_open = metrics.gauge(
-            "breaker_open", "1 while the circuit breaker to a dependency is open.", ("dependency",)
+        self.breaker_state = metrics.gauge(
+            "breaker_state", "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open.", ("dependency",)
         )
 
 

@@ -1,0 +1,169 @@
+"""Wiring: settings → store, feature store, event log, version watcher, downstream channels
+with circuit breakers, scenes and experiments, blocklist → engine, gRPC servicer, HTTP."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from grpc import aio
+
+from recsys.blocklist import Blocklist
+from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.feature_store.event_log import event_log_for
+from recsys.scenes import ExperimentConfig, Scene, load_scenes
+from recsys.serving_model import ALL_CHANNELS, ServingModel
+from recsys.store import ModelStore
+from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
+from services.common.breaker import CircuitBreaker
+from services.common.channels import create_channel
+from services.common.server import Readiness, ServiceSpec
+from services.common.versions import ModelVersions, version_metrics
+from services.gateway.downstream import Downstream
+from services.gateway.engine import GatewayEngine, GatewayLimits
+from services.gateway.events import EventIngestor
+from services.gateway.http import GatewayHttp
+from services.gateway.metrics import GatewayMetrics, gateway_metrics
+from services.gateway.servicer import RecommenderServicer
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger("recsys.gateway")
+
+# Recall and rank calls have no side effects the caller can observe twice (recall's cache
+# takes are bounded reuses), so the channel may retry them on UNAVAILABLE.
+IDEMPOTENT = ("recsys.v1.Recall", "recsys.v1.Rank")
+
+
+def load_model(store: ModelStore, version: str) -> ServingModel:
+    model = ServingModel.load(store.version_path(version), version=version)
+    model.warm()
+    return model
+
+
+def limits_from(settings: GatewaySettings) -> GatewayLimits:
+    return GatewayLimits(
+        max_count=settings.max_count,
+        default_deadline=settings.default_deadline_ms / 1000,
+        recall_timeout=settings.recall_timeout_ms / 1000,
+        rank_timeout=settings.rank_timeout_ms / 1000,
+        margin=settings.margin_ms / 1000,
+        fallback_items=settings.fallback_items,
+        cache_items=settings.cache_items,
+    )
+
+
+def _link(name: str, settings: GatewaySettings, metrics: GatewayMetrics) -> Downstream:
+    gauge = metrics.breaker_state.labels(name)
+    breaker = CircuitBreaker(
+        name,
+        failure_threshold=settings.breaker_failures,
+        open_seconds=settings.breaker_open_seconds,
+        on_transition=lambda _breaker, _old, new: gauge.set(new.level),
+    )
+    return Downstream(name, breaker)
+
+
+class GatewayApp:
+    name = "gateway"
+    service_names = ("recsys.v1.Recommender",)
+
+    def __init__(self, settings: GatewaySettings, features: FeatureStore | None = None) -> None:
+        self.settings = settings
+        self.store = ModelStore(settings.store)
+        if features is not None:
+            self.features = features
+        elif settings.redis:
+            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
+        else:
+            # Exposures and cache items written here reach recall only when both share this
+            # store, i.e. run in one process (`recsys up`); otherwise use Redis.
+            self.features = InProcessFeatureStore()
+        self.event_log = event_log_for(self.features, settings.event_log)
+        metrics = gateway_metrics()
+        self.versions: ModelVersions[ServingModel] = ModelVersions(
+            self.store,
+            load_model,
+            version_metrics("gateway"),
+            poll_seconds=settings.poll_seconds,
+            grace_seconds=settings.version_grace_seconds,
+            on_change=self._on_change,
+        )
+        self._recall_channel = create_channel(
+            settings.recall_addr, settings.client, idempotent_services=IDEMPOTENT
+        )
+        self._rank_channel = create_channel(
+            settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT
+        )
+        scenes = (
+            load_scenes(settings.scenes_file, channels=ALL_CHANNELS)
+            if settings.scenes_file
+            else {"default": Scene(name="default")}
+        )
+        experiments = (
+            ExperimentConfig.load(settings.experiments_file, scenes=scenes, channels=ALL_CHANNELS)
+            if settings.experiments_file
+            else ExperimentConfig.empty()
+        )
+        blocklist = Blocklist.load(settings.blocklist_file) if settings.blocklist_file else Blocklist.of(())
+        self.engine = GatewayEngine(
+            self.versions,
+            self.features,
+            recall_pb2_grpc.RecallStub(self._recall_channel),
+            rank_pb2_grpc.RankStub(self._rank_channel),
+            _link("recall", settings, metrics),
+            _link("rank", settings, metrics),
+            scenes,
+            experiments,
+            blocklist,
+            metrics,
+            limits_from(settings),
+        )
+        self.ingestor = EventIngestor(
+            self.features,
+            self.event_log,
+            metrics,
+            known_item=self._known_item,
+            dedupe_seconds=settings.event_dedupe_seconds,
+        )
+        self._readiness: Readiness | None = None
+        self.http = GatewayHttp(self.engine, self.ingestor, settings.max_events, self._serving)
+
+    def _known_item(self, item_id: str) -> bool:
+        return item_id in self.versions.get().model.item_lookup
+
+    def _serving(self) -> bool:
+        return self._readiness is not None and self._readiness.serving
+
+    async def _on_change(self, loaded: Any) -> None:
+        if self._readiness is not None:
+            await self._readiness.set_serving(True)
+
+    def register(self, server: aio.Server) -> None:
+        gateway_pb2_grpc.add_RecommenderServicer_to_server(
+            RecommenderServicer(self.engine, self.ingestor, self.settings.max_events), server
+        )
+
+    async def start(self, readiness: Readiness) -> None:
+        self._readiness = readiness
+        await self.versions.start()
+        if self.settings.http_port is not None:
+            await self.http.start(
+                self.settings.host, self.settings.http_port, reuse_port=self.settings.workers > 1
+            )
+            log.info("HTTP listening", extra={"http_port": self.http.port})
+
+    async def stop(self) -> None:
+        await self.http.stop()
+        await self.engine.drain()
+        await self.versions.stop()
+        await self._recall_channel.close()
+        await self._rank_channel.close()
+        await self.event_log.close()
+        await self.features.close()
+
+
+def create_app(settings: Any) -> GatewayApp:
+    return GatewayApp(settings)
+
+
+SPEC = ServiceSpec("gateway", create_app)

@@ -1,0 +1,161 @@
+"""Recommend and ReportEvents over HTTP/JSON (aiohttp), beside the gRPC port: the same
+validation and the same engine; JSON field names are the proto's.
+
+    POST /v1/recommend   {"user_id": "196", "count": 10, "scene": "home", "dry_run": true}
+    GET  /v1/recommend?user_id=196&count=10          (the same, for curl)
+    POST /v1/events      {"events": [{"user_id": "196", "item_id": "50", "type": "EVENT_TYPE_CLICK"}]}
+    GET  /healthz        200 when serving, 503 otherwise
+
+Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, FAILED_PRECONDITION → 412,
+RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
+`{"error": {"code": "INVALID_ARGUMENT", "message": "count: must be in [1, 100], got 0"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from recsys.errors import RecsysError
+from recsys.v1 import gateway_pb2
+from services.common.errors import status_for
+from services.common.logs import new_request_id, request_id_var
+from services.gateway.engine import GatewayEngine
+from services.gateway.events import EventIngestor
+from services.gateway.servicer import recommend_query, recommend_response, report_events
+
+log = logging.getLogger("recsys.gateway")
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+_QUERY_FIELDS = {"user_id": str, "scene": str, "count": int, "debug": bool, "dry_run": bool}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _json(message: Message, request_id: str) -> web.Response:
+    body = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return web.json_response(body, headers={"X-Request-Id": request_id})
+
+
+class GatewayHttp:
+    def __init__(
+        self,
+        engine: GatewayEngine,
+        ingestor: EventIngestor,
+        max_events: int,
+        serving: Callable[[], bool],
+    ) -> None:
+        self._engine = engine
+        self._ingestor = ingestor
+        self._max_events = max_events
+        self._serving = serving
+        self.app = web.Application(middlewares=[self._errors])
+        self.app.router.add_post("/v1/recommend", self._recommend)
+        self.app.router.add_get("/v1/recommend", self._recommend)
+        self.app.router.add_post("/v1/events", self._events)
+        self.app.router.add_get("/healthz", self._health)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only through the server's sockets
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or new_request_id()
+        request_id_var.set(request_id)
+        try:
+            return await handler(request)
+        except RecsysError as error:
+            code = status_for(error)
+            return _error(_HTTP_STATUS.get(code, 500), code.name, str(error))
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return _error(500, "INTERNAL", f"internal error (request id {request_id})")
+
+    async def _body(self, request: web.Request, message: Message) -> None:
+        """Fill `message` from the JSON body (POST) or the query string (GET)."""
+        if request.method == "GET":
+            values: dict[str, Any] = {}
+            for name, value in request.query.items():
+                kind = _QUERY_FIELDS.get(name)
+                if kind is None:
+                    raise _BadRequest(name, f"unknown parameter (known: {', '.join(_QUERY_FIELDS)})")
+                try:
+                    values[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+                except ValueError:
+                    raise _BadRequest(name, f"expected {kind.__name__}, got {value!r}") from None
+        else:
+            try:
+                values = await request.json(loads=json.loads)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise _BadRequest("body", f"not JSON: {error}") from None
+            if not isinstance(values, dict):
+                raise _BadRequest("body", "expected a JSON object")
+        try:
+            json_format.ParseDict(values, message)
+        except json_format.ParseError as error:
+            raise _BadRequest("body", str(error)) from None
+
+    async def _recommend(self, request: web.Request) -> web.Response:
+        message = gateway_pb2.RecommendRequest()
+        try:
+            await self._body(request, message)
+        except _BadRequest as error:
+            return error.response()
+        result = await self._engine.recommend(recommend_query(message, None))
+        request_id = message.request_id or request_id_var.get()
+        return _json(recommend_response(result, request_id), request_id)
+
+    async def _events(self, request: web.Request) -> web.Response:
+        message = gateway_pb2.ReportEventsRequest()
+        try:
+            await self._body(request, message)
+        except _BadRequest as error:
+            return error.response()
+        response = await report_events(self._ingestor, message, self._max_events)
+        return _json(response, request_id_var.get())
+
+    async def _health(self, request: web.Request) -> web.Response:
+        serving = self._serving()
+        return web.json_response(
+            {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+        )
+
+
+class _BadRequest(Exception):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+    def response(self) -> web.Response:
+        return _error(400, "INVALID_ARGUMENT", str(self))

@@ -1,0 +1,135 @@
+"""Protobuf in, protobuf out (gRPC and, through `json_format`, HTTP/JSON): no business logic
+here (see engine.py and events.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from grpc import aio
+
+from recsys.errors import InvalidArgument
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.logs import request_id_var
+from services.gateway.engine import GatewayEngine, RecommendQuery, RecommendResult
+from services.gateway.events import EventIngestor, EventsOutcome, IncomingEvent
+
+_EVENT_TYPES = {
+    gateway_pb2.EVENT_TYPE_UNSPECIFIED: "",
+    gateway_pb2.EVENT_TYPE_IMPRESSION: "impression",
+    gateway_pb2.EVENT_TYPE_CLICK: "click",
+    gateway_pb2.EVENT_TYPE_LIKE: "like",
+    gateway_pb2.EVENT_TYPE_RATING: "rating",
+    gateway_pb2.EVENT_TYPE_CONSUME: "consume",
+}
+
+
+def recommend_query(request: gateway_pb2.RecommendRequest, time_remaining: float | None) -> RecommendQuery:
+    when = request.context.request_time
+    return RecommendQuery(
+        user_id=request.user_id,
+        scene=request.scene,
+        count=request.count,
+        exclude_item_ids=tuple(request.exclude_item_ids),
+        region=request.context.region,
+        request_time=when.seconds + when.nanos / 1e9 if request.context.HasField("request_time") else 0.0,
+        debug=request.debug,
+        dry_run=request.dry_run,
+        request_id=request.request_id,
+        time_remaining=time_remaining,
+    )
+
+
+def recommend_response(result: RecommendResult, request_id: str) -> gateway_pb2.RecommendResponse:
+    return gateway_pb2.RecommendResponse(
+        items=[
+            gateway_pb2.RecommendedItem(
+                item_id=item.item_id,
+                title=item.title,
+                score=item.score,
+                position=item.position,
+                channels=item.channels,
+                task_scores=item.task_scores,
+            )
+            for item in result.items
+        ],
+        request_id=request_id,
+        model_version=result.model_version,
+        arm=result.arm,
+        experiment=result.experiment,
+        scene=result.scene,
+        degraded_reasons=result.degraded,
+        cold_start=result.cold_start,
+        trace=[
+            gateway_pb2.StageTrace(
+                stage=stage.stage,
+                candidates_in=stage.candidates_in,
+                candidates_out=stage.candidates_out,
+                milliseconds=stage.milliseconds,
+                detail=stage.detail,
+            )
+            for stage in result.trace
+        ],
+    )
+
+
+def incoming_events(events: Sequence[gateway_pb2.Event]) -> list[IncomingEvent]:
+    return [
+        IncomingEvent(
+            event_id=event.event_id,
+            user_id=event.user_id,
+            item_id=event.item_id,
+            type=_EVENT_TYPES.get(event.type, ""),
+            value=event.value,
+            time=event.time.seconds + event.time.nanos / 1e9 if event.HasField("time") else 0.0,
+            request_id=event.request_id,
+            scene=event.scene,
+            position=event.position,
+            arm=event.arm,
+        )
+        for event in events
+    ]
+
+
+def events_response(outcome: EventsOutcome) -> gateway_pb2.ReportEventsResponse:
+    return gateway_pb2.ReportEventsResponse(
+        accepted=outcome.accepted,
+        rejected=len(outcome.rejections),
+        duplicates=outcome.duplicates,
+        rejections=[
+            gateway_pb2.EventRejection(
+                index=rejection.index,
+                event_id=rejection.event_id,
+                field=rejection.field,
+                reason=rejection.reason,
+            )
+            for rejection in outcome.rejections
+        ],
+    )
+
+
+class RecommenderServicer(gateway_pb2_grpc.RecommenderServicer):
+    def __init__(self, engine: GatewayEngine, ingestor: EventIngestor, max_events: int) -> None:
+        self._engine = engine
+        self._ingestor = ingestor
+        self._max_events = max_events
+
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: aio.ServicerContext[object, object]
+    ) -> gateway_pb2.RecommendResponse:
+        result = await self._engine.recommend(recommend_query(request, context.time_remaining()))
+        return recommend_response(result, request.request_id or request_id_var.get())
+
+    async def ReportEvents(
+        self, request: gateway_pb2.ReportEventsRequest, context: aio.ServicerContext[object, object]
+    ) -> gateway_pb2.ReportEventsResponse:
+        return await report_events(self._ingestor, request, self._max_events)
+
+
+async def report_events(
+    ingestor: EventIngestor, request: gateway_pb2.ReportEventsRequest, max_events: int
+) -> gateway_pb2.ReportEventsResponse:
+    if not request.events:
+        raise InvalidArgument("events", "must not be empty")
+    if len(request.events) > max_events:
+        raise InvalidArgument("events", f"at most {max_events} per call, got {len(request.events)}")
+    return events_response(await ingestor.ingest(incoming_events(request.events)))

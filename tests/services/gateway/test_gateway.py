@@ -1,0 +1,391 @@
+"""The whole stack on the real quick MovieLens-100K store: recall, rank and the gateway as
+real gRPC servers on loopback (one process, as `recsys up` runs them), sharing one feature
+store — in-process, or the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc import aio
+from services.rank.app import RankApp
+
+from recsys.feature_store import FeatureStore, InProcessFeatureStore
+from recsys.feature_store.push import push_core
+from recsys.feature_store.redis_store import RedisFeatureStore
+from recsys.serving_model import ServingModel
+from recsys.store import ModelStore
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.server import GrpcHost
+from services.gateway.app import GatewayApp
+from services.gateway.settings import GatewaySettings
+from services.rank.settings import RankSettings
+from services.recall.app import RecallApp
+from services.recall.settings import RecallSettings
+from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
+
+SCENES = {
+    "scenes": {
+        "default": {"rerank": {"method": "mmr", "theta": 0.7, "window": 5}},
+        "diverse_mmr": {
+            "rerank": {
+                "method": "mmr",
+                "theta": 0.5,
+                "rules": {"max_consecutive_category": 1, "max_consecutive_author": 1},
+            }
+        },
+        "diverse_dpp": {
+            "rerank": {
+                "method": "dpp",
+                "theta": 0.5,
+                "rules": {"max_consecutive_category": 1, "max_consecutive_author": 1},
+            }
+        },
+    }
+}
+
+
+@dataclass
+class Stack:
+    recall: GrpcHost
+    rank: GrpcHost
+    gateway: GrpcHost
+    gateway_app: GatewayApp
+    features: FeatureStore
+    channel: aio.Channel
+    store: ModelStore
+    tmp: Path
+
+    @property
+    def stub(self) -> gateway_pb2_grpc.RecommenderAsyncStub:
+        return gateway_pb2_grpc.RecommenderStub(self.channel)
+
+    @property
+    def model(self) -> ServingModel:
+        return self.gateway_app.versions.get().model
+
+    async def recommend(self, user_id: str, **fields: Any) -> gateway_pb2.RecommendResponse:
+        fields.setdefault("count", 10)
+        return await self.stub.Recommend(gateway_pb2.RecommendRequest(user_id=user_id, **fields), timeout=5)
+
+    async def settle(self) -> None:
+        """Let the writes after the last answer (exposures, cache) land."""
+        await self.gateway_app.engine.drain()
+
+
+async def _wait_serving(*hosts: GrpcHost) -> None:
+    async with asyncio.timeout(60):
+        while not all(host.readiness.serving for host in hosts):
+            await asyncio.sleep(0.05)
+
+
+async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **gateway: Any) -> Stack:
+    recall_settings = RecallSettings(store=str(store.path), port=0, metrics_port=None)
+    recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
+    await recall.start()
+    rank_settings = RankSettings(store=str(store.path), port=0, metrics_port=None)
+    rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
+    await rank.start()
+    scenes = tmp / "scenes.json"
+    scenes.write_text(json.dumps(SCENES))
+    settings = GatewaySettings(
+        store=str(store.path),
+        port=0,
+        http_port=0,
+        metrics_port=None,
+        recall_addr=f"127.0.0.1:{recall.port}",
+        rank_addr=f"127.0.0.1:{rank.port}",
+        event_log=tmp / "events.csv",
+        scenes_file=scenes,
+        **gateway,
+    )
+    app = GatewayApp(settings, features=features)
+    host = GrpcHost(app, settings)
+    await host.start()
+    await _wait_serving(recall, rank, host)
+    channel = aio.insecure_channel(f"127.0.0.1:{host.port}")
+    return Stack(recall, rank, host, app, features, channel, store, tmp)
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.channel.close()
+    for host in (stack.gateway, stack.rank, stack.recall):
+        await host.stop(grace=0)
+
+
+@pytest.fixture
+async def stack(quick_store: ModelStore, tmp_path: Path) -> AsyncIterator[Stack]:
+    running = await start_stack(quick_store, tmp_path, InProcessFeatureStore(), breaker_open_seconds=0.3)
+    yield running
+    await stop_stack(running)
+
+
+def consumed(model: ServingModel, user_id: str) -> set[str]:
+    index = model.user_lookup[user_id]
+    return {str(model.core.catalogue.item_ids[i]) for i in np.asarray(model.core.history.items.row(index))}
+
+
+# -- Recommend -------------------------------------------------------------------------------
+async def test_an_answer_has_count_unique_unconsumed_unexcluded_items(stack: Stack) -> None:
+    first = await stack.recommend("196", count=20, dry_run=True)
+    excluded = [item.item_id for item in first.items[:5]]
+    response = await stack.recommend("196", count=20, exclude_item_ids=excluded, debug=True)
+    ids = [item.item_id for item in response.items]
+    assert len(ids) == 20
+    assert len(set(ids)) == 20
+    assert not set(ids) & consumed(stack.model, "196")
+    assert not set(ids) & set(excluded)
+    assert [item.position for item in response.items] == list(range(1, 21))
+    assert all(item.title and item.channels for item in response.items)
+    assert list(response.degraded_reasons) == []
+    assert not response.cold_start
+    assert response.model_version == stack.model.version
+    assert [stage.stage for stage in response.trace] == ["recall", "blocklist", "rank", "rerank"]
+    assert set(response.items[0].task_scores) == {"click", "like"}
+
+
+async def test_consecutive_requests_do_not_repeat_shown_items(stack: Stack) -> None:
+    seen: set[str] = set()
+    for _ in range(3):
+        response = await stack.recommend("253", count=10)
+        ids = {item.item_id for item in response.items}
+        assert len(ids) == 10
+        assert not ids & seen, "an item shown before came back"
+        seen |= ids
+        await stack.settle()
+
+
+async def test_dry_runs_record_nothing(stack: Stack) -> None:
+    first = await stack.recommend("254", count=10, dry_run=True)
+    await stack.settle()
+    second = await stack.recommend("254", count=10, dry_run=True)
+    assert [item.item_id for item in first.items] == [item.item_id for item in second.items]
+
+
+async def test_a_click_brings_the_clicked_items_neighbours(stack: Stack) -> None:
+    model = stack.model
+    user = "22"
+    history = consumed(model, user)
+    before = {item.item_id for item in (await stack.recommend(user, count=50, dry_run=True)).items}
+    # An item the user never saw whose ItemCF neighbours are mostly new to the answer.
+    best: tuple[int, str, set[str]] | None = None
+    for index in np.asarray(model.core.popularity.global_top[:300]).tolist():
+        item_id = str(model.core.catalogue.item_ids[index])
+        if item_id in history or item_id in before:
+            continue
+        neighbours = {
+            str(model.core.catalogue.item_ids[n]) for n in model.core.itemcf.neighbors[index][:20] if n >= 0
+        } - history
+        fresh = len(neighbours - before)
+        if best is None or fresh > best[0]:
+            best = (fresh, item_id, neighbours)
+    assert best is not None
+    _, clicked, neighbours = best
+    event = gateway_pb2.Event(
+        event_id=f"click-{time.time_ns()}", user_id=user, item_id=clicked, type=gateway_pb2.EVENT_TYPE_CLICK
+    )
+    answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=5)
+    assert answer.accepted == 1
+    after = {item.item_id for item in (await stack.recommend(user, count=50, dry_run=True)).items}
+    assert clicked not in after  # consumed now
+    assert (after - before) & neighbours, "no neighbour of the clicked item appeared"
+
+
+async def test_an_unknown_user_gets_a_cold_start_answer(stack: Stack) -> None:
+    response = await stack.recommend("never-seen-user", count=10)
+    assert response.cold_start
+    assert len(response.items) == 10
+
+
+async def test_diversity_scenes_respect_the_business_rules(stack: Stack) -> None:
+    catalogue = stack.model.core.catalogue
+    for scene in ("diverse_mmr", "diverse_dpp"):
+        for user in ("196", "186", "22"):
+            response = await stack.recommend(user, count=20, scene=scene, dry_run=True)
+            assert len(response.items) == 20
+            indexes = [stack.model.item_lookup[item.item_id] for item in response.items]
+            for previous, current in itertools.pairwise(indexes):
+                shared = set(catalogue.categories[previous].tolist()) & set(
+                    catalogue.categories[current].tolist()
+                )
+                assert not shared - {0}, f"{scene}: consecutive items share a category"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"user_id": ""}, "user_id"),
+        ({"user_id": "1", "count": 0}, "count"),
+        ({"user_id": "1", "count": -3}, "count"),
+        ({"user_id": "1", "count": 100_000}, "count"),
+        ({"user_id": "1", "scene": "nope"}, "scene"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    stack: Stack, fields: dict[str, Any], field: str
+) -> None:
+    fields.setdefault("count", 10)
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.Recommend(gateway_pb2.RecommendRequest(**fields), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+# -- degradation -----------------------------------------------------------------------------
+async def test_rank_and_then_recall_down_degrade_and_recover(stack: Stack) -> None:
+    rank_port, recall_port = stack.rank.port, stack.recall.port
+    await stack.rank.stop(grace=0)
+    response = await stack.recommend("196", count=10, dry_run=True)
+    assert len(response.items) == 10
+    assert any(reason.startswith("rank_") for reason in response.degraded_reasons), response.degraded_reasons
+    await stack.recall.stop(grace=0)
+    response = await stack.recommend("196", count=10, dry_run=True)
+    assert len(response.items) == 10
+    assert any(reason.startswith("recall_") for reason in response.degraded_reasons), (
+        response.degraded_reasons
+    )
+    assert not {item.item_id for item in response.items} & consumed(stack.model, "196")
+
+    # Both come back on their ports; the breakers probe them back within a few calls.
+    recall_settings = RecallSettings(store=str(stack.store.path), port=recall_port, metrics_port=None)
+    stack.recall = GrpcHost(RecallApp(recall_settings, features=stack.features), recall_settings)
+    await stack.recall.start()
+    rank_settings = RankSettings(store=str(stack.store.path), port=rank_port, metrics_port=None)
+    stack.rank = GrpcHost(RankApp(rank_settings, features=stack.features), rank_settings)
+    await stack.rank.start()
+    await _wait_serving(stack.recall, stack.rank)
+    async with asyncio.timeout(20):
+        while True:
+            response = await stack.recommend("196", count=10, dry_run=True)
+            if not response.degraded_reasons:
+                break
+            await asyncio.sleep(0.2)
+    assert len(response.items) == 10
+
+
+async def test_stopping_under_load_fails_no_in_flight_request(stack: Stack) -> None:
+    calls = [
+        asyncio.ensure_future(stack.recommend(str(user), count=10, dry_run=True)) for user in range(1, 41)
+    ]
+    await asyncio.sleep(0.01)
+    await stack.gateway.stop(grace=10)
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [result for result in done if isinstance(result, aio.AioRpcError)]
+    answered = [result for result in done if isinstance(result, gateway_pb2.RecommendResponse)]
+    # Calls that reached the server before the stop are answered; later ones are refused
+    # cleanly as UNAVAILABLE (never cut off mid-way).
+    assert len(answered) + len(refused) == len(calls)
+    assert answered
+    assert all(error.code() is grpc.StatusCode.UNAVAILABLE for error in refused)
+    assert all(len(result.items) == 10 for result in answered)
+
+
+# -- ReportEvents ----------------------------------------------------------------------------
+async def test_events_are_validated_applied_once_and_logged(stack: Stack) -> None:
+    good = gateway_pb2.Event(
+        event_id="e-1",
+        user_id="196",
+        item_id="1",
+        type=gateway_pb2.EVENT_TYPE_IMPRESSION,
+        scene="home",
+        arm="a",
+    )
+    bad = [
+        gateway_pb2.Event(event_id="e-2", user_id="", item_id="1", type=gateway_pb2.EVENT_TYPE_CLICK),
+        gateway_pb2.Event(
+            event_id="e-3", user_id="196", item_id="no-such-item", type=gateway_pb2.EVENT_TYPE_CLICK
+        ),
+        gateway_pb2.Event(event_id="e-4", user_id="196", item_id="1"),
+    ]
+    answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[good, *bad]), timeout=5)
+    assert answer.accepted == 1
+    assert answer.rejected == 3
+    assert [(r.index, r.field) for r in answer.rejections] == [(1, "user_id"), (2, "item_id"), (3, "type")]
+    again = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[good]), timeout=5)
+    assert again.accepted == 0
+    assert again.duplicates == 1
+    rows = (stack.tmp / "events.csv").read_text().splitlines()
+    assert rows[0].startswith("time,user_id,item_id,type")
+    assert len(rows) == 2  # the header and the one accepted event, once
+    with pytest.raises(aio.AioRpcError) as caught:
+        await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[]), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "events" in (caught.value.details() or "")
+
+
+# -- HTTP/JSON -------------------------------------------------------------------------------
+def _http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return int(answer.status), json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())
+
+
+async def test_http_json_recommend_and_events(stack: Stack) -> None:
+    base = f"http://127.0.0.1:{stack.gateway_app.http.port}"
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "196", "count": 5})
+    assert status == 200
+    assert len(body["items"]) == 5
+    assert set(body["items"][0]) >= {"item_id", "title", "score", "position", "channels"}
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend?user_id=196&count=3&dry_run=true")
+    assert status == 200
+    assert len(body["items"]) == 3
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "196", "count": 0})
+    assert status == 400
+    assert body["error"]["code"] == "INVALID_ARGUMENT"
+    assert "count" in body["error"]["message"]
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "1", "bogus": 1})
+    assert status == 400
+    assert "bogus" in body["error"]["message"]
+    event = {"user_id": "196", "item_id": "1", "type": "EVENT_TYPE_CLICK", "event_id": "http-1"}
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/events", {"events": [event]})
+    assert status == 200
+    assert body["accepted"] == 1
+    status, body = await asyncio.to_thread(_http, f"{base}/healthz")
+    assert status == 200
+
+
+# -- the real Redis --------------------------------------------------------------------------
+async def test_with_redis_clicks_and_exposures_flow_through_redis(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from recsys.artifacts import load_core
+
+    prefix = unique_prefix()
+    features = RedisFeatureStore(REDIS_URL, prefix, read_timeout=1.0, write_timeout=1.0)
+    version = quick_store.current()
+    assert version is not None
+    await push_core(features, version, load_core(quick_store.version_path(version)))
+    running = await start_stack(quick_store, tmp_path, features, redis_prefix=prefix)
+    try:
+        shown = {item.item_id for item in (await running.recommend("196", count=10)).items}
+        await running.settle()
+        again = {item.item_id for item in (await running.recommend("196", count=10)).items}
+        assert len(again) == 10
+        assert not shown & again
+        event = gateway_pb2.Event(
+            event_id=f"r-{time.time_ns()}", user_id="196", item_id="50", type=gateway_pb2.EVENT_TYPE_CLICK
+        )
+        answer = await running.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=5)
+        assert answer.accepted == 1
+        state = await features.user_state(version, "196", now=time.time())
+        assert [live.item_id for live in state.live_events] == ["50"]
+        logged = await features.log_read(None)
+        assert [entry["item_id"] for entry in logged] == ["50"]
+    finally:
+        await stop_stack(running)
+        await delete_prefix(prefix)
