@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
 
-.PHONY: help install test lint typecheck pytest protos clean
+.PHONY: help demo install test lint typecheck pytest protos clean
 
 help:
+	@echo "make demo      - build a quick store if needed, run the stack, recommend, click, recommend again"
 	@echo "make test      - install into $(VENV), then ruff, mypy and pytest (what CI runs)"
 	@echo "make install   - create $(VENV) and install recsys with the [$(EXTRAS)] extra"
 	@echo "make protos    - regenerate recsys/v1 from protos/ (committed; a test checks it)"
@@ -29,6 +30,9 @@ pytest: install
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+demo: install
+	$(BIN)/python scripts/demo.py
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py
