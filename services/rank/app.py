@@ -1,0 +1,115 @@
+"""Wiring: settings → store, feature store, version watcher, micro-batcher, engine, servicer."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+from grpc import aio
+
+from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.serving_model import ServingModel
+from recsys.store import ModelStore
+from recsys.v1 import rank_pb2_grpc
+from services.common.server import Readiness, ServiceSpec
+from services.common.versions import Loaded, ModelVersions, version_metrics
+from services.rank.batcher import MicroBatcher
+from services.rank.engine import RankEngine, RankLimits
+from services.rank.metrics import rank_metrics
+from services.rank.scenes import SceneFusions
+from services.rank.scorer import OnnxScorer
+from services.rank.servicer import RankServicer
+from services.rank.settings import RankSettings
+
+log = logging.getLogger("recsys.rank")
+
+
+def load_model(scenes: SceneFusions, store: ModelStore, version: str) -> ServingModel:
+    """Load a version for ranking, or raise (the version is then refused and the loaded one
+    keeps serving): it must have a ranker and the heads every configured scene fuses."""
+    model = ServingModel.load(store.version_path(version), version=version)
+    if model.ranker is None:
+        raise ValueError(f"version {version} is retrieval-only: it has no ranker to serve")
+    scenes.check(model)
+    model.warm()
+    # The first onnxruntime runs allocate their buffers: pay that here, not on a call.
+    known = np.arange(min(8, model.core.catalogue.n_items), dtype=np.int64)
+    empty = np.zeros(0, np.int64)
+    model.score(model.user_features.inputs(-1, empty, np.zeros(0, bool)), known)
+    return model
+
+
+def limits_from(settings: RankSettings) -> RankLimits:
+    return RankLimits(
+        max_candidates=settings.max_candidates, feature_store_timeout=settings.feature_store_timeout_ms / 1000
+    )
+
+
+class RankApp:
+    name = "rank"
+    service_names = ("recsys.v1.Rank",)
+
+    def __init__(self, settings: RankSettings, features: FeatureStore | None = None) -> None:
+        self.settings = settings
+        self.store = ModelStore(settings.store)
+        self.scenes = SceneFusions.load(settings.scenes_file)
+        if features is not None:
+            self.features = features
+        elif settings.redis:
+            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
+        else:
+            self.features = InProcessFeatureStore()
+        self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="rank-inference")
+        in_process = isinstance(self.features, InProcessFeatureStore)
+        self.versions: ModelVersions[ServingModel] = ModelVersions(
+            self.store,
+            partial(load_model, self.scenes),
+            version_metrics("rank"),
+            poll_seconds=settings.poll_seconds,
+            grace_seconds=settings.version_grace_seconds,
+            # A Redis-backed process switches only once the version's features are pushed.
+            ready_check=None if in_process else self.features.snapshot_ready,
+            on_change=self._on_change,
+        )
+        self.batcher = MicroBatcher(
+            OnnxScorer(),
+            self.executor,
+            rank_metrics(),
+            window=settings.batch_window_ms / 1000,
+            max_rows=settings.max_batch_rows,
+            collectors=settings.inference_threads,
+        )
+        self.engine = RankEngine(
+            self.versions, self.features, self.batcher, rank_metrics(), self.scenes, limits_from(settings)
+        )
+        self._readiness: Readiness | None = None
+
+    async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
+        if isinstance(self.features, InProcessFeatureStore):
+            self.features.add_version(loaded.version, loaded.model.core)
+        if self._readiness is not None:
+            await self._readiness.set_serving(True)
+
+    def register(self, server: aio.Server) -> None:
+        rank_pb2_grpc.add_RankServicer_to_server(RankServicer(self.engine), server)
+
+    async def start(self, readiness: Readiness) -> None:
+        self._readiness = readiness
+        await self.batcher.start()
+        await self.versions.start()
+
+    async def stop(self) -> None:
+        await self.versions.stop()
+        await self.batcher.stop()
+        await self.features.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(settings: Any) -> RankApp:
+    return RankApp(settings)
+
+
+SPEC = ServiceSpec("rank", create_app)

@@ -1,0 +1,95 @@
+"""`OnnxScorer`: many calls' candidates scored in one onnxruntime run.
+
+Each call brings one user's inputs (a batch of one) and its candidates. The rows of every
+call are concatenated: user inputs repeated per candidate, item features gathered in one
+fancy-indexing pass, cross features computed vectorised over all rows with each row's own
+user vector. One session run scores everything and the outputs are split back by call.
+The features are those `recsys.serving_model.ServingModel.score` builds (the code offline
+evaluation runs), only assembled for several users at once.
+
+Runs in an inference thread, never on the event loop (onnxruntime and numpy release the GIL
+for the heavy parts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys.artifacts import FloatArray, Int64Array
+from recsys.errors import NotReady
+from recsys.features import Inputs
+from recsys.serving_model import ServingModel
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreJob:
+    """One call's share of a batch."""
+
+    model: ServingModel
+    user: Inputs  # the user's ranker inputs, a batch of one
+    items: Int64Array  # candidate item indexes (unknown ones get default features)
+    embedding: FloatArray | None  # recall's user embedding; None: the user tower computes it
+
+    @property
+    def rows(self) -> int:
+        return int(self.items.shape[0])
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    scores: list[dict[str, FloatArray]]  # per job: head → probabilities aligned with its items
+    feature_seconds: float
+    inference_seconds: float
+
+
+class OnnxScorer:
+    identifier = "onnx_ranker"
+
+    def score(self, model: ServingModel, jobs: Sequence[ScoreJob]) -> ScoredBatch:
+        """Score jobs that all use `model` (one version) in one ranker run."""
+        ranker = model.ranker
+        if ranker is None:
+            raise NotReady(f"version {model.version} is retrieval-only: it has no ranker")
+        started = time.perf_counter()
+        inference = 0.0
+        counts = np.fromiter((job.rows for job in jobs), dtype=np.int64, count=len(jobs))
+        single = len(jobs) == 1
+        if single:
+            user = jobs[0].user
+            items = jobs[0].items
+        else:
+            user = {name: np.concatenate([job.user[name] for job in jobs]) for name in jobs[0].user}
+            items = np.concatenate([job.items for job in jobs])
+        batch = {name: np.repeat(value, counts, axis=0) for name, value in user.items()}
+        batch.update(model.item_features.inputs(items))
+        # Calls without recall's embedding get theirs from one user-tower run for all of them.
+        without = [job.user for job in jobs if job.embedding is None]
+        computed: Iterator[FloatArray] = iter(())
+        if without:
+            tower_started = time.perf_counter()
+            computed = iter(model.user_embeddings(without))
+            inference += time.perf_counter() - tower_started
+        vectors = [job.embedding if job.embedding is not None else next(computed) for job in jobs]
+        # One user: a [d] vector broadcasts (the exact path ServingModel.score takes);
+        # several: each row carries its own user's vector.
+        user_vector = vectors[0] if single else np.repeat(np.stack(vectors), counts, axis=0)
+        batch.update(
+            model.cross_features.inputs(batch["history"], batch["history_weight"], items, user_vector)
+        )
+        run_started = time.perf_counter()
+        outputs = ranker.run(batch)
+        finished = time.perf_counter()
+        inference += finished - run_started
+        heads = model.spec.heads
+        flat = {head: np.asarray(outputs[head], dtype=np.float32).reshape(-1) for head in heads}
+        if single:
+            scores = [flat]
+        else:
+            bounds = np.cumsum(counts)[:-1]
+            split = {head: np.split(values, bounds) for head, values in flat.items()}
+            scores = [{head: split[head][position] for head in heads} for position in range(len(jobs))]
+        return ScoredBatch(scores, finished - started - inference, inference)
