@@ -162,10 +162,7 @@ class RankEngine:
             raise InvalidArgument("prerank_keep", f"must be >= 0, got {query.prerank_keep}")
         loaded = self._versions.get(query.model_version)
         model = loaded.model
-        fusion = self._scenes.fusion(query.scene, model)
-        if query.fusion is not None:
-            fusion = fusion_for(query.fusion, fusion)
-            fusion.validate(model.spec.heads)
+        fusion = self._fusion(query, model)
         embedding = query.user_embedding
         if embedding is not None:
             self._check_embedding(model, embedding)
@@ -218,6 +215,21 @@ class RankEngine:
         return PreRankResult(loaded.version, items[kept.positions], kept.scores)
 
     # -- pieces ------------------------------------------------------------------------------
+    def _fusion(self, query: RankQuery, model: ServingModel) -> Fusion:
+        """The scene's fusion, or the call's own. A call that brings a complete fusion (the
+        gateway resolves scenes and experiment arms itself) does not need the scene to be
+        configured here: the scene is then only a name."""
+        override = query.fusion
+        if override is None or override.method is None:
+            scene = self._scenes.fusion(query.scene, model)
+        else:
+            scene = model.default_fusion()
+        if override is None:
+            return scene
+        fusion = fusion_for(override, scene)
+        fusion.validate(model.spec.heads)
+        return fusion
+
     def _check_candidates(self, items: npt.NDArray[np.int64]) -> None:
         if items.shape[0] > self.limits.max_candidates:
             raise InvalidArgument(

@@ -259,6 +259,13 @@ async def test_scenes_configure_fusion(quick_store: ModelStore, tmp_path: Path) 
             )
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert (raised.value.details() or "").startswith("scene:")
+        # A call bringing a complete fusion (the gateway resolved the scene) needs no scene here.
+        own = rank_pb2.Fusion(method=rank_pb2.FUSION_METHOD_WEIGHTED_SUM, weights={"like": 2.0})
+        response = await running.stub.Rank(
+            rank_pb2.RankRequest(user_id="196", scene="gateway_only", item_indexes=items, fusion=own),
+            timeout=5,
+        )
+        np.testing.assert_allclose(np.asarray(response.scores), click + 2.0 * like, rtol=1e-6)
     finally:
         await running.stop()
 
