@@ -39,3 +39,19 @@ protos: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+
+# --- operations (docs/operations.md) --------------------------------------------------------
+.PHONY: loadtest k8s
+
+# USERS, RATE (spawn rate), DURATION and TARGET come from the environment or the command line,
+# e.g. `make loadtest USERS=50 RATE=10 DURATION=2m`. Starts the local stack (building a quick
+# store first if ./store has none), runs locust headless, stops everything. Reports go to
+# loadtest/reports/. The dev extra carries TensorFlow for that first build.
+loadtest: $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,loadtest]'
+	$(BIN)/python loadtest/run_loadtest.py
+
+# Renders the dev and prod overlays into build/k8s/ and validates every object against the
+# Kubernetes schemas (no cluster, no kubectl needed).
+k8s: install
+	$(BIN)/python deploy/k8s/render.py --validate --out build/k8s deploy/k8s/overlays/dev deploy/k8s/overlays/prod
