@@ -208,6 +208,8 @@ class PairScores:
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._values = np.asarray(scores, dtype=np.float32).reshape(-1)[valid][order]
+        self._neighbors = neighbors
+        self._scores = scores
 
     def lookup(self, first: npt.NDArray[Any], second: npt.NDArray[Any]) -> FloatArray:
         """Score of each (first, second) pair; 0 for unknown items or non-neighbours."""
@@ -220,6 +222,28 @@ class PairScores:
         position = np.minimum(np.searchsorted(self._keys, keys), self._keys.shape[0] - 1)
         found = known & (self._keys[position] == keys)
         return np.where(found, self._values[position], 0.0).astype(np.float32)
+
+    def lookup_history(self, history: npt.NDArray[Any], candidates: npt.NDArray[Any]) -> FloatArray:
+        """`lookup` of one history against many candidates: [n, L] with [c, l] the score of
+        (history[l], candidates[c]), the same values. It reads the L history items'
+        neighbour rows (L·k entries) instead of binary-searching n·L pairs among all keys,
+        which is what serving one user's candidates needs (~10× fewer cache misses)."""
+        history = np.asarray(history, dtype=np.int64).reshape(-1)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        result = np.zeros((candidates.shape[0], history.shape[0]), np.float32)
+        positions = np.flatnonzero((history >= 0) & (history < self._n_items))
+        if positions.shape[0] == 0 or candidates.shape[0] == 0:
+            return result
+        neighbors = np.asarray(self._neighbors[history[positions]], dtype=np.int64)  # [P, k]
+        scores = np.asarray(self._scores[history[positions]], dtype=np.float32)
+        unique, inverse = np.unique(candidates, return_inverse=True)
+        slot = np.minimum(np.searchsorted(unique, neighbors), unique.shape[0] - 1)
+        hit = (neighbors >= 0) & (unique[slot] == neighbors)
+        columns = np.broadcast_to(positions[:, None], neighbors.shape)
+        per_unique = np.zeros((unique.shape[0], history.shape[0]), np.float32)
+        # Reversed, so that a pair listed twice in a row keeps its first score, as `lookup` does.
+        per_unique[slot[hit][::-1], columns[hit][::-1]] = scores[hit][::-1]
+        return per_unique[inverse.reshape(-1)]
 
 
 class CrossFeatures:
@@ -236,9 +260,12 @@ class CrossFeatures:
         history_weight: npt.NDArray[Any],
         items: npt.NDArray[Any],
         user_embedding: npt.NDArray[Any] | None,
+        one_user: bool = False,
     ) -> Inputs:
         """The ranker inputs that come from recall's artifacts: `cross_features`,
-        `user_vector`, `item_vector` (zeros for unknown items or a missing user vector)."""
+        `user_vector`, `item_vector` (zeros for unknown items or a missing user vector).
+        `one_user`: every row has the same history (one user's candidates; the serving
+        case), so the cheaper `compute_one_user` gives the same values."""
         items = np.asarray(items, dtype=np.int64)
         n, dim = items.shape[0], self._embeddings.shape[1]
         known = (items >= 0) & (items < self._embeddings.shape[0])
@@ -248,8 +275,9 @@ class CrossFeatures:
         else:
             user = np.asarray(user_embedding, dtype=np.float32)
             user_vector = np.broadcast_to(user, (n, dim)) if user.ndim == 1 else user
+        compute = self.compute_one_user if one_user else self.compute
         return {
-            "cross_features": self.compute(history, history_weight, items, user_embedding),
+            "cross_features": compute(history, history_weight, items, user_embedding),
             "user_vector": np.ascontiguousarray(user_vector, dtype=np.float32),
             "item_vector": item_vector.astype(np.float32),
         }
@@ -275,6 +303,36 @@ class CrossFeatures:
             pair = np.where(present, pair, 0.0)
             columns.append((pair * weight).sum(axis=1) / total)
             columns.append(pair.max(axis=1, initial=0.0))
+        return self._finish(columns, items, user_embedding)
+
+    def compute_one_user(
+        self,
+        history: npt.NDArray[Any],
+        history_weight: npt.NDArray[Any],
+        items: npt.NDArray[Any],
+        user_embedding: npt.NDArray[Any] | None,
+    ) -> FloatArray:
+        """`compute` when every row shares one history (history, history_weight: [L] or
+        [m, L] with identical rows, the first is used), with the same values: the pair
+        scores come from `PairScores.lookup_history`, and the sums run over the same [n, L]
+        layout in the same order."""
+        items = np.asarray(items, dtype=np.int64)
+        tokens = np.asarray(history, dtype=np.int64).reshape(-1, np.shape(history)[-1])[0]
+        weights = np.asarray(history_weight, dtype=np.float32).reshape(-1, tokens.shape[0])[0]
+        present = tokens > 0
+        weight = np.where(present, weights, 0.0)[None, :]
+        total = np.maximum(weight.sum(axis=1), 1e-6)
+        columns = []
+        for table in (self._itemcf, self._swing):
+            pair = table.lookup_history(tokens - 1, items)
+            columns.append((pair * weight).sum(axis=1) / total)
+            columns.append(pair.max(axis=1, initial=0.0))
+        return self._finish(columns, items, user_embedding)
+
+    def _finish(
+        self, columns: list[npt.NDArray[Any]], items: Int64Array, user_embedding: npt.NDArray[Any] | None
+    ) -> FloatArray:
+        """The two-tower column, then the columns stacked and compressed."""
         known = (items >= 0) & (items < self._embeddings.shape[0])
         if user_embedding is None or self._embeddings.shape[0] == 0:
             columns.append(np.zeros(items.shape[0], np.float32))

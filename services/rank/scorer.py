@@ -2,8 +2,9 @@
 
 Each call brings one user's inputs (a batch of one) and its candidates. The rows of every
 call are concatenated: user inputs repeated per candidate, item features gathered in one
-fancy-indexing pass, cross features computed vectorised over all rows with each row's own
-user vector. One session run scores everything and the outputs are split back by call.
+fancy-indexing pass, cross features computed from each call's own history and user vector
+(`CrossFeatures.compute_one_user`). One session run scores everything and the outputs are
+split back by call.
 The features are those `recsys.serving_model.ServingModel.score` builds (the code offline
 evaluation runs), only assembled for several users at once.
 
@@ -74,12 +75,21 @@ class OnnxScorer:
             computed = iter(model.user_embeddings(without))
             inference += time.perf_counter() - tower_started
         vectors = [job.embedding if job.embedding is not None else next(computed) for job in jobs]
-        # One user: a [d] vector broadcasts (the exact path ServingModel.score takes);
-        # several: each row carries its own user's vector.
-        user_vector = vectors[0] if single else np.repeat(np.stack(vectors), counts, axis=0)
-        batch.update(
-            model.cross_features.inputs(batch["history"], batch["history_weight"], items, user_vector)
-        )
+        # Each call's cross features from its own history (cheap: one history against its
+        # candidates, see CrossFeatures.compute_one_user), then stacked like the other inputs.
+        cross = model.cross_features
+        if single:
+            batch.update(
+                cross.inputs(user["history"], user["history_weight"], items, vectors[0], one_user=True)
+            )
+        else:
+            parts = [
+                cross.inputs(
+                    job.user["history"], job.user["history_weight"], job.items, vector, one_user=True
+                )
+                for job, vector in zip(jobs, vectors, strict=True)
+            ]
+            batch.update({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
         run_started = time.perf_counter()
         outputs = ranker.run(batch)
         finished = time.perf_counter()

@@ -1,0 +1,83 @@
+"""The scoring pieces without gRPC: one history's cross features equal the training code's,
+and a batch of many users scores each exactly as `ServingModel.score` scores it alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsys.features import ranker_inputs
+from recsys.serving_model import ServingModel
+from recsys.stages.prerank import EmbeddingPreRanker
+from recsys.stages.query import liked_mask
+from recsys.store import ModelStore
+from services.rank.scorer import OnnxScorer, ScoreJob
+
+
+@pytest.fixture(scope="module")
+def model(quick_store: ModelStore) -> ServingModel:
+    version = quick_store.current()
+    assert version is not None
+    loaded = ServingModel.load(quick_store.version_path(version), version=version)
+    loaded.warm()
+    return loaded
+
+
+def user_inputs(model: ServingModel, user: int) -> dict[str, np.ndarray]:
+    if user < 0:
+        return model.user_features.inputs(-1, np.zeros(0, np.int64), np.zeros(0, bool))
+    length = model.spec.history_length
+    items = np.asarray(model.core.history.items.row(user))[-length:]
+    liked = liked_mask(model.core.like_threshold, np.asarray(model.core.history.ratings.row(user)))[-length:]
+    return model.user_features.inputs(user, items, liked)
+
+
+def test_one_users_cross_features_equal_the_training_code_bit_for_bit(model: ServingModel) -> None:
+    rng = np.random.default_rng(0)
+    n_items = model.core.catalogue.n_items
+    compared = 0.0
+    for user in [*range(0, model.core.users.n_users, 37), -1]:
+        user_row = user_inputs(model, user)
+        items = rng.choice(n_items, size=300, replace=True).astype(np.int64)  # with repeats
+        items[:4] = [-1, n_items, 10**9, items[10]]  # unknown indexes and a duplicate
+        embedding = rng.normal(size=model.spec.embedding_dim).astype(np.float32)
+        batch = ranker_inputs(user_row, model.item_features.inputs(items))
+        for vector in (embedding, None):
+            expected = model.cross_features.compute(batch["history"], batch["history_weight"], items, vector)
+            actual = model.cross_features.compute_one_user(
+                user_row["history"], user_row["history_weight"], items, vector
+            )
+            assert actual.dtype == expected.dtype
+            np.testing.assert_array_equal(actual, expected)
+            compared += float(np.abs(expected[:, :4]).sum())
+    assert compared > 0  # the CF features were not all zero: the test compared something
+
+
+def test_a_batch_of_many_users_scores_each_as_alone(model: ServingModel) -> None:
+    rng = np.random.default_rng(1)
+    jobs = []
+    for n, user in enumerate([0, 5, -1, 17, 42, 300]):
+        items = rng.choice(model.core.catalogue.n_items, size=10 + 13 * n, replace=False).astype(np.int64)
+        embedding = rng.normal(size=model.spec.embedding_dim).astype(np.float32) if n % 2 else None
+        jobs.append(ScoreJob(model, user_inputs(model, user), items, embedding))
+    scored = OnnxScorer().score(model, jobs)
+    assert len(scored.scores) == len(jobs)
+    assert scored.inference_seconds > 0
+    for job, scores in zip(jobs, scored.scores, strict=True):
+        expected = model.score(job.user, job.items, job.embedding)
+        for head in model.spec.heads:
+            assert scores[head].shape == (job.rows,)
+            np.testing.assert_allclose(scores[head], expected[head], rtol=0, atol=1e-6)
+
+
+def test_prerank_keeps_the_best_by_dot_product_and_puts_unknown_items_last(model: ServingModel) -> None:
+    embeddings = np.asarray(model.item_embeddings, dtype=np.float32)
+    user = np.random.default_rng(2).normal(size=model.spec.embedding_dim).astype(np.float32)
+    items = np.array([3, -1, 10, 7, model.core.catalogue.n_items, 1, 2], dtype=np.int64)
+    kept = EmbeddingPreRanker(model.item_embeddings).select(items, user, 5)
+    known = [3, 10, 7, 1, 2]
+    expected = sorted(known, key=lambda item: -float(embeddings[item] @ user))
+    assert items[kept.positions].tolist() == expected
+    np.testing.assert_allclose(kept.scores, embeddings[expected] @ user, rtol=1e-6)
+    everything = EmbeddingPreRanker(model.item_embeddings).select(items, user, 10)
+    assert set(items[everything.positions[-2:]].tolist()) == {-1, model.core.catalogue.n_items}
