@@ -11,6 +11,8 @@ help:
 	@echo "make test      - install into $(VENV), then ruff, mypy and pytest (what CI runs)"
 	@echo "make install   - create $(VENV) and install recsys with the [$(EXTRAS)] extra"
 	@echo "make protos    - regenerate recsys/v1 from protos/ (committed; a test checks it)"
+	@echo "make loadtest  - local stack under locust (USERS, RATE, DURATION, TARGET); reports in loadtest/reports/"
+	@echo "make k8s       - render the dev and prod overlays into build/k8s/ and validate them"
 	@echo "make clean     - remove $(VENV) and caches"
 
 $(BIN)/python:

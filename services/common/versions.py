@@ -46,6 +46,11 @@ class VersionMetrics:
             "model_version_info", "1 for each model version this process can serve.", ("version", "role")
         )
         self.loads = metrics.counter("model_loads_total", "Model version loads by outcome.", ("outcome",))
+        self.created = metrics.gauge(
+            "model_created_timestamp_seconds",
+            "When the current model version was built (unix seconds): alert when it gets too old.",
+            multiprocess_mode="max",
+        )
         self.load_seconds = metrics.histogram(
             "model_load_seconds",
             "Time to load and verify a model version.",
@@ -192,5 +197,9 @@ class ModelVersions(Generic[ModelT]):
             self._metrics.loaded.labels(old.version, "previous").set(1)
         self.current = loaded  # one reference assignment: readers see old or new, never a mix
         self._metrics.loaded.labels(loaded.version, "current").set(1)
+        try:
+            self._metrics.created.set(self._store.manifest(loaded.version).created_at.timestamp())
+        except Exception as error:  # a metric must never undo a swap
+            log.warning("could not read the version's creation time", extra={"error": repr(error)})
         previous = old.version if old else None
         log.info("serving model version", extra={"version": loaded.version, "previous": previous})

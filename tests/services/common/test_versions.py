@@ -37,6 +37,8 @@ async def test_load_swap_grace_and_refusal(quick_candidate: Any, tmp_path: Path)
     second = publish(quick_candidate, store.path).version
     assert await versions.refresh() is True
     assert versions.get().version == second
+    created = store.manifest(second).created_at.timestamp()
+    assert METRICS.created._value.get() == pytest.approx(created)  # the model-age alert reads it
     assert versions.get(first).version == first  # the previous one, within its grace period
     assert sorted(versions.available()) == sorted([first, second])
 
