@@ -12,6 +12,12 @@ from the server's own metrics (rows, batch sizes, onnxruntime seconds) and its C
 (/proc), so they are free of the load generator's share of the CPU; the client shares the
 machine's cores with the server, so read requests/s as a floor. Prints a table and a final
 JSON line.
+
+Columns: `rows/s` the service's scored rows per second and `vs raw` its ratio to onnxruntime
+alone in a tight loop (batch 200, one thread); `batch` calls per onnxruntime run; `cpu µs` the
+server's CPU per call; `infer µs` and `feat µs` the inference thread's CPU in onnxruntime and in
+assembling inputs per call; `overhead µs` = cpu − infer (everything beyond inference), and
+`excl feat` = that minus feature assembly (gRPC, protobuf, checks, hydration, batching).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def scrape(metrics_port: int) -> dict[str, float]:
         "recsys_rank_inference_seconds_sum": "inference_seconds",
         "recsys_rank_feature_assembly_seconds_sum": "feature_seconds",
         "recsys_rank_queue_wait_seconds_sum": "queue_wait_seconds",
+        "recsys_rank_inference_cpu_seconds_total": "inference_cpu_seconds",
+        "recsys_rank_feature_assembly_cpu_seconds_total": "feature_cpu_seconds",
     }
     values = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():
@@ -165,12 +173,21 @@ async def closed_loop(
 
 async def drive(
     args: argparse.Namespace, requests: list[rank_pb2.RankRequest], port: int, metrics_port: int, pid: int
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     rows: list[dict[str, Any]] = []
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rank_pb2_grpc.RankStub(channel)
         await wait_ready(stub, requests[0])
         await closed_loop(stub, requests, 8, 2.0)  # warm-up
+        # The floor: calls with no candidates go through gRPC, the interceptor, the servicer and
+        # the engine's checks, and are answered before hydration and scoring.
+        empty = [rank_pb2.RankRequest(user_id=request.user_id) for request in requests]
+        cpu_before = process_tree_cpu(pid)
+        result = await closed_loop(stub, empty, 8, min(args.seconds, 3.0))
+        floor = {
+            "rps": result["rps"],
+            "server_cpu_us_per_call": (process_tree_cpu(pid) - cpu_before) / max(result["requests"], 1) * 1e6,
+        }
         for concurrency in args.concurrency:
             before, cpu_before = scrape(metrics_port), process_tree_cpu(pid)
             result = await closed_loop(stub, requests, concurrency, args.seconds)
@@ -185,11 +202,11 @@ async def drive(
                     "service_rows_per_s": delta["rows"] / result["elapsed"],
                     "mean_batch_calls": delta["batched_calls"] / max(delta["batches"], 1.0),
                     "server_cpu_us_per_call": cpu / calls * 1e6,
-                    "inference_us_per_call": delta["inference_seconds"] / calls * 1e6,
-                    "features_us_per_call": delta["feature_seconds"] / calls * 1e6,
-                    "overhead_us_per_call": (cpu - delta["inference_seconds"]) / calls * 1e6,
+                    "inference_us_per_call": delta["inference_cpu_seconds"] / calls * 1e6,
+                    "features_us_per_call": delta["feature_cpu_seconds"] / calls * 1e6,
+                    "overhead_us_per_call": (cpu - delta["inference_cpu_seconds"]) / calls * 1e6,
                     "overhead_excluding_features_us_per_call": (
-                        cpu - delta["inference_seconds"] - delta["feature_seconds"]
+                        cpu - delta["inference_cpu_seconds"] - delta["feature_cpu_seconds"]
                     )
                     / calls
                     * 1e6,
@@ -197,7 +214,7 @@ async def drive(
                     "server_cpu_utilisation": cpu / result["elapsed"],
                 }
             )
-    return rows
+    return rows, floor
 
 
 # -- raw onnxruntime and TensorFlow -------------------------------------------------------------
@@ -332,7 +349,7 @@ def main() -> None:
         command += ["--batch-window-ms", str(args.batch_window_ms)]
     server = subprocess.Popen(command)
     try:
-        rows = asyncio.run(drive(args, requests, port, metrics_port, server.pid))
+        rows, floor = asyncio.run(drive(args, requests, port, metrics_port, server.pid))
     finally:
         server.terminate()
         server.wait(30)
@@ -349,6 +366,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cpu, {platform.machine()}, Python {platform.python_version()}",
         "load_average": os.getloadavg(),
         "raw_onnxruntime": raw,
+        "empty_call_floor": floor,
         "rows": rows,
         "tensorflow_vs_onnxruntime": tensorflow,
     }
@@ -374,6 +392,11 @@ def print_table(report: dict[str, Any]) -> None:
             f" {row['inference_us_per_call']:>8.0f} {row['features_us_per_call']:>7.0f}"
             f" {row['overhead_us_per_call']:>11.0f} {row['overhead_excluding_features_us_per_call']:>9.0f}"
         )
+    floor = report["empty_call_floor"]
+    print(
+        f"empty call (gRPC + interceptor + checks, no scoring), concurrency 8: {floor['rps']:.0f} req/s,"
+        f" {floor['server_cpu_us_per_call']:.0f} µs server CPU per call"
+    )
     print(
         f"raw onnxruntime, one thread, batch {raw['batch']}: {raw['ms_per_batch']:.3f} ms,"
         f" {raw['rows_per_s']:.0f} rows/s"

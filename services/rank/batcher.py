@@ -138,8 +138,15 @@ class MicroBatcher:
                     break
                 await self._sleep_until_woken(remaining)
             batch = self._take()
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._run(batch)
+            except Exception as error:  # the collector must survive, or every later call would hang
+                log.exception("a batch failed outside scoring")
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(error)
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -176,7 +183,10 @@ class MicroBatcher:
                     if not waiting.future.done():
                         waiting.future.set_exception(error)
                 continue
-            self._record(group.model.version, group.pending, jobs, scored, started)
+            try:
+                self._record(group.model.version, group.pending, jobs, scored, started)
+            except Exception:  # metrics must never cost a call its answer
+                log.exception("recording batch metrics failed")
             for waiting, scores in zip(group.pending, scored.scores, strict=True):
                 if not waiting.future.done():
                     waiting.future.set_result(scores)
@@ -195,6 +205,8 @@ class MicroBatcher:
         metrics.batch_rows.observe(rows)
         metrics.inference.observe(scored.inference_seconds)
         metrics.features.observe(scored.feature_seconds)
+        metrics.inference_cpu.inc(scored.inference_cpu_seconds)
+        metrics.features_cpu.inc(scored.feature_cpu_seconds)
         metrics.rows.inc(rows)
         for waiting in pending:
             metrics.queue_wait.observe(max(0.0, started - waiting.queued))

@@ -27,6 +27,8 @@ class VersionChildren:
     queue_wait: Histogram
     inference: Histogram
     features: Histogram
+    inference_cpu: Counter
+    features_cpu: Counter
     rows: Counter
     unknown_users: Counter
     unknown_items: Counter
@@ -55,6 +57,16 @@ class RankMetrics:
             "Time to gather one batch's item, user and cross features into the ranker's inputs.",
             ("version",),
             _SECONDS_BUCKETS,
+        )
+        self.inference_cpu = metrics.counter(
+            "inference_cpu_seconds_total",
+            "CPU time of the inference thread in onnxruntime runs.",
+            ("version",),
+        )
+        self.features_cpu = metrics.counter(
+            "feature_assembly_cpu_seconds_total",
+            "CPU time of the inference thread assembling inputs.",
+            ("version",),
         )
         self.rows = metrics.counter(
             "scored_rows_total", "Rows scored by the ranker (rate: rows/s).", ("version",)
@@ -86,6 +98,8 @@ class RankMetrics:
                 self.queue_wait.labels(version),
                 self.inference.labels(version),
                 self.features.labels(version),
+                self.inference_cpu.labels(version),
+                self.features_cpu.labels(version),
                 self.rows.labels(version),
                 self.unknown_users.labels(version),
                 self.unknown_items.labels(version),

@@ -73,11 +73,15 @@ def test_a_batch_of_many_users_scores_each_as_alone(model: ServingModel) -> None
 def test_prerank_keeps_the_best_by_dot_product_and_puts_unknown_items_last(model: ServingModel) -> None:
     embeddings = np.asarray(model.item_embeddings, dtype=np.float32)
     user = np.random.default_rng(2).normal(size=model.spec.embedding_dim).astype(np.float32)
-    items = np.array([3, -1, 10, 7, model.core.catalogue.n_items, 1, 2], dtype=np.int64)
+    n_items = model.core.catalogue.n_items
+    items = np.array([3, -1, 10, 7, n_items, 1, 2, 40, 41, 42], dtype=np.int64)
+    known = np.array([3, 10, 7, 1, 2, 40, 41, 42])
+    dots = {int(item): float(embeddings[item] @ user) for item in known}
     kept = EmbeddingPreRanker(model.item_embeddings).select(items, user, 5)
-    known = [3, 10, 7, 1, 2]
-    expected = sorted(known, key=lambda item: -float(embeddings[item] @ user))
-    assert items[kept.positions].tolist() == expected
-    np.testing.assert_allclose(kept.scores, embeddings[expected] @ user, rtol=1e-6)
-    everything = EmbeddingPreRanker(model.item_embeddings).select(items, user, 10)
-    assert set(items[everything.positions[-2:]].tolist()) == {-1, model.core.catalogue.n_items}
+    chosen = items[kept.positions].tolist()
+    assert set(chosen) == set(sorted(dots, key=lambda item: -dots[item])[:5])
+    assert np.all(np.diff(kept.scores) <= 0)  # best first
+    np.testing.assert_allclose(kept.scores, [dots[item] for item in chosen], rtol=1e-5, atol=1e-5)
+    everything = EmbeddingPreRanker(model.item_embeddings).select(items, user, 20)
+    assert everything.positions.shape[0] == items.shape[0]
+    assert set(items[everything.positions[-2:]].tolist()) == {-1, n_items}
