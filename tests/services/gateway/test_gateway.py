@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc import aio
-from services.rank.app import RankApp
 
 from recsys.feature_store import FeatureStore, InProcessFeatureStore
 from recsys.feature_store.push import push_core
@@ -30,6 +30,7 @@ from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.server import GrpcHost
 from services.gateway.app import GatewayApp
 from services.gateway.settings import GatewaySettings
+from services.rank.app import RankApp
 from services.rank.settings import RankSettings
 from services.recall.app import RecallApp
 from services.recall.settings import RecallSettings
@@ -135,11 +136,31 @@ async def stop_stack(stack: Stack) -> None:
         await host.stop(grace=0)
 
 
-@pytest.fixture
-async def stack(quick_store: ModelStore, tmp_path: Path) -> AsyncIterator[Stack]:
-    running = await start_stack(quick_store, tmp_path, InProcessFeatureStore(), breaker_open_seconds=0.3)
-    yield running
-    await stop_stack(running)
+@pytest.fixture(params=["memory", "redis"])
+async def stack(
+    request: pytest.FixtureRequest, quick_store: ModelStore, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """The stack on the embedded feature store, and on the real Redis (the version's features
+    pushed under a key prefix of the test's own, deleted afterwards)."""
+    if request.param == "memory":
+        running = await start_stack(quick_store, tmp_path, InProcessFeatureStore(), breaker_open_seconds=0.3)
+        yield running
+        await stop_stack(running)
+        return
+    from recsys.artifacts import load_core
+
+    prefix = unique_prefix()
+    features = RedisFeatureStore(REDIS_URL, prefix, read_timeout=1.0, write_timeout=1.0)
+    version = quick_store.current()
+    assert version is not None
+    try:
+        await push_core(features, version, load_core(quick_store.version_path(version)))
+        running = await start_stack(quick_store, tmp_path, features, breaker_open_seconds=0.3)
+        yield running
+        await stop_stack(running)
+    finally:
+        await features.close()
+        await delete_prefix(prefix)
 
 
 def consumed(model: ServingModel, user_id: str) -> set[str]:
@@ -185,39 +206,51 @@ async def test_dry_runs_record_nothing(stack: Stack) -> None:
 
 
 async def test_a_click_brings_the_clicked_items_neighbours(stack: Stack) -> None:
+    """For each of the eight users with the shortest histories (one click is a large share of
+    what they did; for a heavy user one click among hundreds moves little, as it should): a dry
+    run, a click on a popular item they never saw, another dry run. The second answer must hold
+    ItemCF neighbours of the clicked item that the first did not — for most users: whether a
+    neighbour makes the final top 50 is the ranker's call, which varies with the trained model
+    (measured on two stores: 6 and 5 of 8)."""
     model = stack.model
-    # The user with the shortest history: one click is a large share of what they did, so its
-    # effect must show (for a heavy user one click among hundreds moves little, as it should).
     lengths = np.diff(np.asarray(model.core.history.items.offsets))
-    user = str(model.core.users.user_ids[int(np.argmin(np.where(lengths > 0, lengths, 10**9)))])
-    history = consumed(model, user)
-    first = await stack.recommend(user, count=50, dry_run=True)
-    assert list(first.degraded_reasons) == []
-    before = {item.item_id for item in first.items}
-    # An item the user never saw whose ItemCF neighbours are mostly new to the answer.
-    best: tuple[int, str, set[str]] | None = None
-    for index in np.asarray(model.core.popularity.global_top[:300]).tolist():
-        item_id = str(model.core.catalogue.item_ids[index])
-        if item_id in history or item_id in before:
-            continue
-        neighbours = {
-            str(model.core.catalogue.item_ids[n]) for n in model.core.itemcf.neighbors[index][:20] if n >= 0
-        } - history
-        fresh = len(neighbours - before)
-        if best is None or fresh > best[0]:
-            best = (fresh, item_id, neighbours)
-    assert best is not None
-    _, clicked, neighbours = best
-    event = gateway_pb2.Event(
-        event_id=f"click-{time.time_ns()}", user_id=user, item_id=clicked, type=gateway_pb2.EVENT_TYPE_CLICK
-    )
-    answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=5)
-    assert answer.accepted == 1
-    second = await stack.recommend(user, count=50, dry_run=True)
-    assert list(second.degraded_reasons) == []
-    after = {item.item_id for item in second.items}
-    assert clicked not in after  # consumed now
-    assert (after - before) & neighbours, "no neighbour of the clicked item appeared"
+    lightest = np.argsort(np.where(lengths > 0, lengths, 10**9), kind="stable")[:8]
+    outcomes = {}
+    for user_index in lightest.tolist():
+        user = str(model.core.users.user_ids[user_index])
+        history = consumed(model, user)
+        first = await stack.recommend(user, count=50, dry_run=True)
+        assert list(first.degraded_reasons) == []
+        before = {item.item_id for item in first.items}
+        # The popular unseen item with the most ItemCF neighbours new to the answer.
+        best: tuple[int, str, set[str]] | None = None
+        for index in np.asarray(model.core.popularity.global_top[:300]).tolist():
+            item_id = str(model.core.catalogue.item_ids[index])
+            if item_id in history or item_id in before:
+                continue
+            neighbours = {
+                str(model.core.catalogue.item_ids[n])
+                for n in model.core.itemcf.neighbors[index][:20]
+                if n >= 0
+            } - history
+            if best is None or len(neighbours - before) > best[0]:
+                best = (len(neighbours - before), item_id, neighbours)
+        assert best is not None
+        _, clicked, neighbours = best
+        event = gateway_pb2.Event(
+            event_id=f"click-{user}-{time.time_ns()}",
+            user_id=user,
+            item_id=clicked,
+            type=gateway_pb2.EVENT_TYPE_CLICK,
+        )
+        answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=5)
+        assert answer.accepted == 1
+        second = await stack.recommend(user, count=50, dry_run=True)
+        assert list(second.degraded_reasons) == []
+        after = {item.item_id for item in second.items}
+        assert clicked not in after  # consumed now
+        outcomes[user] = len((after - before) & neighbours)
+    assert sum(hits > 0 for hits in outcomes.values()) >= 4, outcomes
 
 
 async def test_an_unknown_user_gets_a_cold_start_answer(stack: Stack) -> None:
@@ -339,9 +372,10 @@ async def test_events_are_validated_applied_once_and_logged(stack: Stack) -> Non
     again = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[good]), timeout=5)
     assert again.accepted == 0
     assert again.duplicates == 1
-    rows = (stack.tmp / "events.csv").read_text().splitlines()
-    assert rows[0].startswith("time,user_id,item_id,type")
-    assert len(rows) == 2  # the header and the one accepted event, once
+    logged = await stack.gateway_app.event_log.read()  # the CSV file, or the Redis stream
+    assert [(event.event_id, event.type, event.scene, event.arm) for event in logged] == [
+        ("e-1", "impression", "home", "a")
+    ]
     with pytest.raises(aio.AioRpcError) as caught:
         await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[]), timeout=5)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -413,3 +447,52 @@ async def test_with_redis_clicks_and_exposures_flow_through_redis(
     finally:
         await stop_stack(running)
         await delete_prefix(prefix)
+
+
+# -- observability ---------------------------------------------------------------------------
+METRIC_NAME = re.compile(r"\b(?:grpc_server|recsys)_[a-z0-9_]+\b")
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def used_metric_names() -> set[str]:
+    """Every metric name the Grafana dashboard and the Prometheus alert rules query."""
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "recsys-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in METRIC_NAME.findall(target["expr"])
+    }
+    return used | set(METRIC_NAME.findall((ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text()))
+
+
+async def test_the_dashboard_and_alerts_query_metrics_the_running_stack_exports(stack: Stack) -> None:
+    """Scrape /metrics of the running stack (the three services share this process's
+    registry, as under `recsys up`) and check every metric name the Grafana dashboard and
+    the Prometheus alert rules use is there."""
+    from services.common.metrics import start_metrics_server
+
+    await stack.recommend("196", count=5)
+    await stack.recommend("nobody-known", count=5)
+    event = gateway_pb2.Event(event_id="m-1", user_id="196", item_id="1", type=gateway_pb2.EVENT_TYPE_CLICK)
+    await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=5)
+    server = start_metrics_server("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    finally:
+        server.close()
+    exported: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            exported.add(name)
+            if kind == "counter":
+                exported.add(f"{name}_total")
+            elif kind == "histogram":
+                exported |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        elif line and not line.startswith("#"):
+            exported.add(line.split("{", 1)[0].split(" ", 1)[0])
+    used = used_metric_names()
+    assert len(used) > 20
+    assert used <= exported, sorted(used - exported)
