@@ -9,7 +9,7 @@ from typing import Any
 from grpc import aio
 
 from recsys.blocklist import Blocklist
-from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.feature_store import FeatureStore
 from recsys.feature_store.event_log import event_log_for
 from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
@@ -19,6 +19,7 @@ from services.common.breaker import CircuitBreaker
 from services.common.channels import create_channel
 from services.common.server import Readiness, ServiceSpec
 from services.common.versions import ModelVersions, version_metrics
+from services.common.wiring import feature_store_for, load_serving_model
 from services.gateway.downstream import Downstream
 from services.gateway.engine import GatewayEngine, GatewayLimits
 from services.gateway.events import EventIngestor
@@ -32,12 +33,6 @@ log = logging.getLogger("recsys.gateway")
 # Recall and rank calls have no side effects the caller can observe twice (recall's cache
 # takes are bounded reuses), so the channel may retry them on UNAVAILABLE.
 IDEMPOTENT = ("recsys.v1.Recall", "recsys.v1.Rank")
-
-
-def load_model(store: ModelStore, version: str) -> ServingModel:
-    model = ServingModel.load(store.version_path(version), version=version)
-    model.warm()
-    return model
 
 
 def limits_from(settings: GatewaySettings) -> GatewayLimits:
@@ -70,19 +65,12 @@ class GatewayApp:
     def __init__(self, settings: GatewaySettings, features: FeatureStore | None = None) -> None:
         self.settings = settings
         self.store = ModelStore(settings.store)
-        if features is not None:
-            self.features = features
-        elif settings.redis:
-            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
-        else:
-            # Exposures and cache items written here reach recall only when both share this
-            # store, i.e. run in one process (`recsys up`); otherwise use Redis.
-            self.features = InProcessFeatureStore()
+        self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
         self.event_log = event_log_for(self.features, settings.event_log)
         metrics = gateway_metrics()
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
-            load_model,
+            load_serving_model,
             version_metrics("gateway"),
             poll_seconds=settings.poll_seconds,
             grace_seconds=settings.version_grace_seconds,

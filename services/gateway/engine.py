@@ -32,6 +32,7 @@ from recsys.feature_store import FeatureStore
 from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
+from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 from services.common.deadline import Deadline
 from services.common.versions import Loaded, ModelVersions
@@ -378,13 +379,16 @@ class GatewayEngine:
     def _without_ranker(
         model: ServingModel, scene: Scene, candidates: _Candidates, embedding: FloatArray | None
     ) -> _Candidates:
+        """Rank is unavailable: pre-rank order (the stage rank itself runs first), or recall's
+        merged order without a user embedding."""
         if embedding is None:
-            return candidates  # recall's merged order
-        scores = np.asarray(model.item_embeddings[candidates.items] @ embedding, dtype=np.float32)
+            return candidates
         keep = min(scene.prerank_keep or len(candidates), len(candidates))
-        best = np.argsort(-scores, kind="stable")[:keep]
-        result = candidates.take(best)
-        result.scores = scores[best]
+        cut = EmbeddingPreRanker(model.item_embeddings).select(
+            candidates.items.astype(np.int64), embedding, keep
+        )
+        result = candidates.take(cut.positions)
+        result.scores = cut.scores
         return result
 
     def _rerank(self, model: ServingModel, scene: Scene, ranked: _Candidates, count: int) -> _Candidates:

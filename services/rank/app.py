@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
-from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.feature_store import FeatureStore, InProcessFeatureStore
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import rank_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.versions import Loaded, ModelVersions, version_metrics
+from services.common.wiring import feature_store_for, version_loaded
 from services.rank.batcher import MicroBatcher
 from services.rank.engine import RankEngine, RankLimits
 from services.rank.metrics import rank_metrics
@@ -56,12 +57,7 @@ class RankApp:
         self.settings = settings
         self.store = ModelStore(settings.store)
         self.scenes = SceneFusions.load(settings.scenes_file)
-        if features is not None:
-            self.features = features
-        elif settings.redis:
-            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
-        else:
-            self.features = InProcessFeatureStore()
+        self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="rank-inference")
         in_process = isinstance(self.features, InProcessFeatureStore)
         self.versions: ModelVersions[ServingModel] = ModelVersions(
@@ -88,10 +84,7 @@ class RankApp:
         self._readiness: Readiness | None = None
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
-        if isinstance(self.features, InProcessFeatureStore):
-            self.features.add_version(loaded.version, loaded.model.core)
-        if self._readiness is not None:
-            await self._readiness.set_serving(True)
+        await version_loaded(self.features, self._readiness, loaded)
 
     def register(self, server: aio.Server) -> None:
         rank_pb2_grpc.add_RankServicer_to_server(RankServicer(self.engine), server)

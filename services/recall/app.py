@@ -8,24 +8,19 @@ from typing import Any
 
 from grpc import aio
 
-from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.feature_store import FeatureStore, InProcessFeatureStore
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import recall_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.versions import Loaded, ModelVersions, version_metrics
+from services.common.wiring import feature_store_for, load_serving_model, version_loaded
 from services.recall.engine import RecallEngine, RecallLimits
 from services.recall.metrics import recall_metrics
 from services.recall.servicer import RecallServicer
 from services.recall.settings import RecallSettings
 
 log = logging.getLogger("recsys.recall")
-
-
-def load_model(store: ModelStore, version: str) -> ServingModel:
-    model = ServingModel.load(store.version_path(version), version=version)
-    model.warm()
-    return model
 
 
 def limits_from(settings: RecallSettings) -> RecallLimits:
@@ -48,17 +43,12 @@ class RecallApp:
     def __init__(self, settings: RecallSettings, features: FeatureStore | None = None) -> None:
         self.settings = settings
         self.store = ModelStore(settings.store)
-        if features is not None:
-            self.features = features
-        elif settings.redis:
-            self.features = open_feature_store(settings.redis, prefix=settings.redis_prefix)
-        else:
-            self.features = InProcessFeatureStore()
+        self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
         self.executor = ThreadPoolExecutor(settings.channel_threads, thread_name_prefix="recall-channel")
         in_process = isinstance(self.features, InProcessFeatureStore)
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
-            load_model,
+            load_serving_model,
             version_metrics("recall"),
             poll_seconds=settings.poll_seconds,
             grace_seconds=settings.version_grace_seconds,
@@ -72,10 +62,7 @@ class RecallApp:
         self._readiness: Readiness | None = None
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
-        if isinstance(self.features, InProcessFeatureStore):
-            self.features.add_version(loaded.version, loaded.model.core)
-        if self._readiness is not None:
-            await self._readiness.set_serving(True)
+        await version_loaded(self.features, self._readiness, loaded)
 
     def register(self, server: aio.Server) -> None:
         recall_pb2_grpc.add_RecallServicer_to_server(RecallServicer(self.engine), server)
