@@ -78,13 +78,12 @@ def run(args: argparse.Namespace) -> int:
 
 # -- one process ----------------------------------------------------------------------------
 async def _run_embedded(args: argparse.Namespace) -> None:
-    from services.rank.app import RankApp
-
     from recsys.feature_store import InProcessFeatureStore
     from services.common import metrics
     from services.common.server import GrpcHost
     from services.gateway.app import GatewayApp
     from services.gateway.settings import GatewaySettings
+    from services.rank.app import RankApp
     from services.rank.settings import RankSettings
     from services.recall.app import RecallApp
     from services.recall.settings import RecallSettings
