@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from recsys.errors import NotReady, WrongModelVersion
-from recsys.store import ModelStore
+from recsys.store import ModelStore, StoreIntegrityError
 from services.common.metrics import ServiceMetrics
 
 log = logging.getLogger("recsys.versions")
+
+MAX_LOAD_ATTEMPTS = 3
 
 ModelT = TypeVar("ModelT")
 Loader = Callable[[ModelStore, str], ModelT]
@@ -92,6 +94,7 @@ class ModelVersions(Generic[ModelT]):
         self.previous: Loaded[ModelT] | None = None
         self._previous_until = 0.0
         self._refused: set[str] = set()
+        self._failures: dict[str, int] = {}  # version → failed load attempts
         self._marker: tuple[str | None, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -162,15 +165,25 @@ class ModelVersions(Generic[ModelT]):
             try:
                 model = await asyncio.to_thread(self._load, name)
             except Exception as error:
-                self._refused.add(name)
-                self._metrics.loads.labels("refused").inc()
+                # A version that fails its checksums, or fails to load MAX_LOAD_ATTEMPTS times,
+                # is refused for good; any other failure may be passing (a file system hiccup,
+                # memory pressure) and is retried at the next polls.
+                attempts = self._failures.get(name, 0) + 1
+                self._failures[name] = attempts
+                final = isinstance(error, StoreIntegrityError) or attempts >= MAX_LOAD_ATTEMPTS
+                if final:
+                    self._refused.add(name)
+                self._metrics.loads.labels("refused" if final else "failed").inc()
+                serving = self.current.version if self.current else None
                 log.error(
-                    "model version refused; the loaded one keeps serving",
-                    extra={
-                        "version": name,
-                        "serving": self.current.version if self.current else None,
-                        "error": str(error),
-                    },
+                    "model version %s %s (attempt %d): %s: %s; serving %s",
+                    name,
+                    "refused" if final else "failed to load, retrying at the next poll",
+                    attempts,
+                    type(error).__name__,
+                    error,
+                    serving or "nothing yet",
+                    extra={"version": name, "serving": serving, "error": str(error)},
                 )
                 return False
             self._metrics.load_seconds.observe(time.perf_counter() - started)
