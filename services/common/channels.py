@@ -49,10 +49,14 @@ class RequestIdInterceptor(aio.UnaryUnaryClientInterceptor):
 
 def service_config(idempotent_services: Sequence[str], settings: ClientSettings) -> str:
     """gRPC service config JSON with a retry policy for the given full service names."""
+    # round_robin spreads calls over every address the target resolves to (a headless
+    # Service's pods); pick_first would send them all down one connection.
+    balancing: list[dict[str, dict[str, object]]] = [{settings.load_balancing: {}}]
     if not idempotent_services:
-        return json.dumps({"methodConfig": []})
+        return json.dumps({"loadBalancingConfig": balancing, "methodConfig": []})
     return json.dumps(
         {
+            "loadBalancingConfig": balancing,
             "methodConfig": [
                 {
                     "name": [{"service": name} for name in idempotent_services],
@@ -64,7 +68,7 @@ def service_config(idempotent_services: Sequence[str], settings: ClientSettings)
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 

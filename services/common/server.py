@@ -94,6 +94,18 @@ def _server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
     )
 
 
+def _connection_age(settings: ServerSettings) -> tuple[tuple[str, int], ...]:
+    """A connection lives at most `max_connection_age_seconds` (then GOAWAY: the client
+    reconnects, possibly to another pod, and calls in flight get the shutdown grace to end), so
+    that pods added by an autoscaler receive calls without a service mesh."""
+    if settings.max_connection_age_seconds is None:
+        return ()
+    return (
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(max(settings.grace_seconds, 1.0) * 1000)),
+    )
+
+
 class GrpcHost:
     """One grpc.aio server hosting one application."""
 
@@ -111,6 +123,7 @@ class GrpcHost:
                 # Let clients keep idle connections alive with pings (see channels.py).
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                *_connection_age(settings),
             ),
         )
         self.health = health.aio.HealthServicer()

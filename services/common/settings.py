@@ -65,6 +65,12 @@ class ServerSettings(TlsSettings):
         description="Time between reporting NOT_SERVING and refusing calls, for load balancers to notice.",
     )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_connection_age_seconds: float | None = Field(
+        300.0,
+        gt=0,
+        description="Clients are asked to reconnect (GOAWAY) after this long, so that a Service's "
+        "new pods get connections too; unset: connections live forever.",
+    )
     reflection: bool = True
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
@@ -87,6 +93,10 @@ class ClientSettings(BaseSettings):
     retry_max_attempts: int = Field(3, ge=1, le=5)
     retry_initial_backoff_seconds: float = Field(0.01, gt=0)
     retry_max_backoff_seconds: float = Field(0.2, gt=0)
+    load_balancing: Literal["pick_first", "round_robin"] = Field(
+        "round_robin",
+        description="Over every address the target resolves to (e.g. dns:///recall-headless:50052).",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> ClientSettings:

@@ -40,7 +40,12 @@ def test_retry_policy_covers_only_the_idempotent_services() -> None:
     assert method["name"] == [{"service": "recsys.v1.Recall"}]
     assert method["retryPolicy"]["maxAttempts"] == 4
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
-    assert json.loads(service_config([], ClientSettings())) == {"methodConfig": []}
+    assert json.loads(service_config([], ClientSettings())) == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [],
+    }
+    pick_first = json.loads(service_config([], ClientSettings(load_balancing="pick_first")))
+    assert pick_first["loadBalancingConfig"] == [{"pick_first": {}}]
 
 
 def _make_certificates(directory: Path) -> dict[str, Path]:

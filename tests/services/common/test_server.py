@@ -181,3 +181,16 @@ async def test_calls_past_the_in_flight_cap_are_shed_at_once(start_host: HostFac
         assert response.item_indexes == [3, 1, 2]
     assert running.host.guard.in_flight == 0
     assert (await recall(running.channel, "u")).item_indexes == [3, 1, 2]
+
+
+async def test_connections_are_recycled_without_failing_calls(start_host: HostFactory) -> None:
+    """With a short max connection age the server sends GOAWAY every 0.2 s; calls in flight
+    finish on the old connection and new ones go out on a new one, none fails."""
+    running = await start_host(max_connection_age_seconds=0.2, grace_seconds=1.0)
+    started = asyncio.get_running_loop().time()
+    answered = 0
+    while asyncio.get_running_loop().time() - started < 1.5:
+        calls = [recall(running.channel, "sleep:0.05", timeout=5) for _ in range(5)]
+        responses = await asyncio.gather(*calls)
+        answered += sum(list(response.item_indexes) == [3, 1, 2] for response in responses)
+    assert answered >= 25
