@@ -50,8 +50,17 @@ class HeldOut:
         """A seeded subset of `size` users (all of them when there are fewer)."""
         if len(self) <= size:
             return self
-        keep = np.sort(np.random.default_rng(seed).choice(len(self), size=size, replace=False))
-        return HeldOut(self.users[keep], [self.relevant[i] for i in keep])
+        return self.take(sample_positions(len(self), size, seed))
+
+    def take(self, positions: npt.NDArray[np.intp]) -> HeldOut:
+        return HeldOut(self.users[positions], [self.relevant[i] for i in positions])
+
+
+def sample_positions(count: int, size: int, seed: int) -> npt.NDArray[np.intp]:
+    """`size` of `range(count)`, seeded, in increasing order."""
+    chosen = np.random.default_rng(seed).choice(count, size=size, replace=False)
+    ordered: npt.NDArray[np.intp] = np.sort(chosen)
+    return ordered
 
 
 @dataclass(frozen=True)
@@ -133,12 +142,12 @@ def tune_merge(
     At most `max_users` users (a seeded sample) take part: each step re-merges every user's
     lists, and a few thousand users pin the weights down as well as fifty thousand."""
     if len(heldout) > max_users:
-        keep = np.sort(np.random.default_rng(0).choice(len(heldout), size=max_users, replace=False))
+        keep = sample_positions(len(heldout), max_users, seed=0)
         run = ChannelRun(
             [run.queries[i] for i in keep],
             {name: [lists[i] for i in keep] for name, lists in run.lists.items()},
         )
-        heldout = HeldOut(heldout.users[keep], [heldout.relevant[i] for i in keep])
+        heldout = heldout.take(keep)
     names = tuple(run.lists)
     weights = dict.fromkeys(names, 1.0)
 

@@ -33,6 +33,7 @@ from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
+from recsys.stages.sources import not_excluded
 from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 from services.common.deadline import Deadline
 from services.common.versions import Loaded, ModelVersions
@@ -213,12 +214,13 @@ class GatewayEngine:
         for reason in degraded:
             self._metrics.degraded.labels(reason.split(":")[0]).inc()
         if not query.dry_run:
-            shown = {item.item_id for item in items}
-            unshown = [
-                (str(model.core.catalogue.item_ids[item]), float(score))
+            shown = set(chosen.items.tolist())
+            rest = [
+                (item, score)
                 for item, score in zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True)
-                if str(model.core.catalogue.item_ids[item]) not in shown
+                if item not in shown
             ][: limits.cache_items]
+            unshown = [(str(model.core.catalogue.item_ids[item]), score) for item, score in rest]
             self._after_answer(query.user_id, [item.item_id for item in items], unshown, now)
         return RecommendResult(
             items,
@@ -318,17 +320,17 @@ class GatewayEngine:
         stage = self._blocklist_filters.get(loaded.version)
         if stage is None:
             stage = BlocklistFilter.for_version(self.blocklist, loaded.model.item_lookup)
-            self._blocklist_filters = {
-                loaded.version: stage,
-                **dict(list(self._blocklist_filters.items())[:1]),
-            }
+            # Kept for the versions still servable (current and, in its grace, previous) only.
+            servable = set(self._versions.available())
+            kept = {version: f for version, f in self._blocklist_filters.items() if version in servable}
+            self._blocklist_filters = {**kept, loaded.version: stage}
         return stage
 
     def _drop_blocked(self, loaded: Loaded[ServingModel], candidates: _Candidates) -> _Candidates:
         if len(self.blocklist) == 0 or len(candidates) == 0:
             return candidates
         stage = self._blocklist_filter(loaded)
-        keep = ~np.isin(candidates.items, stage.blocked)
+        keep = not_excluded(candidates.items, stage.blocked)  # the stage's own binary search
         removed = int(len(candidates) - keep.sum())
         if removed:
             self._metrics.filtered.labels(stage.identifier).inc(removed)

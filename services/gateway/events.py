@@ -4,6 +4,7 @@ count them per scene and experiment arm. No gRPC here."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -112,7 +113,7 @@ class EventIngestor:
                 self._metrics.event_rejects.labels(field).inc()
         # An event without an id cannot be recognised when retried: it gets one of its own.
         with_ids = [
-            (index, event if event.event_id else _with_id(event, f"gw-{uuid.uuid4().hex}"))
+            (index, event if event.event_id else dataclasses.replace(event, event_id=_new_event_id()))
             for index, event in valid
         ]
         first = await self._features.mark_events_seen(
@@ -171,16 +172,5 @@ def _value(event: IncomingEvent) -> float:
     return event.value if event.type == "rating" or event.value else 1.0
 
 
-def _with_id(event: IncomingEvent, event_id: str) -> IncomingEvent:
-    return IncomingEvent(
-        event_id,
-        event.user_id,
-        event.item_id,
-        event.type,
-        event.value,
-        event.time,
-        event.request_id,
-        event.scene,
-        event.position,
-        event.arm,
-    )
+def _new_event_id() -> str:
+    return f"gw-{uuid.uuid4().hex}"

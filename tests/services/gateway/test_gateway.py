@@ -35,6 +35,7 @@ from services.rank.settings import RankSettings
 from services.recall.app import RecallApp
 from services.recall.settings import RecallSettings
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
+from tests.support.hosts import wait_until_serving
 
 SCENES = {
     "scenes": {
@@ -85,12 +86,6 @@ class Stack:
         await self.gateway_app.engine.drain()
 
 
-async def _wait_serving(*hosts: GrpcHost) -> None:
-    async with asyncio.timeout(60):
-        while not all(host.readiness.serving for host in hosts):
-            await asyncio.sleep(0.05)
-
-
 async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **gateway: Any) -> Stack:
     # Generous deadlines: these tests compare answers, which a channel cut off by a busy CI
     # machine would change (deadlines have their own tests in the recall and gateway suites).
@@ -125,7 +120,7 @@ async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **ga
     app = GatewayApp(settings, features=features)
     host = GrpcHost(app, settings)
     await host.start()
-    await _wait_serving(recall, rank, host)
+    await wait_until_serving(recall, rank, host)
     channel = aio.insecure_channel(f"127.0.0.1:{host.port}")
     return Stack(recall, rank, host, app, features, channel, store, tmp)
 
@@ -316,7 +311,7 @@ async def test_rank_and_then_recall_down_degrade_and_recover(stack: Stack) -> No
     rank_settings = RankSettings(store=str(stack.store.path), port=rank_port, metrics_port=None)
     stack.rank = GrpcHost(RankApp(rank_settings, features=stack.features), rank_settings)
     await stack.rank.start()
-    await _wait_serving(stack.recall, stack.rank)
+    await wait_until_serving(stack.recall, stack.rank)
     async with asyncio.timeout(20):
         while True:
             response = await stack.recommend("196", count=10, dry_run=True)

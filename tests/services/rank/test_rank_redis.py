@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import numpy as np
-import pytest
-import redis.asyncio as redis_asyncio
 from grpc import aio
 
 from recsys.feature_store import LiveEvent, open_feature_store
@@ -21,25 +17,8 @@ from recsys.v1 import rank_pb2, rank_pb2_grpc
 from services.common.server import GrpcHost
 from services.rank.app import RankApp
 from services.rank.settings import RankSettings
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-async def wait_serving(host: GrpcHost) -> None:
-    async with asyncio.timeout(30):
-        while not host.readiness.serving:
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = f"test:{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis_asyncio.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{name}:*", count=1000)]
-    for start in range(0, len(keys), 500):
-        await client.unlink(*keys[start : start + 500])
-    await client.aclose()
+from tests.recsys.feature_store import REDIS_URL
+from tests.support.hosts import wait_until_serving
 
 
 async def test_rank_switches_after_push_and_scores_live_history_from_redis(
@@ -60,7 +39,7 @@ async def test_rank_switches_after_push_and_scores_live_history_from_redis(
         await asyncio.sleep(0.5)
         assert not host.readiness.serving  # features not pushed yet: NOT_SERVING
         await push_features(quick_store.path, None, REDIS_URL, prefix)
-        await wait_serving(host)
+        await wait_until_serving(host)
         model = app.versions.get().model
         user_id, user = "196", model.user_lookup["196"]
         stored = np.asarray(model.core.history.items.row(user))

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 
-import pytest
-import redis.asyncio as redis_asyncio
 from grpc import aio
 
 from recsys.feature_store import LiveEvent, open_feature_store
@@ -19,25 +15,8 @@ from recsys.v1 import recall_pb2, recall_pb2_grpc
 from services.common.server import GrpcHost
 from services.recall.app import RecallApp
 from services.recall.settings import RecallSettings
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-async def wait_serving(host: GrpcHost) -> None:
-    async with asyncio.timeout(30):
-        while not host.readiness.serving:
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = f"test:{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis_asyncio.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{name}:*", count=1000)]
-    for start in range(0, len(keys), 500):
-        await client.unlink(*keys[start : start + 500])
-    await client.aclose()
+from tests.recsys.feature_store import REDIS_URL
+from tests.support.hosts import wait_until_serving
 
 
 async def test_recall_switches_after_push_and_reads_live_data_from_redis(
@@ -61,7 +40,7 @@ async def test_recall_switches_after_push_and_reads_live_data_from_redis(
         assert not host.readiness.serving  # features not pushed yet: no switch, NOT_SERVING
         report = await push_features(quick_store.path, None, REDIS_URL, prefix)
         assert report.version == version
-        await wait_serving(host)
+        await wait_until_serving(host)
         model = app.versions.get().model
         async with aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
             stub = recall_pb2_grpc.RecallStub(channel)
