@@ -24,7 +24,15 @@ SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "workers": ("--workers", {"type": int, "help": "processes serving the one port (default 1)"}),
     "max_in_flight": (
         "--max-in-flight",
-        {"type": int, "help": "calls in flight per process before shedding"},
+        {"type": int, "help": "the most calls in flight per process the adaptive limit allows"},
+    ),
+    "latency_target_ms": (
+        "--latency-target-ms",
+        {"type": float, "help": "admission: p90 latency above which the concurrency limit falls"},
+    ),
+    "max_queue_ms": (
+        "--max-queue-ms",
+        {"type": float, "help": "admission: longest expected wait for a slot before shedding (0: none)"},
     ),
     "grace_seconds": ("--grace-seconds", {"type": float, "help": "time in-flight calls get on shutdown"}),
     "log_format": ("--log-format", {"choices": ("text", "json"), "help": "log format on stderr"}),

@@ -1,10 +1,12 @@
-"""One server interceptor around every handler: request id, load shedding, error mapping,
-metrics and draining. Servicers stay thin: they translate protobuf and raise domain errors.
+"""One server interceptor around every handler: request id, admission control (an adaptive
+concurrency limit with a short deadline-aware queue, `services.common.admission`), error
+mapping, metrics and draining. Servicers stay thin: they translate protobuf and raise domain errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -14,8 +16,9 @@ from typing import Any, cast
 import grpc
 from grpc import aio
 
-from recsys.errors import RecsysError
+from recsys.errors import NotReady, Overloaded, RecsysError
 from services.common import metrics
+from services.common.admission import Admission, AdmissionPolicy, Refused
 from services.common.errors import code_label, status_for
 from services.common.logs import new_request_id, request_id_var
 
@@ -45,23 +48,54 @@ def _code_of(context: aio.ServicerContext[Any, Any], default: grpc.StatusCode) -
 class _Call:
     """Book-keeping for one call: its labels, its status code, its timing."""
 
-    __slots__ = ("code", "labels", "started")
+    __slots__ = ("admitted", "arrived", "code", "labels", "started")
 
     def __init__(self, labels: tuple[str, str, str]) -> None:
         self.labels = labels
         self.code = grpc.StatusCode.OK
-        self.started = time.perf_counter()
+        self.arrived = self.started = time.perf_counter()
+        self.admitted = False  # holds an admission slot, to give back at the end
 
 
 class CallGuard(aio.ServerInterceptor):
-    def __init__(self, service: str, max_in_flight: int, admitted: Collection[str] = ALWAYS_ADMITTED) -> None:
+    def __init__(
+        self,
+        service: str,
+        policy: AdmissionPolicy | int,
+        admitted: Collection[str] = ALWAYS_ADMITTED,
+    ) -> None:
         self._service = service
-        self._max_in_flight = max_in_flight
+        if isinstance(policy, int):  # a fixed cap: no queue, the limit never moves
+            policy = AdmissionPolicy(
+                initial_limit=policy, min_limit=policy, max_limit=policy, max_queue_seconds=0.0
+            )
+        self.admission = Admission(policy)
         self._admitted = frozenset(admitted)
-        self.in_flight = 0
         self.draining = False
         self._in_flight_gauge = metrics.IN_FLIGHT.labels(service)
+        self._limit_gauge = metrics.CONCURRENCY_LIMIT.labels(service)
+        self._queued_gauge = metrics.QUEUED.labels(service)
+        self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(service)
         self._shed = metrics.SHED_TOTAL.labels(service)
+        self._limit_gauge.set(self.admission.limit)
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
+
+    @contextlib.asynccontextmanager
+    async def slot(self, remaining: float | None) -> AsyncIterator[None]:
+        """The same admission for another edge (the gateway's HTTP port): raises `NotReady`
+        while draining and `Overloaded` when the call is shed, else holds a slot."""
+        refusal = await self._admit_within(remaining)
+        if refusal is not None:
+            code, message = refusal
+            raise NotReady(message) if code is grpc.StatusCode.UNAVAILABLE else Overloaded(message)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._give_back(started)
 
     async def intercept_service(
         self,
@@ -158,25 +192,34 @@ class CallGuard(aio.ServerInterceptor):
         metrics.GRPC_STARTED.labels(*labels).inc()
         call = _Call(labels)
         if guarded:
-            refusal = self._refusal()
+            refusal = await self._admit(context)
             if refusal is not None:
                 call.code, message = refusal
                 self._record(call)
                 await context.abort(call.code, message)
-            self.in_flight += 1
-            self._in_flight_gauge.inc()
+            call.admitted = True
+            call.started = time.perf_counter()  # the work's latency, without the queue wait
         return call
 
-    def _refusal(self) -> tuple[grpc.StatusCode, str] | None:
+    async def _admit(self, context: aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
+        return await self._admit_within(context.time_remaining())
+
+    async def _admit_within(self, remaining: float | None) -> tuple[grpc.StatusCode, str] | None:
         if self.draining:
             return grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica"
-        if self.in_flight >= self._max_in_flight:
+        queued_at = time.perf_counter()
+        admission = self.admission
+        self._queued_gauge.set(admission.queued + 1)
+        try:
+            await admission.acquire(remaining)
+        except Refused as refused:
             self._shed.inc()
-            return (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server overloaded: {self.in_flight} calls in flight"
-                f" (cap {self._max_in_flight}); retry later",
-            )
+            metrics.SHED_REASONS.labels(self._service, refused.reason).inc()
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(refused)
+        finally:
+            self._queued_gauge.set(admission.queued)
+        self._queue_wait.observe(time.perf_counter() - queued_at)
+        self._in_flight_gauge.set(admission.in_flight)
         return None
 
     async def _fail(self, call: _Call, error: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
@@ -200,12 +243,16 @@ class CallGuard(aio.ServerInterceptor):
         call.code = grpc.StatusCode.UNKNOWN  # KeyboardInterrupt and the like: let them fly
 
     def _end(self, call: _Call, guarded: bool) -> None:
-        if guarded:
-            self.in_flight -= 1
-            self._in_flight_gauge.dec()
+        if call.admitted:
+            self._give_back(call.started)
         self._record(call)
+
+    def _give_back(self, started: float) -> None:
+        self.admission.release(time.perf_counter() - started)
+        self._in_flight_gauge.set(self.admission.in_flight)
+        self._limit_gauge.set(self.admission.limit)
 
     @staticmethod
     def _record(call: _Call) -> None:
         metrics.GRPC_HANDLED.labels(*call.labels, code_label(call.code)).inc()
-        metrics.GRPC_HANDLING_SECONDS.labels(*call.labels).observe(time.perf_counter() - call.started)
+        metrics.GRPC_HANDLING_SECONDS.labels(*call.labels).observe(time.perf_counter() - call.arrived)

@@ -61,8 +61,32 @@ IN_FLIGHT = Gauge(
 )
 SHED_TOTAL = Counter(
     "recsys_server_shed_total",
-    "Calls refused with RESOURCE_EXHAUSTED because the in-flight cap was reached.",
+    "Calls refused with RESOURCE_EXHAUSTED by admission control (see recsys_server_shed_reasons_total).",
     ("service",),
+)
+CONCURRENCY_LIMIT = Gauge(
+    "recsys_server_concurrency_limit",
+    "The adaptive admission limit: calls a process works on at once (summed over live workers).",
+    ("service",),
+    multiprocess_mode="livesum",
+)
+QUEUED = Gauge(
+    "recsys_server_queued_calls",
+    "Calls waiting for an admission slot (summed over live workers).",
+    ("service",),
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "recsys_server_queue_wait_seconds",
+    "How long admitted calls waited for a slot.",
+    ("service",),
+    buckets=LATENCY_BUCKETS,
+)
+SHED_REASONS = Counter(
+    "recsys_server_shed_reasons_total",
+    "Calls refused with RESOURCE_EXHAUSTED, by why: queue_full (the expected wait exceeds the"
+    " queue's bound), deadline (exceeds the call's own deadline), queue_timeout (no slot in time).",
+    ("service", "reason"),
 )
 SERVING = Gauge(
     "recsys_server_serving",

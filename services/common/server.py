@@ -112,7 +112,12 @@ class GrpcHost:
     def __init__(self, app: Application, settings: ServerSettings, *, reuse_port: bool = False) -> None:
         self.app = app
         self.settings = settings
-        self.guard = CallGuard(app.name, settings.max_in_flight)
+        self.guard = CallGuard(app.name, settings.admission_policy())
+        # An application with another edge (the gateway's HTTP port) admits its calls through
+        # the same limit and queue, so both edges share one view of the process's load.
+        attach = getattr(app, "attach_guard", None)
+        if attach is not None:
+            attach(self.guard)
         size = settings.max_message_bytes
         self.server = aio.server(
             interceptors=(self.guard,),

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.admission import AdmissionPolicy
+
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -56,7 +58,17 @@ class ServerSettings(TlsSettings):
     metrics_host: str = "0.0.0.0"
     workers: int = Field(1, ge=1, le=64, description="Processes serving the one port (SO_REUSEPORT).")
     max_in_flight: int = Field(
-        256, ge=1, description="Calls in flight per process before new ones get RESOURCE_EXHAUSTED."
+        256, ge=1, description="The most calls in flight per process the adaptive limit may allow."
+    )
+    min_in_flight: int = Field(2, ge=1, description="The adaptive limit never falls below this.")
+    initial_in_flight: int = Field(16, ge=1, description="The adaptive limit's value at start-up.")
+    latency_target_ms: float = Field(
+        50.0,
+        gt=0,
+        description="Admission: a window of calls whose p90 exceeds this lowers the concurrency limit.",
+    )
+    max_queue_ms: float = Field(
+        500.0, ge=0, description="Admission: the longest a call may expect to wait for a slot (0: no queue)."
     )
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish on shutdown.")
     shutdown_delay_seconds: float = Field(
@@ -75,6 +87,23 @@ class ServerSettings(TlsSettings):
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     use_uvloop: bool = True
+
+    @model_validator(mode="after")
+    def _limits(self) -> ServerSettings:
+        if self.min_in_flight > self.max_in_flight:
+            raise ValueError(
+                f"min_in_flight ({self.min_in_flight}) must not exceed max_in_flight ({self.max_in_flight})"
+            )
+        return self
+
+    def admission_policy(self) -> AdmissionPolicy:
+        return AdmissionPolicy(
+            initial_limit=min(max(self.initial_in_flight, self.min_in_flight), self.max_in_flight),
+            min_limit=self.min_in_flight,
+            max_limit=self.max_in_flight,
+            latency_target=self.latency_target_ms / 1000,
+            max_queue_seconds=self.max_queue_ms / 1000,
+        )
 
 
 class ClientSettings(BaseSettings):

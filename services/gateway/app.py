@@ -17,6 +17,7 @@ from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
 from services.common.breaker import CircuitBreaker
 from services.common.channels import create_channel
+from services.common.interceptor import CallGuard
 from services.common.server import Readiness, ServiceSpec
 from services.common.versions import ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, load_serving_model
@@ -44,6 +45,8 @@ def limits_from(settings: GatewaySettings) -> GatewayLimits:
         margin=settings.margin_ms / 1000,
         fallback_items=settings.fallback_items,
         cache_items=settings.cache_items,
+        side_effect_queue=settings.side_effect_queue,
+        side_effect_writers=settings.side_effect_writers,
     )
 
 
@@ -125,6 +128,10 @@ class GatewayApp:
     async def _on_change(self, loaded: Any) -> None:
         if self._readiness is not None:
             await self._readiness.set_serving(True)
+
+    def attach_guard(self, guard: CallGuard) -> None:
+        """The HTTP port admits its calls through the gRPC port's limit and queue."""
+        self.http.guard = guard
 
     def register(self, server: aio.Server) -> None:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(

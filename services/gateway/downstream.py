@@ -1,5 +1,16 @@
 """The gateway's calls to recall and rank: one channel each, a deadline per call, and a
-circuit breaker that stops calling a dependency that keeps failing and probes it back."""
+circuit breaker that stops calling a dependency that keeps failing and probes it back.
+
+Failures are sorted here, once:
+- the dependency is down or broken (UNAVAILABLE, INTERNAL, UNKNOWN, CANCELLED, or a deadline
+  it missed although it had its full timeout) → `DownstreamError`, counted by the breaker;
+- the dependency is saturated and said so (RESOURCE_EXHAUSTED from its admission control) →
+  `Overloaded`, which the gateway passes on to its caller as RESOURCE_EXHAUSTED: overload is
+  not death, so the breaker does not count it, and a degraded answer would only hide it;
+- a deadline missed because the call got less than the full timeout (the request arrived
+  late) says nothing about the dependency → `DownstreamError`, not counted;
+- the request itself was refused (INVALID_ARGUMENT, FAILED_PRECONDITION…) → `DownstreamError`
+  with its code, the dependency counts as healthy."""
 
 from __future__ import annotations
 
@@ -9,6 +20,7 @@ from typing import TypeVar
 import grpc
 from grpc import aio
 
+from recsys.errors import Overloaded
 from services.common.breaker import CircuitBreaker
 
 ResponseT = TypeVar("ResponseT")
@@ -21,7 +33,6 @@ UNHEALTHY = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.CANCELLED,
     }
 )
@@ -47,10 +58,14 @@ class Downstream:
         self.breaker = breaker
         self._on_outcome = on_outcome  # e.g. export the breaker's state as a metric
 
-    async def call(self, invoke: Callable[[float], Awaitable[ResponseT]], budget: float) -> ResponseT:
+    async def call(
+        self, invoke: Callable[[float], Awaitable[ResponseT]], budget: float, full: float | None = None
+    ) -> ResponseT:
         """`invoke(seconds)` performs the RPC with that gRPC deadline (grpc enforces it, so no
-        asyncio timeout here). Raises DownstreamError when there is no time left, the breaker
-        is open or the call failed."""
+        asyncio timeout here); `full` is the timeout the dependency is normally given (a
+        missed deadline counts against it only when `budget` was that much). Raises
+        DownstreamError when there is no time left, the breaker is open or the call failed,
+        and Overloaded when the dependency shed the call."""
         if budget <= 0.001:
             raise DownstreamError(self.name, "no time left")
         if not self.breaker.allow():
@@ -60,9 +75,14 @@ class Downstream:
             response = await invoke(budget)
         except aio.AioRpcError as error:
             code = error.code()
-            if code in UNHEALTHY:
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.breaker.record_success()  # it answered, and at once: alive, only busy
+                self._on_outcome()
+                raise Overloaded(f"{self.name} is overloaded; retry later") from error
+            squeezed = code is grpc.StatusCode.DEADLINE_EXCEEDED and full is not None and budget < full * 0.99
+            if code in UNHEALTHY and not squeezed:
                 self.breaker.record_failure()
-            else:
+            elif not squeezed:
                 self.breaker.record_success()
             self._on_outcome()
             reason = "timeout" if code is grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower()

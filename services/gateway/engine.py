@@ -9,16 +9,19 @@ Degradation ladder (each step flagged in `degraded_reasons` and counted):
   (minus what the user consumed in the version's data and the request's exclusions);
 - a downstream FAILED_PRECONDITION (it does not have the version) → one retry on the
   dependency's current version when the gateway has that version too, else the step above.
+- a downstream that sheds the call (RESOURCE_EXHAUSTED: saturated, not down) → the caller gets
+  RESOURCE_EXHAUSTED too: under overload clients see full answers or a fast refusal to retry,
+  not a degraded answer that hides the overload.
 After answering (never for `dry_run`): the shown items are recorded as exposures and the ranked
-but unshown ones go to the cache channel, off the request's latency.
+but unshown ones go to the cache channel, off the request's latency, through a bounded queue
+(`AnswerRecorder`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +30,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, BlocklistFilter
-from recsys.errors import InvalidArgument
+from recsys.errors import InvalidArgument, Overloaded
 from recsys.feature_store import FeatureStore
 from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
@@ -39,6 +42,7 @@ from services.common.deadline import Deadline
 from services.common.versions import Loaded, ModelVersions
 from services.gateway.downstream import Downstream, DownstreamError
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.side_effects import AnswerRecorder, AnswerWrites
 
 log = logging.getLogger("recsys.gateway")
 
@@ -58,6 +62,8 @@ class GatewayLimits:
     margin: float = 0.01
     fallback_items: int = 500
     cache_items: int = 100
+    side_effect_queue: int = 2000  # answers whose writes may wait; more are dropped and counted
+    side_effect_writers: int = 4
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,12 @@ class GatewayEngine:
         self.blocklist = blocklist
         self._metrics = metrics
         self.limits = limits or GatewayLimits()
-        self._background: set[asyncio.Task[None]] = set()
+        self.recorder = AnswerRecorder(
+            features,
+            metrics,
+            capacity=self.limits.side_effect_queue,
+            writers=self.limits.side_effect_writers,
+        )
         self._blocklist_filters: dict[str, BlocklistFilter] = {}  # per model version
 
     # -- the request --------------------------------------------------------------------
@@ -221,7 +232,7 @@ class GatewayEngine:
                 if item not in shown
             ][: limits.cache_items]
             unshown = [(str(model.core.catalogue.item_ids[item]), score) for item, score in rest]
-            self._after_answer(query.user_id, [item.item_id for item in items], unshown, now)
+            self.recorder.submit(AnswerWrites(query.user_id, [item.item_id for item in items], unshown, now))
         return RecommendResult(
             items,
             loaded.version,
@@ -259,7 +270,9 @@ class GatewayEngine:
         try:
             try:
                 response = await self._recall_link.call(
-                    lambda timeout: self._recall.Recall(request, timeout=timeout), budget
+                    lambda timeout: self._recall.Recall(request, timeout=timeout),
+                    budget,
+                    self.limits.recall_timeout,
                 )
             except DownstreamError as error:
                 if error.code is not grpc.StatusCode.FAILED_PRECONDITION:
@@ -271,6 +284,7 @@ class GatewayEngine:
                 response = await self._recall_link.call(
                     lambda timeout: self._recall.Recall(request, timeout=timeout),
                     deadline.budget(self.limits.margin * 3, self.limits.recall_timeout),
+                    self.limits.recall_timeout,
                 )
                 loaded = self._versions.get(response.model_version)  # WrongModelVersion → degrade
                 model = loaded.model
@@ -281,6 +295,8 @@ class GatewayEngine:
         except DownstreamError as error:
             degraded.append(f"recall_{error.reason.replace(' ', '_')}")
             return self._fallback(model, query), loaded, None, model.user_lookup.get(query.user_id) is None
+        except Overloaded:
+            raise
         except Exception as error:  # WrongModelVersion after the retry: the same fallback
             log.warning("recall answer unusable", extra={"error": repr(error)})
             degraded.append("recall_version_unavailable")
@@ -363,6 +379,7 @@ class GatewayEngine:
             response = await self._rank_link.call(
                 lambda timeout: self._rank.Rank(request, timeout=timeout),
                 deadline.budget(self.limits.margin, self.limits.rank_timeout),
+                self.limits.rank_timeout,
             )
         except DownstreamError as error:
             degraded.append(f"rank_{error.reason.replace(' ', '_')}")
@@ -408,32 +425,9 @@ class GatewayEngine:
         )
         return ranked.take(np.asarray(positions, dtype=np.intp))
 
-    # -- after the answer -----------------------------------------------------------------
-    def _after_answer(
-        self, user_id: str, shown: list[str], unshown: list[tuple[str, float]], now: float
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(self._record(user_id, shown, unshown, now))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _record(
-        self, user_id: str, shown: list[str], unshown: list[tuple[str, float]], now: float
-    ) -> None:
-        writes: tuple[tuple[str, Awaitable[None]], ...] = (
-            ("exposures", self._features.record_exposures(user_id, shown, now)),
-            ("cache", self._features.put_cache(user_id, unshown, now)),
-        )
-        for what, write in writes:  # one after the other: a user's writes stay ordered
-            try:
-                await write
-            except Exception as error:  # the answer is out; count and log, never raise
-                self._metrics.side_effect_errors.labels(what).inc()
-                log.warning("write after answering failed", extra={"what": what, "error": repr(error)})
-
     async def drain(self) -> None:
-        """Wait for the writes of answers already given (at shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Finish the writes of answers already given (at shutdown)."""
+        await self.recorder.drain()
 
     # -- helpers ---------------------------------------------------------------------------
     def _trace(

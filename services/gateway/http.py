@@ -13,6 +13,7 @@ RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from google.protobuf.message import Message
 from recsys.errors import RecsysError
 from recsys.v1 import gateway_pb2
 from services.common.errors import status_for
+from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
 from services.gateway.engine import GatewayEngine
 from services.gateway.events import EventIngestor
@@ -73,6 +75,11 @@ class GatewayHttp:
         self.app.router.add_get("/healthz", self._health)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.guard: CallGuard | None = None  # the gRPC port's admission, shared (see attach_guard)
+
+    def _slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # HTTP carries no deadline: the admission policy's default applies.
+        return self.guard.slot(None) if self.guard is not None else contextlib.nullcontext()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -133,7 +140,8 @@ class GatewayHttp:
             await self._body(request, message)
         except _BadRequest as error:
             return error.response()
-        result = await self._engine.recommend(recommend_query(message, None))
+        async with self._slot():
+            result = await self._engine.recommend(recommend_query(message, None))
         request_id = message.request_id or request_id_var.get()
         return _json(recommend_response(result, request_id), request_id)
 
@@ -143,7 +151,8 @@ class GatewayHttp:
             await self._body(request, message)
         except _BadRequest as error:
             return error.response()
-        response = await report_events(self._ingestor, message, self._max_events)
+        async with self._slot():
+            response = await report_events(self._ingestor, message, self._max_events)
         return _json(response, request_id_var.get())
 
     async def _health(self, request: web.Request) -> web.Response:

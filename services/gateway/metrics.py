@@ -35,6 +35,13 @@ class GatewayMetrics:
         self.side_effect_errors = metrics.counter(
             "side_effect_errors_total", "Exposure or cache writes that failed after answering.", ("what",)
         )
+        self.side_effects_dropped = metrics.counter(
+            "side_effects_dropped_total",
+            "Answers whose exposure and cache writes were dropped because the write queue was full.",
+        )
+        self.side_effects_queued = metrics.gauge(
+            "side_effects_queued", "Answers whose after-answer writes wait in the queue.", (), "livesum"
+        )
         self.breaker_state = metrics.gauge(
             "breaker_state", "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open.", ("dependency",)
         )

@@ -15,6 +15,9 @@ class GatewaySettings(ServerSettings):
 
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(9101, ge=0, le=65535)
+    latency_target_ms: float = Field(
+        60.0, gt=0, description="Admission: p90 latency above which the concurrency limit falls."
+    )
     http_port: int | None = Field(8080, ge=0, le=65535, description="HTTP/JSON port; unset: no HTTP.")
     store: str = Field("./store", description="Model store PATH or file://PATH.")
     recall_addr: str = Field("127.0.0.1:50052", description="host:port of the recall service.")
@@ -40,4 +43,8 @@ class GatewaySettings(ServerSettings):
     breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open a circuit breaker.")
     breaker_open_seconds: float = Field(2.0, gt=0, description="How long an open breaker refuses calls.")
     cache_items: int = Field(100, ge=0, description="Ranked but unshown items stored for the cache channel.")
+    side_effect_queue: int = Field(
+        2000, ge=1, description="Answers whose exposure/cache writes may wait; more are dropped and counted."
+    )
+    side_effect_writers: int = Field(4, ge=1, description="Tasks writing exposures and cache entries.")
     client: ClientSettings = Field(default_factory=ClientSettings)

@@ -161,26 +161,105 @@ async def test_metrics_count_calls_by_method_and_code(start_host: HostFactory) -
         server.close()
 
 
-async def test_calls_past_the_in_flight_cap_are_shed_at_once(start_host: HostFactory) -> None:
-    running = await start_host(max_in_flight=2)
+async def test_over_limit_calls_whose_deadline_cannot_wait_are_refused_at_once(
+    start_host: HostFactory,
+) -> None:
+    running = await start_host(max_in_flight=2, min_in_flight=2, initial_in_flight=2)
     slow = [asyncio.create_task(recall(running.channel, "sleep:1.0")) for _ in range(2)]
     while running.host.guard.in_flight < 2:
         await asyncio.sleep(0.005)
     shed_before = _sample("recsys_server_shed_total", {"service": "scripted"})
+    reason_before = _sample("recsys_server_shed_reasons_total", {"service": "scripted", "reason": "deadline"})
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(aio.AioRpcError) as raised:
-        await recall(running.channel, "u")
+        # 40 ms cannot cover the expected wait for a slot plus the mean latency (50 ms)
+        await recall(running.channel, "u", timeout=0.04)
     assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "cap 2" in (raised.value.details() or "")
-    assert loop.time() - started < 0.5  # refused, not queued behind the slow calls
+    assert "limit 2" in (raised.value.details() or "")
+    assert loop.time() - started < 0.03  # refused, not queued until the deadline
     assert _sample("recsys_server_shed_total", {"service": "scripted"}) == shed_before + 1
+    assert (
+        _sample("recsys_server_shed_reasons_total", {"service": "scripted", "reason": "deadline"})
+        == reason_before + 1
+    )
     # Health checks are never shed: a busy pod is not a dead pod.
     assert await health_status(running.channel, "") == SERVING
     for response in await asyncio.gather(*slow):
         assert response.item_indexes == [3, 1, 2]
     assert running.host.guard.in_flight == 0
     assert (await recall(running.channel, "u")).item_indexes == [3, 1, 2]
+
+
+async def test_without_a_queue_over_limit_calls_are_refused_at_once(start_host: HostFactory) -> None:
+    running = await start_host(max_in_flight=2, min_in_flight=2, initial_in_flight=2, max_queue_ms=0)
+    slow = [asyncio.create_task(recall(running.channel, "sleep:0.5")) for _ in range(2)]
+    while running.host.guard.in_flight < 2:
+        await asyncio.sleep(0.005)
+    before = _sample("recsys_server_shed_reasons_total", {"service": "scripted", "reason": "queue_full"})
+    with pytest.raises(aio.AioRpcError) as raised:
+        await recall(running.channel, "u", timeout=5)
+    assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        _sample("recsys_server_shed_reasons_total", {"service": "scripted", "reason": "queue_full"})
+        == before + 1
+    )
+    await asyncio.gather(*slow)
+
+
+async def test_a_burst_waits_in_the_queue_and_is_served_in_order(start_host: HostFactory) -> None:
+    running = await start_host(max_in_flight=2, min_in_flight=2, initial_in_flight=2)
+    slow = [asyncio.create_task(recall(running.channel, "sleep:0.2")) for _ in range(2)]
+    while running.host.guard.in_flight < 2:
+        await asyncio.sleep(0.005)
+    finished: list[int] = []
+
+    async def queued(index: int) -> None:
+        await recall(running.channel, "sleep:0.01", timeout=5)
+        finished.append(index)
+
+    waiting = []
+    for index in range(4):
+        waiting.append(asyncio.create_task(queued(index)))
+        while running.host.guard.admission.queued < index + 1:
+            await asyncio.sleep(0.002)
+    assert running.host.guard.in_flight == 2  # the limit holds while they wait
+    await asyncio.gather(*slow, *waiting)
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert finished[:2] in ([0, 1], [1, 0])
+    assert finished[2:] in ([2, 3], [3, 2])
+    assert running.host.guard.admission.queued == 0
+    assert running.host.guard.in_flight == 0
+
+
+async def test_the_limit_falls_when_calls_slow_down_and_rises_when_they_recover(
+    start_host: HostFactory,
+) -> None:
+    """The scripted service sleeping stands for a slowed dependency: its latency passes the
+    target, the limit falls; fast again, the limit climbs back under load."""
+    running = await start_host(max_in_flight=64, min_in_flight=2, initial_in_flight=16, latency_target_ms=20)
+    admission = running.host.guard.admission
+
+    codes: set[grpc.StatusCode] = set()
+
+    async def load(user: str, calls: int, parallel: int) -> None:
+        async def worker() -> None:
+            for _ in range(calls // parallel):
+                try:
+                    await recall(running.channel, user, timeout=5)
+                except aio.AioRpcError as error:
+                    codes.add(error.code())
+
+        await asyncio.gather(*(worker() for _ in range(parallel)))
+
+    start = admission.limit
+    await load("sleep:0.04", 120, 16)  # 40 ms per call: twice the target
+    slowed = admission.limit
+    assert slowed < start / 2
+    await load("sleep:0.004", 1200, 40)  # within the target again, more callers than the limit
+    recovered = admission.limit
+    assert recovered > slowed * 2
+    assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED}  # queued or shed, never failed
 
 
 async def test_connections_are_recycled_without_failing_calls(start_host: HostFactory) -> None:
