@@ -44,6 +44,11 @@ class Overloaded(RecsysError):
     """Too much work in flight; the call is shed instead of queued."""
 
 
+class DeadlineExpired(RecsysError):
+    """The caller's deadline passed before this stage could start: the work is dropped, since
+    nobody is waiting for its answer any more."""
+
+
 class NotReady(RecsysError):
     """The process is starting (no model version loaded) or shutting down."""
 

@@ -16,6 +16,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[errors.RecsysError], grpc.StatusCode], ...] =
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.WrongModelVersion, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE),
     (errors.DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
 )

@@ -88,6 +88,11 @@ SHED_REASONS = Counter(
     " queue's bound), deadline (exceeds the call's own deadline), queue_timeout (no slot in time).",
     ("service", "reason"),
 )
+EXPIRED_WORK = Counter(
+    "recsys_server_expired_work_total",
+    "Work dropped at a stage boundary because its caller's deadline had passed (or it went away).",
+    ("service", "stage"),
+)
 SERVING = Gauge(
     "recsys_server_serving",
     "1 when the process reports SERVING on its health service.",

@@ -22,7 +22,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from recsys.artifacts import FloatArray
+from recsys.errors import DeadlineExpired
 from recsys.serving_model import ServingModel
+from services.common.metrics import EXPIRED_WORK
 from services.rank.metrics import RankMetrics
 from services.rank.scorer import OnnxScorer, ScoredBatch, ScoreJob
 
@@ -158,6 +160,12 @@ class MicroBatcher:
             self._pending.popleft()
             self._rows -= waiting.job.rows
             if waiting.future.done():  # the caller went away (deadline, cancellation)
+                EXPIRED_WORK.labels("rank", "batch").inc()
+                continue
+            deadline = waiting.job.deadline
+            if deadline is not None and time.monotonic() >= deadline:  # nobody waits for it
+                EXPIRED_WORK.labels("rank", "batch").inc()
+                waiting.future.set_exception(DeadlineExpired("the call's deadline passed in the batch queue"))
                 continue
             batch.append(waiting)
             rows += waiting.job.rows

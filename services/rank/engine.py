@@ -22,13 +22,14 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, Int64Array
-from recsys.errors import InvalidArgument
+from recsys.errors import DeadlineExpired, InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
 from recsys.features import Inputs
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import liked_mask
+from services.common.metrics import EXPIRED_WORK
 from services.common.versions import ModelVersions
 from services.rank.batcher import MicroBatcher
 from services.rank.metrics import RankMetrics
@@ -67,6 +68,7 @@ class RankQuery:
     fusion: FusionOverride | None = None
     prerank_keep: int = 0
     user_embedding: FloatArray | None = None  # recall's; None: the user tower computes it
+    deadline: float | None = None  # time.monotonic() of the caller's deadline; None: none
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,12 @@ class UserFeatureHydrator:
             items, liked = np.zeros(0, np.int64), np.zeros(0, bool)
         length = model.spec.history_length
         return model.user_features.inputs(user_index, items[-length:], liked[-length:], region_token)
+
+
+def _check_deadline(deadline: float | None, stage: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        EXPIRED_WORK.labels("rank", stage).inc()
+        raise DeadlineExpired(f"the call's deadline passed before {stage}")
 
 
 def fusion_for(override: FusionOverride, scene: Fusion) -> Fusion:
@@ -188,14 +196,18 @@ class RankEngine:
         unknown_items = int(np.count_nonzero((items < 0) | (items >= model.core.catalogue.n_items)))
         if unknown_items:
             version_metrics.unknown_items.inc(unknown_items)
+        _check_deadline(query.deadline, "user_state")
         self._batcher.expect()
         try:
             state = await self._user_state(loaded.version, query.user_id, query.now or time.time())
             user = self._hydrator.inputs(model, query.user_id, query.region, state)
+            _check_deadline(query.deadline, "batch")  # the caller gave up during the read
         except BaseException:
             self._batcher.unexpect()
             raise
-        task_scores = await self._batcher.score(ScoreJob(model, user, items, embedding), expected=True)
+        task_scores = await self._batcher.score(
+            ScoreJob(model, user, items, embedding, query.deadline), expected=True
+        )
         return RankResult(
             loaded.version, items, fusion.fuse(task_scores), task_scores, unknown_items, unknown_user
         )

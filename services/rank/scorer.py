@@ -34,6 +34,7 @@ class ScoreJob:
     user: Inputs  # the user's ranker inputs, a batch of one
     items: Int64Array  # candidate item indexes (unknown ones get default features)
     embedding: FloatArray | None  # recall's user embedding; None: the user tower computes it
+    deadline: float | None = None  # time.monotonic() after which nobody waits for the scores
 
     @property
     def rows(self) -> int:

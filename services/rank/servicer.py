@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from grpc import aio
 
@@ -29,6 +31,7 @@ class RankServicer(rank_pb2_grpc.RankServicer):
         self, request: rank_pb2.RankRequest, context: aio.ServicerContext[object, object]
     ) -> rank_pb2.RankResponse:
         when = request.context.request_time
+        remaining = context.time_remaining()
         query = RankQuery(
             user_id=request.user_id,
             items=np.asarray(request.item_indexes, dtype=np.int64),
@@ -41,6 +44,7 @@ class RankServicer(rank_pb2_grpc.RankServicer):
             user_embedding=(
                 np.asarray(request.user_embedding, dtype=np.float32) if len(request.user_embedding) else None
             ),
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
         result = await self._engine.rank(query)
         return rank_pb2.RankResponse(

@@ -24,13 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
-from recsys.errors import InvalidArgument
+from recsys.errors import DeadlineExpired, InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.merge import MergedCandidates, WeightedMerge
 from recsys.stages.query import UserQuery, build_query, liked_mask
 from recsys.stages.sources import Candidates, top_candidates
+from services.common.metrics import EXPIRED_WORK
 from services.common.versions import ModelVersions
 from services.recall.metrics import RecallMetrics
 
@@ -150,8 +151,11 @@ class RecallEngine:
         deadline = started + max(0.0, budget - limits.deadline_margin)
         now = query.now or time.time()
         degraded: list[str] = []
+        self._check_deadline(started + budget, "user_state")
 
         state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
+        # The read may have used the call's time up: then no channel starts.
+        self._check_deadline(deadline, "channels")
         user_query = self._query(model, query, state)
         cold_start = user_query.cold_start
         quotas = self._quotas(model, query, cold_start)
@@ -188,8 +192,12 @@ class RecallEngine:
             jobs.append(
                 asyncio.ensure_future(self._cache(model, query, user_query, state, quotas, results, stop_at))
             )
-        if jobs:
-            await asyncio.wait(jobs, timeout=wait)
+        try:
+            if jobs:
+                await asyncio.wait(jobs, timeout=wait)
+        finally:
+            # Answered (or the caller went away): channels not yet started never start.
+            queue.clear()
         for name in runnable:
             run = results.get(name)  # written by a worker thread; a dict store is atomic
             if run is None or run.late:
@@ -235,6 +243,12 @@ class RecallEngine:
         return RecallResult(loaded.version, merged, stats, embedding, cold_start, degraded)
 
     # -- pieces ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_deadline(at: float, stage: str) -> None:
+        if asyncio.get_running_loop().time() >= at:
+            EXPIRED_WORK.labels("recall", stage).inc()
+            raise DeadlineExpired(f"the call's deadline passed before {stage}")
+
     async def _user_state(
         self, version: str, user_id: str, now: float, deadline: float, degraded: list[str]
     ) -> UserState | None:

@@ -537,3 +537,39 @@ async def test_an_unknown_model_version_is_failed_precondition(rank: Running) ->
         )
     assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert (raised.value.details() or "").startswith("model_version:")
+
+
+async def test_work_whose_deadline_has_passed_is_not_scored(rank: Running) -> None:
+    """Expired before the feature read, during it, or while queued for a batch: never scored."""
+    import time
+
+    from recsys.errors import DeadlineExpired
+    from services.rank.engine import RankQuery
+    from services.rank.scorer import ScoreJob
+
+    model = rank.model
+    version = {"version": rank.app.versions.get().version}
+    items = np.asarray(candidates(model, 7, 50), dtype=np.int64)
+    rows_before = sample("recsys_rank_scored_rows_total", version)
+    expired = {
+        stage: sample("recsys_server_expired_work_total", {"service": "rank", "stage": stage})
+        for stage in ("user_state", "batch")
+    }
+    with pytest.raises(DeadlineExpired):
+        await rank.app.engine.rank(RankQuery("196", items, deadline=time.monotonic() - 0.001))
+    user = rank.app.engine._hydrator.inputs(model, "196", "", None)
+    with pytest.raises(DeadlineExpired):
+        await rank.app.batcher.score(ScoreJob(model, user, items, None, time.monotonic() - 0.001))
+    assert sample("recsys_rank_scored_rows_total", version) == rows_before
+    assert (
+        sample("recsys_server_expired_work_total", {"service": "rank", "stage": "user_state"})
+        == expired["user_state"] + 1
+    )
+    assert (
+        sample("recsys_server_expired_work_total", {"service": "rank", "stage": "batch"})
+        == expired["batch"] + 1
+    )
+    # With time left the same work is scored.
+    result = await rank.app.engine.rank(RankQuery("196", items, deadline=time.monotonic() + 5))
+    assert result.scores.shape == (50,)
+    assert sample("recsys_rank_scored_rows_total", version) == rows_before + 50

@@ -273,3 +273,61 @@ def test_per_channel_deadlines_come_from_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("RECSYS_RECALL_CHANNEL_TIMEOUTS_MS", '{"bogus": 30}')
     with pytest.raises(ValueError, match="unknown channel 'bogus'"):
         RecallSettings()
+
+
+def _expired(service: str, stage: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "recsys_server_expired_work_total", {"service": service, "stage": stage}
+    )
+    return value or 0.0
+
+
+class SlowStore(InProcessFeatureStore):
+    """The in-process feature store, answering user-state reads after `delay` seconds (a slow
+    Redis)."""
+
+    delay = 0.0
+
+    async def user_state(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await super().user_state(*args, **kwargs)
+
+
+async def test_a_call_whose_deadline_has_passed_starts_no_channel(quick_store: ModelStore) -> None:
+    from recsys.errors import DeadlineExpired
+    from services.recall.engine import RecallQuery
+
+    store = SlowStore()
+    app = RecallApp(
+        RecallSettings(store=str(quick_store.path), port=0, metrics_port=None, feature_store_timeout_ms=500),
+        features=store,
+    )
+    host = GrpcHost(app, app.settings)
+    await host.start()
+    try:
+        async with asyncio.timeout(30):
+            while not host.readiness.serving:
+                await asyncio.sleep(0.05)
+        engine = app.engine
+        channels = ("itemcf", "swing", "two_tower")
+        runs_before = [engine._metrics.outcome[name, "ok"]._value.get() for name in channels]
+        expired_before = _expired("recall", "user_state")
+        with pytest.raises(DeadlineExpired):
+            await engine.recall(RecallQuery(user_id="196", time_remaining=0.0))
+        assert _expired("recall", "user_state") == expired_before + 1
+        # The feature-store read outlives the call's deadline: no channel starts after it.
+        store.delay = 0.08
+        expired_before = _expired("recall", "channels")
+        with pytest.raises(DeadlineExpired):
+            await engine.recall(RecallQuery(user_id="196", time_remaining=0.05))
+        assert _expired("recall", "channels") == expired_before + 1
+        assert [engine._metrics.outcome[name, "ok"]._value.get() for name in channels] == runs_before
+        # With time left the same call is answered by its channels.
+        store.delay = 0.0
+        result = await engine.recall(RecallQuery(user_id="196", time_remaining=1.0))
+        assert len(result.merged.items) > 0
+        assert [engine._metrics.outcome[name, "ok"]._value.get() for name in channels] != runs_before
+    finally:
+        await host.stop(grace=0)
