@@ -1,17 +1,23 @@
-"""The whole stack (gateway → recall → rank → rerank) under load: 1,000 recalled → 200 ranked →
-20 returned.
+"""The whole stack as it is deployed, under load: Redis mode, one process per service (and with
+`--workers N` per service), the load generator on the same machine.
 
-    python loadtest/bench_e2e.py --store ./store [--seconds 8] [--concurrency 1 8 32 64]
+    python loadtest/bench_e2e.py --store ./store [--seconds 10] [--workers 1]
+        [--concurrency 1 8 32 64 128] [--open-rates 0.5 1.0 2.0] [--burst-seconds 30]
 
-1. Starts `recsys up` (the three services in one process, in-process feature store, as the
-   local stack runs) with a scene asking recall for 1,000 candidates and pre-rank for 200.
-2. Drives the gateway's Recommend (count 20, dry_run so every request sees the same state)
-   with closed loops at each concurrency. Only full answers count towards requests/s and the
-   latency percentiles; degraded answers are reported as a share.
-3. CPU per request: the service process's user+system CPU (from /proc) over the requests.
-4. The floor: the same pipeline in this process without gRPC — the same engines and
-   servicers, called directly (protobuf objects built, nothing serialised or sent) — CPU per
-   request in a loop.
+1. Pushes the store's CURRENT features to Redis (a DB and key prefix of its own, deleted at
+   the end), starts `recsys serve recall|rank|gateway` as separate processes with a scene of
+   1,000 recalled → 200 ranked → 20 returned, and waits until the gateway is SERVING.
+2. Closed loop at each concurrency (each caller sends its next call when the last returns).
+3. Open loop with Poisson arrivals at rates given as multiples of the best closed-loop full
+   answers/s (the measured capacity), then the burst check: a fresh open loop at 70% of
+   capacity, 2× capacity for `--burst-seconds`, 5 s of quiet, 70% again.
+4. Every call carries a `--deadline` (1 s). Only full answers (no degraded reason) count as
+   goodput and in the latency percentiles; degraded answers are a share; RESOURCE_EXHAUSTED
+   refusals are counted as shed with their own p99 latency; every other code is an error.
+5. CPU per full answer: user+system CPU of each service process (its workers included) over
+   the phase, divided by the full answers.
+6. The floor: the same pipeline in this process without gRPC or Redis (the engines called
+   directly), CPU per request.
 Prints a table and a final JSON line.
 """
 
@@ -20,24 +26,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
-import signal
+import random
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNT = 20
+SERVICES = ("recall", "rank", "gateway")
 PROFILE: dict[str, float] = {}  # the floor run's mean wall ms per gateway stage
 SCENE = {
     "scenes": {
@@ -51,74 +63,247 @@ SCENE = {
 }
 
 
+def _process_tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                children = [int(child) for child in task.read_text().split()]
+                pids.extend(children)
+                frontier.extend(children)
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its reaped children (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a process and its live descendants (Linux /proc)."""
+    total = 0.0
+    for member in _process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(value) for value in fields[11:13])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-async def closed_loop(
-    stub: gateway_pb2_grpc.RecommenderAsyncStub, users: list[str], concurrency: int, seconds: float
-) -> dict[str, float]:
-    latencies: list[float] = []
-    degraded = 0
-    errors = 0
-    stop_at = time.perf_counter() + seconds
+@dataclass
+class Tally:
+    """The outcome of one phase's calls."""
 
-    async def worker(offset: int) -> None:
-        nonlocal degraded, errors
-        index = offset
-        while time.perf_counter() < stop_at:
-            request = gateway_pb2.RecommendRequest(
-                user_id=users[index % len(users)], count=COUNT, dry_run=True
-            )
-            started = time.perf_counter()
-            try:
-                response = await stub.Recommend(request, timeout=5)
-            except aio.AioRpcError:
-                errors += 1
+    full: list[float] = field(default_factory=list)  # latencies of full answers, seconds
+    degraded: int = 0
+    shed: list[float] = field(default_factory=list)  # latencies of RESOURCE_EXHAUSTED refusals
+    errors: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    async def call(self, stub: gateway_pb2_grpc.RecommenderAsyncStub, user: str, deadline: float) -> None:
+        request = gateway_pb2.RecommendRequest(user_id=user, count=COUNT, dry_run=True)
+        started = time.perf_counter()
+        try:
+            response = await stub.Recommend(request, timeout=deadline)
+        except aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.shed.append(time.perf_counter() - started)
             else:
-                if response.degraded_reasons:
-                    degraded += 1
-                else:
-                    latencies.append(time.perf_counter() - started)
-            index += concurrency
+                name = error.code().name
+                self.errors[name] = self.errors.get(name, 0) + 1
+            return
+        if response.degraded_reasons:
+            self.degraded += 1
+            for reason in response.degraded_reasons:
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        else:
+            self.full.append(time.perf_counter() - started)
 
-    began = time.perf_counter()
-    await asyncio.gather(*(worker(offset) for offset in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    values = np.asarray(latencies) * 1000
-    total = len(latencies) + degraded + errors
-    return {
-        "full": len(latencies),
-        "degraded_share": degraded / total if total else 0.0,
-        "errors": errors,
-        "full_rps": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(values, 50)) if values.size else float("nan"),
-        "p99_ms": float(np.percentile(values, 99)) if values.size else float("nan"),
-        "answers": total,
-    }
+    def row(self, mode: str, elapsed: float, cpu: dict[str, float]) -> dict[str, Any]:
+        full = np.asarray(self.full) * 1000
+        shed = np.asarray(self.shed) * 1000
+        answers = len(self.full) + self.degraded
+        calls = answers + len(self.shed) + sum(self.errors.values())
+        return {
+            "mode": mode,
+            "calls": calls,
+            "full": len(self.full),
+            "full_rps": len(self.full) / elapsed,
+            "p50_ms": float(np.percentile(full, 50)) if full.size else float("nan"),
+            "p99_ms": float(np.percentile(full, 99)) if full.size else float("nan"),
+            "degraded_share": self.degraded / answers if answers else 0.0,
+            "shed": len(self.shed),
+            "shed_p99_ms": float(np.percentile(shed, 99)) if shed.size else float("nan"),
+            "errors": dict(self.errors),
+            "degraded_reasons": dict(self.reasons),
+            "cpu_ms_per_full": {
+                name: seconds / len(self.full) * 1000 if self.full else float("nan")
+                for name, seconds in cpu.items()
+            },
+        }
 
 
-async def drive(args: argparse.Namespace, port: int, pid: int, users: list[str]) -> list[dict[str, Any]]:
-    rows = []
+class Bench:
+    def __init__(self, stub: gateway_pb2_grpc.RecommenderAsyncStub, users: list[str], pids: dict[str, int],
+                 deadline: float) -> None:  # fmt: skip
+        self.stub, self.users, self.pids, self.deadline = stub, users, pids, deadline
+        self.rows: list[dict[str, Any]] = []
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def _record(self, mode: str, tally: Tally, elapsed: float, before: dict[str, float]) -> dict[str, Any]:
+        after = self._cpu()
+        used = {name: after[name] - before[name] for name in after}
+        used["total"] = sum(used.values())
+        row = tally.row(mode, elapsed, used)
+        self.rows.append(row)
+        print(_format(row), flush=True)
+        return row
+
+    async def closed(self, concurrency: int, seconds: float, *, record: bool = True) -> dict[str, Any]:
+        tally = Tally()
+        stop_at = time.perf_counter() + seconds
+
+        async def caller(offset: int) -> None:
+            index = offset
+            while time.perf_counter() < stop_at:
+                await tally.call(self.stub, self.users[index % len(self.users)], self.deadline)
+                index += concurrency
+
+        before = self._cpu()
+        began = time.perf_counter()
+        await asyncio.gather(*(caller(n) for n in range(concurrency)))
+        elapsed = time.perf_counter() - began
+        if not record:
+            return {}
+        return self._record(f"closed {concurrency}", tally, elapsed, before)
+
+    async def open(self, rate: float, seconds: float, label: str = "") -> dict[str, Any]:
+        """Poisson arrivals at `rate` calls/s for `seconds`, each call in its own task."""
+        tally = Tally()
+        rng = random.Random(int(rate * 1000))
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        before = self._cpu()
+        began = loop.time()
+        next_at = began
+        index = 0
+        while next_at < began + seconds:
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = loop.create_task(tally.call(self.stub, self.users[index % len(self.users)], self.deadline))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            index += 1
+            next_at += rng.expovariate(rate)
+        if tasks:
+            await asyncio.gather(*tasks)
+        elapsed = loop.time() - began
+        return self._record(label or f"open {rate:.0f}/s", tally, elapsed, before)
+
+
+def _format(row: dict[str, Any]) -> str:
+    cpu = row["cpu_ms_per_full"]
+    errors = ",".join(f"{k}:{v}" for k, v in row["errors"].items()) or "0"
+    return (
+        f"{row['mode']:<22} {row['full_rps']:>7.1f} {row['p50_ms']:>7.1f} {row['p99_ms']:>7.1f}"
+        f" {row['degraded_share']:>8.1%} {row['shed']:>6} {row['shed_p99_ms']:>8.1f} {errors:>8}"
+        f" {cpu['total']:>6.2f} = {cpu['gateway']:.2f}+{cpu['recall']:.2f}+{cpu['rank']:.2f}"
+    )
+
+
+HEADER = (
+    f"{'load':<22} {'full/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'degraded':>8} {'shed':>6} {'shed p99':>8}"
+    f" {'errors':>8} {'CPU ms/full answer (gateway+recall+rank)'}"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _push(store: str, redis_url: str, prefix: str) -> str:
+    from recsys.feature_store.push import push_features
+
+    report = await push_features(store, None, redis_url, prefix)
+    return report.version
+
+
+async def _cleanup(redis_url: str, prefix: str) -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.delete(*batch)
+                batch = []
+        if batch:
+            await client.delete(*batch)
+    finally:
+        await client.aclose()
+
+
+async def _wait_serving(port: int, seconds: float = 180.0) -> None:
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = gateway_pb2_grpc.RecommenderStub(channel)
-        await closed_loop(stub, users, 8, 2.0)  # warm-up
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aio.AioRpcError):
+                answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"bench_e2e: nothing SERVING on port {port} after {seconds:.0f} s")
+
+
+def start_stack(
+    args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str
+) -> dict[str, subprocess.Popen[bytes]]:
+    scenes = tmp / "scenes.json"
+    scenes.write_text(json.dumps(SCENE))
+    ports = {name: _free_port() for name in SERVICES}
+    env = {**os.environ, **{f"RECSYS_{name.upper()}_REDIS_PREFIX": prefix for name in SERVICES}}
+    common = ["--store", args.store, "--redis", redis_url, "--log-level", "warning",
+              "--workers", str(args.workers), "--metrics-port", "0"]  # fmt: skip
+    gateway = [
+        *("--recall-addr", f"127.0.0.1:{ports['recall']}", "--rank-addr", f"127.0.0.1:{ports['rank']}"),
+        *("--http-port", "0", "--scenes", str(scenes), "--event-log", str(tmp / "events.csv")),
+    ]
+    extra: dict[str, list[str]] = {"recall": [], "rank": [], "gateway": gateway}
+    processes = {}
+    for name in SERVICES:
+        command = [sys.executable, "-m", "recsys.cli", "serve", name, *common, "--port", str(ports[name]),
+                   *extra[name], *args.service_flag]  # fmt: skip
+        with (tmp / f"{name}.log").open("wb") as log:  # the child keeps its own descriptor
+            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stderr=log)
+    args.gateway_port = ports["gateway"]
+    for name in SERVICES:
+        asyncio.run(_wait_serving(ports[name]))
+    return processes
+
+
+async def drive(args: argparse.Namespace, pids: dict[str, int], users: list[str]) -> list[dict[str, Any]]:
+    async with aio.insecure_channel(f"127.0.0.1:{args.gateway_port}") as channel:
+        bench = Bench(gateway_pb2_grpc.RecommenderStub(channel), users, pids, args.deadline)
+        await bench.closed(8, 3.0, record=False)  # warm-up
+        print(HEADER, flush=True)
         for concurrency in args.concurrency:
-            before = cpu_seconds(pid)
-            result = await closed_loop(stub, users, concurrency, args.seconds)
-            used = cpu_seconds(pid) - before
-            answers = result["answers"]
-            rows.append(
-                {
-                    "mode": f"concurrency {concurrency}",
-                    **result,
-                    "cpu_ms": used / answers * 1000 if answers else 0.0,
-                }
+            await bench.closed(concurrency, args.seconds)
+        capacity = max(row["full_rps"] for row in bench.rows)
+        for multiple in args.open_rates:
+            await bench.open(
+                capacity * multiple, args.seconds, f"open {multiple:.1f}× ({capacity * multiple:.0f}/s)"
             )
-    return rows
+        if args.burst_seconds > 0:
+            await bench.open(capacity * 0.7, args.seconds, "fresh 0.7×")
+            await bench.open(capacity * 2.0, args.burst_seconds, f"burst 2.0× for {args.burst_seconds:.0f} s")
+            await asyncio.sleep(5.0)
+            await bench.open(capacity * 0.7, args.seconds, "5 s after burst 0.7×")
+        for rate in args.rates:
+            await bench.open(rate, args.seconds)
+        return bench.rows
 
 
 async def floor(store: str, scenes: Path, users: list[str], requests: int) -> float:
@@ -204,54 +389,45 @@ class _Ready:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", required=True)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--open-rates", type=float, nargs="*", default=[0.5, 1.0, 2.0],
+                        help="open-loop rates as multiples of the measured capacity")  # fmt: skip
+    parser.add_argument("--rates", type=float, nargs="*", default=[], help="open-loop rates in calls/s")
+    parser.add_argument("--burst-seconds", type=float, default=30.0, help="0: no burst check")
+    parser.add_argument("--deadline", type=float, default=1.0, help="each call's gRPC deadline, seconds")
+    parser.add_argument("--workers", type=int, default=1, help="processes per service")
     parser.add_argument("--users", type=int, default=900)
-    parser.add_argument("--port", type=int, default=50081)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--floor-requests", type=int, default=500)
+    parser.add_argument("--service-flag", action="append", default=[],
+                        help="an extra flag for every `recsys serve` (repeat)")  # fmt: skip
     args = parser.parse_args()
 
     users = [str(user) for user in range(1, args.users + 1)]
-    with tempfile.TemporaryDirectory() as tmp:
-        scenes = Path(tmp) / "scenes.json"
-        scenes.write_text(json.dumps(SCENE))
-        stack = subprocess.Popen(
-            [
-                sys.executable, "-m", "recsys.cli", "up", "--store", args.store,
-                "--gateway-port", str(args.port), "--recall-port", "0", "--rank-port", "0",
-                "--http-port", "-1", "--metrics-port", "-1", "--scenes", str(scenes),
-                "--event-log", str(Path(tmp) / "events.csv"),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        try:
-            assert stack.stdout is not None
-            for line in stack.stdout:
-                if line.startswith("version"):
-                    version = line.split()[-1]
-                if line.startswith("SERVING"):
-                    break
-            else:
-                raise SystemExit("bench_e2e: the stack did not start")
-            rows = asyncio.run(drive(args, args.port, stack.pid, users))
-        finally:
-            stack.send_signal(signal.SIGTERM)
-            stack.wait(timeout=60)
-        floor_ms = asyncio.run(floor(args.store, scenes, users, args.floor_requests))
+    prefix = f"bench-e2e-{os.getpid()}"
+    version = asyncio.run(_push(args.store, args.redis, prefix))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            processes = start_stack(args, Path(tmp), args.redis, prefix)
+            try:
+                rows = asyncio.run(drive(args, {name: p.pid for name, p in processes.items()}, users))
+            finally:
+                for process in processes.values():
+                    process.terminate()
+                for process in processes.values():
+                    process.wait(timeout=60)
+            scenes = Path(tmp) / "scenes.json"
+            floor_ms = asyncio.run(floor(args.store, scenes, users, args.floor_requests))
+    finally:
+        asyncio.run(_cleanup(args.redis, prefix))
 
     machine = f"{os.cpu_count()} cpu, {platform.machine()}, Python {platform.python_version()}"
-    print(f"bench_e2e: {args.store} (version {version}), {machine}")
-    columns = ("full", "full/s", "p50 ms", "p99 ms", "degraded", "cpu ms/req")
-    print(f"{'mode':<16} " + " ".join(f"{name:>{max(8, len(name))}}" for name in columns))
+    print(f"bench_e2e: {args.store} (version {version}), {machine}, workers {args.workers}, Redis mode")
+    print(HEADER)
     for row in rows:
-        latency = f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
-        print(
-            f"{row['mode']:<16} {row['full']:>6} {row['full_rps']:>8.1f} {latency}"
-            f" {row['degraded_share']:>8.1%} {row['cpu_ms']:>11.2f}"
-        )
-    print(f"floor (same pipeline in one process, no gRPC): {floor_ms:.2f} CPU ms per request")
+        print(_format(row))
+    print(f"floor (same pipeline in one process, no gRPC, no Redis): {floor_ms:.2f} CPU ms per request")
     print("floor stages, mean wall ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in PROFILE.items()))
     print(
         json.dumps(
@@ -259,6 +435,7 @@ def main() -> None:
                 "benchmark": "bench_e2e",
                 "store": args.store,
                 "version": version,
+                "workers": args.workers,
                 "pipeline": {"recalled": 1000, "ranked": 200, "returned": COUNT},
                 "machine": machine,
                 "rows": rows,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import CoreArtifacts, FloatArray, IntArray
+
+if TYPE_CHECKING:
+    from recsys.feature_store import UserState
 
 EMPTY_INT = np.zeros(0, dtype=np.int32)
 EMPTY_FLOAT = np.zeros(0, dtype=np.float32)
@@ -27,6 +32,47 @@ class UserQuery:
     @property
     def cold_start(self) -> bool:
         return self.user_index < 0 or self.recent_items.shape[0] == 0
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    """A user's history as the feature store holds it: the version's snapshot, then the
+    consumed live events (oldest → newest) whose items the version knows, with liked flags,
+    and the profile's region token (0: none). Recall hydrates it once and passes it on, so
+    rank scores from exactly what recall saw without reading the feature store again."""
+
+    items: IntArray
+    liked: npt.NDArray[np.bool_]
+    region: int
+
+    @classmethod
+    def from_state(
+        cls, state: UserState, item_lookup: Mapping[str, int], like_threshold: float | None
+    ) -> UserHistory:
+        snapshot = state.snapshot
+        consumed = [event for event in state.live_events if event.consumes]
+        items = snapshot.items.astype(np.int32)
+        liked = liked_mask(like_threshold, snapshot.ratings)
+        if consumed:
+            live = np.asarray([item_lookup.get(event.item_id, -1) for event in consumed], np.int32)
+            values = np.asarray([event.value for event in consumed], dtype=np.float32)
+            ratings = np.asarray([event.kind == "rating" for event in consumed], dtype=bool)
+            # A click or a like is a like; a rating is one when it reaches the threshold (each
+            # judged alone, as liked_mask judges a one-rating history: NaN counts as liked).
+            if like_threshold is None:
+                live_liked = np.ones(len(consumed), dtype=bool)
+            else:
+                live_liked = ~ratings | np.isnan(values) | (values >= like_threshold)
+            known = live >= 0
+            items = np.concatenate([items, live[known]])
+            liked = np.concatenate([liked, live_liked[known]])
+        return cls(items, liked, max(0, int(snapshot.region)))
+
+    def last(self, count: int) -> UserHistory:
+        """The most recent `count` entries (what the ranker's history inputs hold)."""
+        if self.items.shape[0] <= count:
+            return self
+        return UserHistory(self.items[-count:], self.liked[-count:], self.region)
 
 
 def engaged_authors(

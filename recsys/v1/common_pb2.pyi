@@ -84,3 +84,40 @@ class RequestContext(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequestContext: _TypeAlias = RequestContext  # noqa: Y015
+
+@_typing.final
+class UserHistory(_message.Message):
+    """A user's history as recall read it from the feature store (the model version's snapshot,
+    then the consumed live events), cut to the ranker's history length. Recall returns it and
+    the gateway passes it to rank, so the user's state is read once per request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_INDEXES_FIELD_NUMBER: _builtins.int
+    LIKED_FIELD_NUMBER: _builtins.int
+    REGION_TOKEN_FIELD_NUMBER: _builtins.int
+    region_token: _builtins.int
+    """The profile's region token in the model version (0: none)."""
+    @_builtins.property
+    def item_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dense item indexes of the model version, oldest first."""
+
+    @_builtins.property
+    def liked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Aligned with `item_indexes`: whether the interaction counts as a like."""
+
+    def __init__(
+        self,
+        *,
+        item_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        liked: _abc.Iterable[_builtins.bool] | None = ...,
+        region_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_indexes", b"item_indexes", "liked", b"liked", "region_token", b"region_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserHistory: _TypeAlias = UserHistory  # noqa: Y015

@@ -143,6 +143,7 @@ class RankRequest(_message.Message):
     FUSION_FIELD_NUMBER: _builtins.int
     PRERANK_KEEP_FIELD_NUMBER: _builtins.int
     USER_EMBEDDING_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """External user id. Required."""
     model_version: _builtins.str
@@ -167,6 +168,13 @@ class RankRequest(_message.Message):
     def user_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The user embedding returned by recall (for `prerank_keep`)."""
 
+    @_builtins.property
+    def history(self) -> _common_pb2.UserHistory:
+        """The user's history as recall returned it; when set, rank scores from it instead of
+        reading the feature store (one read per request). Indexes unknown to the version are
+        ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -178,10 +186,11 @@ class RankRequest(_message.Message):
         fusion: Global___Fusion | None = ...,
         prerank_keep: _builtins.int = ...,
         user_embedding: _abc.Iterable[_builtins.float] | None = ...,
+        history: _common_pb2.UserHistory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "item_indexes", b"item_indexes", "model_version", b"model_version", "prerank_keep", b"prerank_keep", "scene", b"scene", "user_embedding", b"user_embedding", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "prerank_keep", b"prerank_keep", "scene", b"scene", "user_embedding", b"user_embedding", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

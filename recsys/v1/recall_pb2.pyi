@@ -192,6 +192,7 @@ class RecallResponse(_message.Message):
     USER_EMBEDDING_FIELD_NUMBER: _builtins.int
     COLD_START_FIELD_NUMBER: _builtins.int
     DEGRADED_REASONS_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """The version the indexes below belong to."""
     cold_start: _builtins.bool
@@ -230,6 +231,12 @@ class RecallResponse(_message.Message):
         "exposure_filter_unavailable", "channel_timeout:<name>", "channel_error:<name>".
         """
 
+    @_builtins.property
+    def history(self) -> _common_pb2.UserHistory:
+        """The user's history as read from the feature store, for rank (see UserHistory); unset
+        when the feature store could not be read.
+        """
+
     def __init__(
         self,
         *,
@@ -242,10 +249,11 @@ class RecallResponse(_message.Message):
         user_embedding: _abc.Iterable[_builtins.float] | None = ...,
         cold_start: _builtins.bool = ...,
         degraded_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        history: _common_pb2.UserHistory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_masks", b"channel_masks", "channel_names", b"channel_names", "channel_stats", b"channel_stats", "cold_start", b"cold_start", "degraded_reasons", b"degraded_reasons", "item_indexes", b"item_indexes", "model_version", b"model_version", "scores", b"scores", "user_embedding", b"user_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_masks", b"channel_masks", "channel_names", b"channel_names", "channel_stats", b"channel_stats", "cold_start", b"cold_start", "degraded_reasons", b"degraded_reasons", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "scores", b"scores", "user_embedding", b"user_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,10 +13,10 @@ spent on them is thrown away (goodput fell 6× past ~32 calls in flight). Here:
   reached most of it) adds one. The limit stays within [`min_limit`, `max_limit`]. So it falls
   when the process (or a dependency it waits on) slows down and rises again when it recovers.
 - **A short FIFO queue.** A call beyond the limit waits, in arrival order, but only when its
-  expected wait (its queue position ÷ the throughput, Little's law: limit ÷ mean latency) plus
-  the mean latency fits in both its remaining deadline and `max_queue_seconds`; otherwise it is
-  refused at once. A queued call whose time runs out before a slot frees is refused then, and
-  a queued call whose caller goes away leaves the queue. A burst therefore queues briefly and
+  expected wait (its queue position ÷ the measured completion rate) plus the mean latency
+  fits in both its remaining deadline and `max_queue_seconds`; otherwise it is refused at once.
+  A queued call whose time runs out before a slot frees is refused then, and a queued call
+  whose caller goes away leaves the queue. A burst therefore queues briefly and
   is served in order, and only what its deadlines cannot allow is shed.
 
 Single event loop, no awaits between reading and updating the counters: no locks. The clock
@@ -81,8 +81,10 @@ class AdaptiveLimit:
         self._window_started = clock()
         self._peak = 0
         self._queued_during = False
-        # The mean latency, for the queue's estimates; starts at the target (no data yet).
+        # The mean latency and the completion rate, for the queue's estimates; no data yet: the
+        # target, and the rate the initial limit would give at the target.
         self.mean_latency = policy.latency_target
+        self.throughput = self.value / policy.latency_target
 
     @property
     def limit(self) -> int:
@@ -100,6 +102,12 @@ class AdaptiveLimit:
         policy = self.policy
         if len(self._samples) < policy.window_calls and now - self._window_started < policy.window_seconds:
             return
+        if self._queued_during and now > self._window_started:
+            # Calls waited all window long, so the completion rate measured is the capacity.
+            rate = len(self._samples) / (now - self._window_started)
+            self.throughput += 0.5 * (rate - self.throughput)
+        elif not self._queued_during:  # not saturated: Little's law at the current limit
+            self.throughput = self.value / max(self.mean_latency, 1e-4)
         samples = sorted(self._samples)
         p90 = samples[min(len(samples) - 1, math.ceil(0.9 * len(samples)) - 1)]
         if p90 > policy.latency_target:
@@ -132,9 +140,10 @@ class Admission:
         return len(self._queue)
 
     def expected_wait(self, position: int) -> float:
-        """Seconds until a call at `position` (1 = next) in the queue gets a slot."""
-        throughput = self.limit / max(self.limiter.mean_latency, 1e-4)
-        return position / throughput
+        """Seconds until a call at `position` (1 = next) in the queue gets a slot: one slot
+        frees per completion, and completions come at the measured rate (while calls queue,
+        the process is busy, so that rate is its capacity)."""
+        return position / max(self.limiter.throughput, 1.0)
 
     async def acquire(self, remaining: float | None) -> None:
         """Take a slot now, or wait for one in the queue when the call's deadline (`remaining`

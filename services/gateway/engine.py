@@ -120,6 +120,8 @@ class _Candidates:
     masks: npt.NDArray[np.uint64]
     channel_names: tuple[str, ...]
     task_scores: dict[str, FloatArray] = field(default_factory=dict)
+    # The user's history recall read (passed on to rank so it need not read it again).
+    history: common_pb2.UserHistory | None = None
 
     def take(self, positions: npt.NDArray[np.intp]) -> _Candidates:
         return _Candidates(
@@ -128,6 +130,7 @@ class _Candidates:
             self.masks[positions],
             self.channel_names,
             {task: values[positions] for task, values in self.task_scores.items()},
+            self.history,
         )
 
     def __len__(self) -> int:
@@ -317,6 +320,7 @@ class GatewayEngine:
             np.asarray(response.scores, dtype=np.float32)[positions],
             np.asarray(response.channel_masks, dtype=np.uint64)[positions],
             tuple(response.channel_names),
+            history=response.history if response.HasField("history") else None,
         )
 
     def _fallback(self, model: ServingModel, query: RecommendQuery) -> _Candidates:
@@ -374,6 +378,7 @@ class GatewayEngine:
             fusion=_fusion(scene.fusion),
             prerank_keep=scene.prerank_keep if embedding is not None else 0,
             user_embedding=[] if embedding is None else embedding.tolist(),
+            history=candidates.history,
         )
         try:
             response = await self._rank_link.call(

@@ -28,7 +28,7 @@ from recsys.features import Inputs
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
-from recsys.stages.query import liked_mask
+from recsys.stages.query import UserHistory, liked_mask
 from services.common.metrics import EXPIRED_WORK
 from services.common.versions import ModelVersions
 from services.rank.batcher import MicroBatcher
@@ -46,6 +46,7 @@ class RankLimits:
     max_candidates: int = 1000
     feature_store_timeout: float = 0.03  # seconds
     live_limit: int = 200  # live events read per user
+    max_history: int = 1000  # entries a call's own user history may carry
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RankQuery:
     prerank_keep: int = 0
     user_embedding: FloatArray | None = None  # recall's; None: the user tower computes it
     deadline: float | None = None  # time.monotonic() of the caller's deadline; None: none
+    history: UserHistory | None = None  # recall's read of the user's state; None: read it here
 
 
 @dataclass(frozen=True)
@@ -90,34 +92,22 @@ class PreRankResult:
 
 class UserFeatureHydrator:
     """A user's ranker inputs: history (the version snapshot, then live events, most recent
-    last), liked flags, region and statistics. Without the feature store's state, the history
-    the model version holds for the user."""
+    last, as `UserHistory` holds it), liked flags, region and statistics. Without the feature
+    store's state, the history the model version holds for the user."""
 
     identifier = "user_features"
 
-    def inputs(self, model: ServingModel, user_id: str, region: str, state: UserState | None) -> Inputs:
+    def inputs(self, model: ServingModel, user_id: str, region: str, history: UserHistory | None) -> Inputs:
         user_index = model.user_lookup.get(user_id, -1)
         region_token = model.region_lookup.get(region) if region else None
         threshold = model.core.like_threshold
-        if state is not None:
-            snapshot = state.snapshot
-            consumed = [event for event in state.live_events if event.consumes]
-            items = np.asarray(snapshot.items, dtype=np.int64)
-            liked = liked_mask(threshold, snapshot.ratings)
-            if consumed:
-                live = np.asarray([model.item_lookup.get(event.item_id, -1) for event in consumed], np.int64)
-                live_liked = np.asarray(
-                    [
-                        event.kind != "rating" or bool(liked_mask(threshold, np.array([event.value]))[0])
-                        for event in consumed
-                    ],
-                    dtype=bool,
-                )
-                known = live >= 0
-                items = np.concatenate([items, live[known]])
-                liked = np.concatenate([liked, live_liked[known]])
-            if region_token is None and snapshot.region > 0:
-                region_token = snapshot.region
+        if history is not None:
+            n_items = model.core.catalogue.n_items
+            known = (history.items >= 0) & (history.items < n_items)  # a caller's indexes: check
+            items = history.items[known].astype(np.int64)
+            liked = history.liked[known]
+            if region_token is None and history.region > 0:
+                region_token = history.region
         elif 0 <= user_index < model.core.users.n_users:
             items = np.asarray(model.core.history.items.row(user_index), dtype=np.int64)
             liked = liked_mask(threshold, np.asarray(model.core.history.ratings.row(user_index)))
@@ -168,6 +158,8 @@ class RankEngine:
         self._check_candidates(query.items)
         if query.prerank_keep < 0:
             raise InvalidArgument("prerank_keep", f"must be >= 0, got {query.prerank_keep}")
+        if query.history is not None:
+            self._check_history(query.history)
         loaded = self._versions.get(query.model_version)
         model = loaded.model
         fusion = self._fusion(query, model)
@@ -199,8 +191,12 @@ class RankEngine:
         _check_deadline(query.deadline, "user_state")
         self._batcher.expect()
         try:
-            state = await self._user_state(loaded.version, query.user_id, query.now or time.time())
-            user = self._hydrator.inputs(model, query.user_id, query.region, state)
+            history = query.history
+            if history is None:  # no recall answer to score from: read the user's state here
+                state = await self._user_state(loaded.version, query.user_id, query.now or time.time())
+                if state is not None:
+                    history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
+            user = self._hydrator.inputs(model, query.user_id, query.region, history)
             _check_deadline(query.deadline, "batch")  # the caller gave up during the read
         except BaseException:
             self._batcher.unexpect()
@@ -246,6 +242,17 @@ class RankEngine:
         if items.shape[0] > self.limits.max_candidates:
             raise InvalidArgument(
                 "item_indexes", f"at most {self.limits.max_candidates} candidates, got {items.shape[0]}"
+            )
+
+    def _check_history(self, history: UserHistory) -> None:
+        items, liked = history.items.shape[0], history.liked.shape[0]
+        if items > self.limits.max_history:
+            raise InvalidArgument(
+                "history.item_indexes", f"at most {self.limits.max_history} items, got {items}"
+            )
+        if liked != items:
+            raise InvalidArgument(
+                "history.liked", f"must align with history.item_indexes ({items}), got {liked}"
             )
 
     @staticmethod

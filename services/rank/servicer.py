@@ -7,6 +7,7 @@ import time
 import numpy as np
 from grpc import aio
 
+from recsys.stages.query import UserHistory
 from recsys.v1 import rank_pb2, rank_pb2_grpc
 from services.rank.engine import FusionOverride, RankEngine, RankQuery
 
@@ -45,6 +46,15 @@ class RankServicer(rank_pb2_grpc.RankServicer):
                 np.asarray(request.user_embedding, dtype=np.float32) if len(request.user_embedding) else None
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
+            history=(
+                UserHistory(
+                    np.asarray(request.history.item_indexes, dtype=np.int32),
+                    np.asarray(request.history.liked, dtype=bool),
+                    request.history.region_token,
+                )
+                if request.HasField("history")
+                else None
+            ),
         )
         result = await self._engine.rank(query)
         return rank_pb2.RankResponse(

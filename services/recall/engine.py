@@ -29,7 +29,7 @@ from recsys.feature_store import FeatureStore, UserState
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.merge import MergedCandidates, WeightedMerge
-from recsys.stages.query import UserQuery, build_query, liked_mask
+from recsys.stages.query import UserHistory, UserQuery, build_query
 from recsys.stages.sources import Candidates, top_candidates
 from services.common.metrics import EXPIRED_WORK
 from services.common.versions import ModelVersions
@@ -105,6 +105,9 @@ class RecallResult:
     embedding: FloatArray | None
     cold_start: bool
     degraded: list[str]
+    # The user's history as read from the feature store (its tail the ranker uses), passed on
+    # so that rank does not read it again; None when the feature store could not be read.
+    history: UserHistory | None = None
 
 
 def validate_quotas(quotas: Mapping[str, int], limits: RecallLimits) -> None:
@@ -156,7 +159,12 @@ class RecallEngine:
         state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
         # The read may have used the call's time up: then no channel starts.
         self._check_deadline(deadline, "channels")
-        user_query = self._query(model, query, state)
+        history = (
+            None
+            if state is None
+            else UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
+        )
+        user_query = self._query(model, query, history)
         cold_start = user_query.cold_start
         quotas = self._quotas(model, query, cold_start)
 
@@ -240,7 +248,8 @@ class RecallEngine:
         if cold_start:
             self._metrics.cold_start.inc()
         stats = [outcomes[name] for name in ALL_CHANNELS]
-        return RecallResult(loaded.version, merged, stats, embedding, cold_start, degraded)
+        ranker_history = None if history is None else history.last(model.spec.history_length)
+        return RecallResult(loaded.version, merged, stats, embedding, cold_start, degraded, ranker_history)
 
     # -- pieces ------------------------------------------------------------------------------
     @staticmethod
@@ -263,30 +272,17 @@ class RecallEngine:
             degraded.extend(["feature_store_unavailable", "exposure_filter_unavailable"])
             return None
 
-    def _query(self, model: ServingModel, query: RecallQuery, state: UserState | None) -> UserQuery:
+    def _query(self, model: ServingModel, query: RecallQuery, history: UserHistory | None) -> UserQuery:
         """The user's query: from the feature store's snapshot plus live events, or, without
         the feature store, from the profile the model version itself has (None history)."""
         user_index = model.user_lookup.get(query.user_id, -1)
         region = model.region_lookup.get(query.region, 0) if query.region else None
         items: IntArray | None = None
         liked: npt.NDArray[np.bool_] | None = None
-        if state is not None:
-            threshold = model.core.like_threshold
-            consumed = [event for event in state.live_events if event.consumes]
-            live = np.asarray([model.item_lookup.get(event.item_id, -1) for event in consumed], np.int32)
-            live_liked = np.asarray(
-                [
-                    event.kind != "rating" or bool(liked_mask(threshold, np.array([event.value]))[0])
-                    for event in consumed
-                ],
-                dtype=bool,
-            )
-            known = live >= 0
-            snapshot = state.snapshot
-            items = np.concatenate([snapshot.items.astype(np.int32), live[known]])
-            liked = np.concatenate([liked_mask(threshold, snapshot.ratings), live_liked[known]])
-            if region is None and snapshot.region > 0:
-                region = snapshot.region
+        if history is not None:
+            items, liked = history.items, history.liked
+            if region is None and history.region > 0:
+                region = history.region
         return build_query(
             model.core,
             user_index,

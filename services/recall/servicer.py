@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from grpc import aio
 
-from recsys.v1 import recall_pb2, recall_pb2_grpc
+from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 from services.recall.engine import RecallEngine, RecallQuery
 
 _STATUS = {
@@ -56,4 +56,11 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             user_embedding=[] if result.embedding is None else result.embedding.tolist(),
             cold_start=result.cold_start,
             degraded_reasons=result.degraded,
+            history=None
+            if result.history is None
+            else common_pb2.UserHistory(
+                item_indexes=result.history.items.tolist(),
+                liked=result.history.liked.tolist(),
+                region_token=result.history.region,
+            ),
         )

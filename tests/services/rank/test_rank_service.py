@@ -573,3 +573,58 @@ async def test_work_whose_deadline_has_passed_is_not_scored(rank: Running) -> No
     result = await rank.app.engine.rank(RankQuery("196", items, deadline=time.monotonic() + 5))
     assert result.scores.shape == (50,)
     assert sample("recsys_rank_scored_rows_total", version) == rows_before + 50
+
+
+async def test_the_history_recall_passes_on_scores_exactly_as_reading_the_feature_store(
+    rank: Running,
+) -> None:
+    """Recall reads the user's state once and the gateway forwards it: rank's scores from that
+    history are bit-equal to rank reading the state itself, live events included, and a
+    history is its own (another user's history changes the scores)."""
+    import time
+
+    from recsys.feature_store import LiveEvent
+    from recsys.stages.query import UserHistory
+    from recsys.v1 import common_pb2
+
+    model = rank.model
+    features = rank.app.features
+    now = time.time()
+    clicked = [str(model.core.catalogue.item_ids[index]) for index in (11, 12, 13)]
+    await features.append_events(
+        "196",
+        [LiveEvent(item, "click", 1.0, now - 10 + n, f"history-test-{n}") for n, item in enumerate(clicked)],
+    )
+    items = candidates(model, 3).tolist()
+    version = rank.app.versions.get().version
+    read_here = await rank.stub.Rank(rank_pb2.RankRequest(user_id="196", item_indexes=items), timeout=5)
+    state = await features.user_state(version, "196", now=now)
+    history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold).last(
+        model.spec.history_length
+    )
+    assert history.items[-3:].tolist() == [11, 12, 13]  # the live clicks, most recent last
+    message = common_pb2.UserHistory(
+        item_indexes=history.items.tolist(), liked=history.liked.tolist(), region_token=history.region
+    )
+    passed_on = await rank.stub.Rank(
+        rank_pb2.RankRequest(user_id="196", item_indexes=items, history=message), timeout=5
+    )
+    assert list(passed_on.scores) == list(read_here.scores)
+    other = await rank.stub.Rank(
+        rank_pb2.RankRequest(
+            user_id="196", item_indexes=items, history=common_pb2.UserHistory(item_indexes=[5], liked=[True])
+        ),
+        timeout=5,
+    )
+    assert list(other.scores) != list(read_here.scores)
+    with pytest.raises(aio.AioRpcError) as raised:
+        await rank.stub.Rank(
+            rank_pb2.RankRequest(
+                user_id="196",
+                item_indexes=items,
+                history=common_pb2.UserHistory(item_indexes=[5, 6], liked=[True]),
+            ),
+            timeout=5,
+        )
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "history.liked" in (raised.value.details() or "")

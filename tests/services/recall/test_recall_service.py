@@ -331,3 +331,13 @@ async def test_a_call_whose_deadline_has_passed_starts_no_channel(quick_store: M
         assert [engine._metrics.outcome[name, "ok"]._value.get() for name in channels] != runs_before
     finally:
         await host.stop(grace=0)
+
+
+async def test_the_answer_carries_the_history_it_read_for_rank(recall: Running) -> None:
+    model = recall.model
+    response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+    assert response.HasField("history")
+    stored = np.asarray(model.core.history.items.row(model.user_lookup["196"])).tolist()
+    length = model.spec.history_length
+    assert list(response.history.item_indexes) == stored[-length:]
+    assert len(response.history.liked) == len(response.history.item_indexes)
