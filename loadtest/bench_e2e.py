@@ -337,16 +337,18 @@ async def floor(store: str, scenes: Path, users: list[str], requests: int) -> fl
     # The stubs' signatures (`timeout` is what grpc names the deadline).
     class DirectRecall:
         async def Recall(
-            self, request: recall_pb2.RecallRequest, timeout: float
+            self, request: recall_pb2.RecallRequest, timeout: float, metadata: Any = ()
         ) -> recall_pb2.RecallResponse:
             return await recall_servicer.Recall(request, Context())  # type: ignore[arg-type]
 
     class DirectRank:
-        async def Rank(self, request: rank_pb2.RankRequest, timeout: float) -> rank_pb2.RankResponse:
+        async def Rank(
+            self, request: rank_pb2.RankRequest, timeout: float, metadata: Any = ()
+        ) -> rank_pb2.RankResponse:
             return await rank_servicer.Rank(request, Context())  # type: ignore[arg-type]
 
-    gateway.engine._recall = DirectRecall()  # type: ignore[assignment]
-    gateway.engine._rank = DirectRank()  # type: ignore[assignment]
+    gateway.engine.recall_client._stub = DirectRecall()  # type: ignore[assignment]
+    gateway.engine.rank_client._stub = DirectRank()  # type: ignore[assignment]
     for app in (recall, rank, gateway):
         await app.start(_Ready())  # type: ignore[arg-type]
     async with asyncio.timeout(120):

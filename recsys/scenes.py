@@ -15,12 +15,17 @@ one; an empty name is `default`. Scenes are read once at start-up from JSON:
                        "rules": {"max_consecutive_category": 2, "max_consecutive_author": 1,
                                  "first_screen": 10, "first_screen_max_per_category": 4,
                                  "first_screen_max_per_author": 2}},
-            "count": {"default": 20, "max": 100}}}}
+            "count": {"default": 20, "max": 100}},
+        "trending": {"pipeline": ["recall", "blocklist", "rerank"]}}}
 
 Every field is optional: `default` starts from the built-in `DEFAULT_SCENE`, every other
 scene from the resolved `default`. Objects override field by field, and the two mappings
 (`quotas`, `fusion.weights` / `fusion.exponents`) key by key: set a quota to 0 to turn a
 channel off, a weight to 0 to drop a task. An empty `quotas` leaves the quotas to recall.
+
+`pipeline` lists the request's stages in order: `recall` (required, first), then any of
+`blocklist`, `rank` and `rerank` in that order (default: all four). A scene without `rank`
+serves recall's candidates in pre-rank order, without `rerank` the best `count` by score.
 
 An **experiment** splits the users of some scenes into arms by a stable salted hash; each
 arm overrides the scene with an object of the same schema (see `ExperimentConfig`).
@@ -46,6 +51,8 @@ from recsys.stages.fusion import Fusion, FusionMethod
 from recsys.stages.rerank import RERANK_METHODS, RerankMethod, RerankRules, Selector, selector_for
 
 DEFAULT_SCENE_NAME = "default"
+# The stages a scene's pipeline may list, in the only order they can run.
+PIPELINE_STAGES: tuple[str, ...] = ("recall", "blocklist", "rank", "rerank")
 FUSION_METHODS: tuple[FusionMethod, ...] = ("weighted_sum", "weighted_product")
 # Scene, experiment and arm names become metric labels and log fields: short and plain.
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -76,6 +83,7 @@ class Scene:
     rules: RerankRules = field(default_factory=lambda: RerankRules(max_consecutive_author=2))
     default_count: int = 20  # items returned when the request leaves count at 0
     max_count: int = 100
+    pipeline: tuple[str, ...] = PIPELINE_STAGES  # the request's stages, in order
 
     def selector(self) -> Selector:
         """The rerank stage this scene asks for."""
@@ -134,7 +142,7 @@ def apply_overrides(
     validated; errors name `path` + the field."""
     known_channels = _channels(channels)
     obj = _object(overrides, path)
-    _only(obj, ("quotas", "recall_candidates", "prerank_keep", "fusion", "rerank", "count"), path)
+    _only(obj, ("quotas", "recall_candidates", "prerank_keep", "fusion", "rerank", "count", "pipeline"), path)
     changes: dict[str, Any] = {}
     if "quotas" in obj:
         quotas = dict(scene.quotas)
@@ -154,6 +162,8 @@ def apply_overrides(
         changes["fusion"] = _fusion(scene.fusion, obj["fusion"], f"{path}.fusion")
     if "rerank" in obj:
         changes.update(_rerank(scene, obj["rerank"], f"{path}.rerank"))
+    if "pipeline" in obj:
+        changes["pipeline"] = _pipeline(obj["pipeline"], f"{path}.pipeline")
     if "count" in obj:
         counts = _object(obj["count"], f"{path}.count")
         _only(counts, ("default", "max"), f"{path}.count")
@@ -173,6 +183,20 @@ def apply_overrides(
             f"must be at most count.max ({result.max_count}), got {result.default_count}",
         )
     return result
+
+
+def _pipeline(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(stage, str) for stage in value):
+        raise ConfigError(path, f"expected a list of stage names ({', '.join(PIPELINE_STAGES)})")
+    unknown = [stage for stage in value if stage not in PIPELINE_STAGES]
+    if unknown:
+        raise ConfigError(path, f"unknown stages {unknown} (known: {', '.join(PIPELINE_STAGES)})")
+    if not value or value[0] != "recall":
+        raise ConfigError(path, "must start with recall")
+    stages = tuple(value)
+    if len(set(stages)) != len(stages) or list(stages) != [s for s in PIPELINE_STAGES if s in stages]:
+        raise ConfigError(path, f"stages once each, in the order {', '.join(PIPELINE_STAGES)}")
+    return stages
 
 
 def _fusion(base: Fusion, value: object, path: str) -> Fusion:

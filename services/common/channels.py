@@ -86,8 +86,11 @@ def create_channel(
     settings: ClientSettings | None = None,
     *,
     idempotent_services: Sequence[str] = (),
+    forward_request_id: bool = True,
 ) -> aio.Channel:
-    """A channel to `target` ("host:port"); call it once per dependency and reuse it."""
+    """A channel to `target` ("host:port"); call it once per dependency and reuse it.
+    `forward_request_id=False`: the caller sets the request id metadata itself (cheaper
+    than the interceptor, which costs a task per call)."""
     settings = settings or ClientSettings()
     options: list[tuple[str, Any]] = [
         ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
@@ -101,7 +104,7 @@ def create_channel(
     ]
     if settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
-    interceptors = (RequestIdInterceptor(),)
+    interceptors = (RequestIdInterceptor(),) if forward_request_id else ()
     if settings.tls or settings.tls_ca_file is not None:
         return aio.secure_channel(target, _credentials(settings), options=options, interceptors=interceptors)
     return aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -21,6 +21,7 @@ from services.common.interceptor import CallGuard
 from services.common.server import Readiness, ServiceSpec
 from services.common.versions import ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, load_serving_model
+from services.gateway.clients import RankClient, RecallClient
 from services.gateway.downstream import Downstream
 from services.gateway.engine import GatewayEngine, GatewayLimits
 from services.gateway.events import EventIngestor
@@ -79,11 +80,12 @@ class GatewayApp:
             grace_seconds=settings.version_grace_seconds,
             on_change=self._on_change,
         )
+        # The clients set the request id themselves (no interceptor on the busiest path).
         self._recall_channel = create_channel(
-            settings.recall_addr, settings.client, idempotent_services=IDEMPOTENT
+            settings.recall_addr, settings.client, idempotent_services=IDEMPOTENT, forward_request_id=False
         )
         self._rank_channel = create_channel(
-            settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT
+            settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT, forward_request_id=False
         )
         scenes = (
             load_scenes(settings.scenes_file, channels=ALL_CHANNELS)
@@ -99,10 +101,16 @@ class GatewayApp:
         self.engine = GatewayEngine(
             self.versions,
             self.features,
-            recall_pb2_grpc.RecallStub(self._recall_channel),
-            rank_pb2_grpc.RankStub(self._rank_channel),
-            _link("recall", settings, metrics),
-            _link("rank", settings, metrics),
+            RecallClient(
+                recall_pb2_grpc.RecallStub(self._recall_channel),
+                _link("recall", settings, metrics),
+                settings.recall_timeout_ms / 1000,
+            ),
+            RankClient(
+                rank_pb2_grpc.RankStub(self._rank_channel),
+                _link("rank", settings, metrics),
+                settings.rank_timeout_ms / 1000,
+            ),
             scenes,
             experiments,
             blocklist,

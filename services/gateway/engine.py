@@ -19,37 +19,40 @@ but unshown ones go to the cache channel, off the request's latency, through a b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, BlocklistFilter
-from recsys.errors import InvalidArgument, Overloaded
+from recsys.errors import InvalidArgument, RecsysError, WrongModelVersion
 from recsys.feature_store import FeatureStore
 from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
-from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
+from recsys.stages.query import UserHistory
 from recsys.stages.sources import not_excluded
-from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 from services.common.deadline import Deadline
 from services.common.versions import Loaded, ModelVersions
-from services.gateway.downstream import Downstream, DownstreamError
+from services.gateway.clients import (
+    RankCall,
+    RankClient,
+    RecallCall,
+    RecallClient,
+    Recalled,
+    RequestContext,
+    VersionMismatch,
+)
+from services.gateway.downstream import DownstreamError
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.side_effects import AnswerRecorder, AnswerWrites
 
 log = logging.getLogger("recsys.gateway")
-
-_FUSION_METHODS = {
-    "weighted_sum": rank_pb2.FUSION_METHOD_WEIGHTED_SUM,
-    "weighted_product": rank_pb2.FUSION_METHOD_WEIGHTED_PRODUCT,
-}
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,6 @@ class _Candidates:
     masks: npt.NDArray[np.uint64]
     channel_names: tuple[str, ...]
     task_scores: dict[str, FloatArray] = field(default_factory=dict)
-    # The user's history recall read (passed on to rank so it need not read it again).
-    history: common_pb2.UserHistory | None = None
 
     def take(self, positions: npt.NDArray[np.intp]) -> _Candidates:
         return _Candidates(
@@ -130,22 +131,50 @@ class _Candidates:
             self.masks[positions],
             self.channel_names,
             {task: values[positions] for task, values in self.task_scores.items()},
-            self.history,
         )
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
+    @property
+    def is_fallback(self) -> bool:
+        return self.channel_names == FALLBACK_CHANNELS
+
+
+FALLBACK_CHANNELS = ("fallback_popular",)
+
+
+@dataclass
+class _Request:
+    """One Recommend as it moves through the stages: what it asked for, the version it is
+    served on, its deadline, the working candidates and what recall found out about the user."""
+
+    query: RecommendQuery
+    scene: Scene
+    loaded: Loaded[ServingModel]
+    deadline: Deadline
+    candidates: _Candidates
+    degraded: list[str] = field(default_factory=list)
+    embedding: FloatArray | None = None
+    history: UserHistory | None = None
+    cold_start: bool = False
+    ranked: _Candidates | None = None  # the ranked list before the final selection (for the cache)
+
+    @property
+    def model(self) -> ServingModel:
+        return self.loaded.model
+
 
 class GatewayEngine:
+    """Runs a scene's pipeline (`Scene.pipeline`, e.g. recall → blocklist → rank → rerank),
+    each stage a method named in `_STAGES`, tracing and counting each."""
+
     def __init__(
         self,
         versions: ModelVersions[ServingModel],
         features: FeatureStore,
-        recall: recall_pb2_grpc.RecallAsyncStub,
-        rank: rank_pb2_grpc.RankAsyncStub,
-        recall_link: Downstream,
-        rank_link: Downstream,
+        recall: RecallClient,
+        rank: RankClient,
         scenes: Mapping[str, Scene],
         experiments: ExperimentConfig,
         blocklist: Blocklist,
@@ -154,10 +183,8 @@ class GatewayEngine:
     ) -> None:
         self._versions = versions
         self._features = features
-        self._recall = recall
-        self._rank = rank
-        self._recall_link = recall_link
-        self._rank_link = rank_link
+        self.recall_client = recall
+        self.rank_client = rank
         self.scenes = dict(scenes)
         self.experiments = experiments
         self.blocklist = blocklist
@@ -170,6 +197,12 @@ class GatewayEngine:
             writers=self.limits.side_effect_writers,
         )
         self._blocklist_filters: dict[str, BlocklistFilter] = {}  # per model version
+        self._stages: dict[str, Callable[[_Request], Awaitable[None]]] = {
+            "recall": self._recall_stage,
+            "blocklist": self._blocklist_stage,
+            "rank": self._rank_stage,
+            "rerank": self._rerank_stage,
+        }
 
     # -- the request --------------------------------------------------------------------
     async def recommend(self, query: RecommendQuery) -> RecommendResult:
@@ -179,42 +212,41 @@ class GatewayEngine:
         if len(query.exclude_item_ids) > limits.max_exclusions:
             raise InvalidArgument("exclude_item_ids", f"at most {limits.max_exclusions} items")
         base = scene_named(self.scenes, query.scene)
-        scene_name = base.name
         most = min(limits.max_count, base.max_count)
         if query.count <= 0 or query.count > most:
             raise InvalidArgument("count", f"must be in [1, {most}], got {query.count}")
         assignment = self.experiments.resolve(base, query.user_id)
-        scene, experiment, arm = assignment.scene, assignment.experiment, assignment.arm
-        deadline = Deadline.from_remaining(query.time_remaining, limits.default_deadline)
-        now = query.request_time or time.time()
-        loaded = self._versions.get()
-        degraded: list[str] = []
-        trace: list[StageTrace] = []
-
-        started = time.perf_counter()
-        recalled, loaded, embedding, cold_start = await self._recall_stage(
-            query, scene, loaded, deadline, degraded
+        request = _Request(
+            query,
+            assignment.scene,
+            self._versions.get(),
+            Deadline.from_remaining(query.time_remaining, limits.default_deadline),
+            _EMPTY,
         )
-        model = loaded.model
-        self._trace(trace, "recall", 0, len(recalled), started, ",".join(degraded))
+        trace: list[StageTrace] = []
+        for name in request.scene.pipeline:
+            before, started = len(request.candidates), time.perf_counter()
+            await self._stages[name](request)
+            seconds = time.perf_counter() - started
+            self._metrics.stage_seconds.labels(name).observe(seconds)
+            detail = ",".join(request.degraded) if name == "recall" else ""
+            detail = request.scene.rerank_method if name == "rerank" else detail
+            trace.append(StageTrace(name, before, len(request.candidates), seconds * 1000, detail))
+        if "rerank" not in request.scene.pipeline:  # the best `count` by score
+            request.ranked = request.candidates
+            best = np.argsort(-request.candidates.scores, kind="stable")[: query.count]
+            request.candidates = request.candidates.take(np.asarray(best, dtype=np.intp))
+        return self._answer(request, assignment.experiment, assignment.arm, trace)
 
-        started = time.perf_counter()
-        before = len(recalled)
-        recalled = self._drop_blocked(loaded, recalled)
-        self._trace(trace, "blocklist", before, len(recalled), started)
-
-        started = time.perf_counter()
-        ranked = await self._rank_stage(query, scene, loaded, recalled, embedding, deadline, degraded)
-        self._trace(trace, "rank", len(recalled), len(ranked), started)
-
-        started = time.perf_counter()
-        chosen = self._rerank(model, scene, ranked, query.count)
-        self._trace(trace, "rerank", len(ranked), len(chosen), started, scene.rerank_method)
-
+    def _answer(
+        self, request: _Request, experiment: str, arm: str, trace: list[StageTrace]
+    ) -> RecommendResult:
+        query, model, chosen = request.query, request.model, request.candidates
+        catalogue = model.core.catalogue
         items = [
             Recommended(
-                item_id=str(model.core.catalogue.item_ids[item]),
-                title=str(model.core.catalogue.titles[item]),
+                item_id=str(catalogue.item_ids[item]),
+                title=str(catalogue.titles[item]),
                 score=float(chosen.scores[position]),
                 position=position + 1,
                 channels=_channels(int(chosen.masks[position]), chosen.channel_names),
@@ -222,106 +254,96 @@ class GatewayEngine:
             )
             for position, item in enumerate(chosen.items.tolist())
         ]
+        degraded = request.degraded
         outcome = "degraded" if degraded else "full"
-        self._metrics.recommendations.labels(scene_name, arm or "none", outcome).inc()
+        self._metrics.recommendations.labels(request.scene.name, arm or "none", outcome).inc()
         self._metrics.items_returned.observe(len(items))
         for reason in degraded:
             self._metrics.degraded.labels(reason.split(":")[0]).inc()
         if not query.dry_run:
             shown = set(chosen.items.tolist())
+            ranked = request.ranked or chosen
             rest = [
                 (item, score)
                 for item, score in zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True)
                 if item not in shown
-            ][: limits.cache_items]
-            unshown = [(str(model.core.catalogue.item_ids[item]), score) for item, score in rest]
+            ][: self.limits.cache_items]
+            unshown = [(str(catalogue.item_ids[item]), score) for item, score in rest]
+            now = query.request_time or time.time()
             self.recorder.submit(AnswerWrites(query.user_id, [item.item_id for item in items], unshown, now))
         return RecommendResult(
             items,
-            loaded.version,
-            scene_name,
+            request.loaded.version,
+            scene_named(self.scenes, query.scene).name,
             experiment,
             arm,
             degraded,
-            cold_start,
+            request.cold_start,
             trace if query.debug else [],
         )
 
-    # -- stages -------------------------------------------------------------------------
-    async def _recall_stage(
-        self,
-        query: RecommendQuery,
-        scene: Scene,
-        loaded: Loaded[ServingModel],
-        deadline: Deadline,
-        degraded: list[str],
-    ) -> tuple[_Candidates, Loaded[ServingModel], FloatArray | None, bool]:
-        model = loaded.model
+    # -- stages (each reads and updates the request) --------------------------------------
+    async def _recall_stage(self, request: _Request) -> None:
+        """Candidates from recall on the request's version. Recall without that version → once
+        more on recall's own (if the gateway has it too); recall down, slow or refused →
+        the version's popular list."""
+        query, model = request.query, request.model
         exclude = [model.item_lookup[item] for item in query.exclude_item_ids if item in model.item_lookup]
         # Blocked items are excluded at the source too, so they never take a channel's quota.
-        exclude.extend(self._blocklist_filter(loaded).blocked.tolist())
-        request = recall_pb2.RecallRequest(
+        exclude.extend(self._blocklist_filter(request.loaded).blocked.tolist())
+        call = RecallCall(
             user_id=query.user_id,
-            context=_context(query),
-            quotas=dict(scene.quotas),
-            exclude_item_indexes=exclude,
-            model_version=loaded.version,
-            max_candidates=scene.recall_candidates,
+            context=RequestContext(query.region, query.request_time),
+            quotas=request.scene.quotas,
+            exclude=exclude,
+            model_version=request.loaded.version,
+            max_candidates=request.scene.recall_candidates,
             dry_run=query.dry_run,
         )
-        budget = deadline.budget(self.limits.margin * 3, self.limits.recall_timeout)
+        budget = request.deadline.budget(self.limits.margin * 3)
         try:
             try:
-                response = await self._recall_link.call(
-                    lambda timeout: self._recall.Recall(request, timeout=timeout),
-                    budget,
-                    self.limits.recall_timeout,
-                )
-            except DownstreamError as error:
-                if error.code is not grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
+                recalled = await self.recall_client.recall(call, budget)
+            except VersionMismatch:
                 # Recall no longer (or not yet) has our version: once more on its current one,
                 # if we have that one too (its indexes must mean the same items to us).
-                request.model_version = ""
-                request.ClearField("exclude_item_indexes")
-                response = await self._recall_link.call(
-                    lambda timeout: self._recall.Recall(request, timeout=timeout),
-                    deadline.budget(self.limits.margin * 3, self.limits.recall_timeout),
-                    self.limits.recall_timeout,
+                retry = dataclasses.replace(call, model_version="", exclude=())
+                recalled = await self.recall_client.recall(
+                    retry, request.deadline.budget(self.limits.margin * 3)
                 )
-                loaded = self._versions.get(response.model_version)  # WrongModelVersion → degrade
-                model = loaded.model
-                excluded = {model.item_lookup[i] for i in query.exclude_item_ids if i in model.item_lookup}
-                keep = [n for n, item in enumerate(response.item_indexes) if item not in excluded]
-                degraded.append("version_retry")
-                return self._from_recall(response, keep), loaded, _embedding(response), response.cold_start
+                request.loaded = self._versions.get(recalled.model_version)  # WrongModelVersion → below
+                request.degraded.append("version_retry")
+                self._take_recalled(request, recalled, drop_excluded=True)
+                return
         except DownstreamError as error:
-            degraded.append(f"recall_{error.reason.replace(' ', '_')}")
-            return self._fallback(model, query), loaded, None, model.user_lookup.get(query.user_id) is None
-        except Overloaded:
-            raise
-        except Exception as error:  # WrongModelVersion after the retry: the same fallback
+            request.degraded.append(f"recall_{error.reason.replace(' ', '_')}")
+        except Exception as error:
+            if isinstance(error, RecsysError) and not isinstance(error, WrongModelVersion):
+                raise  # Overloaded: the caller gets RESOURCE_EXHAUSTED
             log.warning("recall answer unusable", extra={"error": repr(error)})
-            degraded.append("recall_version_unavailable")
-            return self._fallback(model, query), loaded, None, model.user_lookup.get(query.user_id) is None
-        degraded.extend(f"recall:{reason}" for reason in response.degraded_reasons)
-        return (
-            self._from_recall(response, range(len(response.item_indexes))),
-            loaded,
-            _embedding(response),
-            response.cold_start,
-        )
+            request.degraded.append("recall_version_unavailable")
+        else:
+            self._take_recalled(request, recalled, drop_excluded=False)
+            return
+        request.candidates = self._fallback(request.model, query)
+        request.cold_start = request.model.user_lookup.get(query.user_id) is None
 
     @staticmethod
-    def _from_recall(response: recall_pb2.RecallResponse, keep: Sequence[int] | range) -> _Candidates:
-        positions = np.asarray(list(keep), dtype=np.intp)
-        return _Candidates(
-            np.asarray(response.item_indexes, dtype=np.int64)[positions].astype(np.int32),
-            np.asarray(response.scores, dtype=np.float32)[positions],
-            np.asarray(response.channel_masks, dtype=np.uint64)[positions],
-            tuple(response.channel_names),
-            history=response.history if response.HasField("history") else None,
-        )
+    def _take_recalled(request: _Request, recalled: Recalled, *, drop_excluded: bool) -> None:
+        candidates = _Candidates(recalled.items, recalled.scores, recalled.masks, recalled.channel_names)
+        if drop_excluded:  # recall did not get the request's exclusions (other version's indexes)
+            model = request.model
+            excluded = [
+                model.item_lookup[i] for i in request.query.exclude_item_ids if i in model.item_lookup
+            ]
+            if excluded:
+                keep = ~np.isin(candidates.items, np.asarray(excluded, dtype=np.int32))
+                candidates = candidates.take(np.flatnonzero(keep))
+        request.candidates = candidates
+        request.embedding = recalled.embedding
+        request.history = recalled.history
+        request.cold_start = recalled.cold_start
+        request.degraded.extend(recalled.degraded)
 
     def _fallback(self, model: ServingModel, query: RecommendQuery) -> _Candidates:
         """The version's global popular list minus the user's consumed items (as the version
@@ -334,7 +356,7 @@ class GatewayEngine:
         if drop:
             top = top[~np.isin(top, np.fromiter(drop, dtype=np.int32, count=len(drop)))]
         scores = np.asarray(model.core.popularity.global_scores, dtype=np.float32)[top]
-        return _Candidates(top, scores, np.zeros(top.shape[0], np.uint64), ("fallback_popular",))
+        return _Candidates(top, scores, np.zeros(top.shape[0], np.uint64), FALLBACK_CHANNELS)
 
     def _blocklist_filter(self, loaded: Loaded[ServingModel]) -> BlocklistFilter:
         stage = self._blocklist_filters.get(loaded.version)
@@ -346,58 +368,46 @@ class GatewayEngine:
             self._blocklist_filters = {**kept, loaded.version: stage}
         return stage
 
-    def _drop_blocked(self, loaded: Loaded[ServingModel], candidates: _Candidates) -> _Candidates:
+    async def _blocklist_stage(self, request: _Request) -> None:
+        candidates = request.candidates
         if len(self.blocklist) == 0 or len(candidates) == 0:
-            return candidates
-        stage = self._blocklist_filter(loaded)
+            return
+        stage = self._blocklist_filter(request.loaded)
         keep = not_excluded(candidates.items, stage.blocked)  # the stage's own binary search
         removed = int(len(candidates) - keep.sum())
         if removed:
             self._metrics.filtered.labels(stage.identifier).inc(removed)
-            return candidates.take(np.flatnonzero(keep))
-        return candidates
+            request.candidates = candidates.take(np.flatnonzero(keep))
 
-    async def _rank_stage(
-        self,
-        query: RecommendQuery,
-        scene: Scene,
-        loaded: Loaded[ServingModel],
-        candidates: _Candidates,
-        embedding: FloatArray | None,
-        deadline: Deadline,
-        degraded: list[str],
-    ) -> _Candidates:
-        if len(candidates) == 0 or candidates.channel_names == ("fallback_popular",):
-            return candidates
-        request = rank_pb2.RankRequest(
+    async def _rank_stage(self, request: _Request) -> None:
+        """Rank's scores, best first; rank down, slow or refused → pre-rank order."""
+        candidates, query, scene = request.candidates, request.query, request.scene
+        if len(candidates) == 0 or candidates.is_fallback:
+            return
+        call = RankCall(
             user_id=query.user_id,
-            model_version=loaded.version,
+            model_version=request.loaded.version,
             scene=query.scene or "default",
-            item_indexes=candidates.items.tolist(),
-            context=_context(query),
-            fusion=_fusion(scene.fusion),
-            prerank_keep=scene.prerank_keep if embedding is not None else 0,
-            user_embedding=[] if embedding is None else embedding.tolist(),
-            history=candidates.history,
+            items=candidates.items,
+            context=RequestContext(query.region, query.request_time),
+            fusion=scene.fusion,
+            prerank_keep=scene.prerank_keep,
+            embedding=request.embedding,
+            history=request.history,
         )
         try:
-            response = await self._rank_link.call(
-                lambda timeout: self._rank.Rank(request, timeout=timeout),
-                deadline.budget(self.limits.margin, self.limits.rank_timeout),
-                self.limits.rank_timeout,
-            )
+            ranked = await self.rank_client.rank(call, request.deadline.budget(self.limits.margin))
         except DownstreamError as error:
-            degraded.append(f"rank_{error.reason.replace(' ', '_')}")
-            return self._without_ranker(loaded.model, scene, candidates, embedding)
+            request.degraded.append(f"rank_{error.reason.replace(' ', '_')}")
+            request.candidates = self._without_ranker(request.model, scene, candidates, request.embedding)
+            return
         position = {item: n for n, item in enumerate(candidates.items.tolist())}
-        order = np.asarray([position[item] for item in response.item_indexes], dtype=np.intp)
-        ranked = candidates.take(order)
-        ranked.scores = np.asarray(response.scores, dtype=np.float32)
-        ranked.task_scores = {
-            task.task: np.asarray(task.scores, dtype=np.float32) for task in response.task_scores
-        }
-        best = np.argsort(-ranked.scores, kind="stable")
-        return ranked.take(best)
+        result = candidates.take(
+            np.asarray([position[item] for item in ranked.items.tolist()], dtype=np.intp)
+        )
+        result.scores = ranked.scores
+        result.task_scores = ranked.task_scores
+        request.candidates = result.take(np.argsort(-result.scores, kind="stable"))
 
     @staticmethod
     def _without_ranker(
@@ -415,52 +425,29 @@ class GatewayEngine:
         result.scores = cut.scores
         return result
 
-    def _rerank(self, model: ServingModel, scene: Scene, ranked: _Candidates, count: int) -> _Candidates:
+    async def _rerank_stage(self, request: _Request) -> None:
+        ranked, model = request.candidates, request.model
+        request.ranked = ranked
         if len(ranked) == 0:
-            return ranked
+            return
         catalogue = model.core.catalogue
-        selector = scene.selector()
-        positions = selector.select(
+        positions = request.scene.selector().select(
             ranked.items,
             ranked.scores,
             np.asarray(model.item_embeddings[ranked.items], dtype=np.float32),
             np.asarray(catalogue.categories[ranked.items]),
             np.asarray(catalogue.authors[ranked.items]),
-            count,
+            request.query.count,
         )
-        return ranked.take(np.asarray(positions, dtype=np.intp))
+        request.candidates = ranked.take(np.asarray(positions, dtype=np.intp))
 
     async def drain(self) -> None:
         """Finish the writes of answers already given (at shutdown)."""
         await self.recorder.drain()
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _trace(
-        self, trace: list[StageTrace], stage: str, before: int, after: int, started: float, detail: str = ""
-    ) -> None:
-        seconds = time.perf_counter() - started
-        self._metrics.stage_seconds.labels(stage).observe(seconds)
-        trace.append(StageTrace(stage, before, after, seconds * 1000, detail))
+
+_EMPTY = _Candidates(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint64), ())
 
 
 def _channels(mask: int, names: tuple[str, ...]) -> list[str]:
     return [name for bit, name in enumerate(names) if mask >> bit & 1]
-
-
-def _embedding(response: recall_pb2.RecallResponse) -> FloatArray | None:
-    if not response.user_embedding:
-        return None
-    return np.asarray(response.user_embedding, dtype=np.float32)
-
-
-def _context(query: RecommendQuery) -> common_pb2.RequestContext:
-    context = common_pb2.RequestContext(region=query.region)
-    if query.request_time:
-        context.request_time.FromNanoseconds(int(query.request_time * 1e9))
-    return context
-
-
-def _fusion(fusion: Fusion) -> rank_pb2.Fusion:
-    return rank_pb2.Fusion(
-        method=_FUSION_METHODS[fusion.method], weights=dict(fusion.weights), exponents=dict(fusion.exponents)
-    )

@@ -124,6 +124,11 @@ def test_scene_named_and_resolve_count_raise_request_errors() -> None:
         ({"home": 3}, "scenes.home"),
         ({"bad name!": {}}, "scenes.bad name!"),
         ({"default": {"rerank": {"theta": 2}}}, "scenes.default.rerank.theta"),
+        ({"home": {"pipeline": ["rank", "recall"]}}, "scenes.home.pipeline"),
+        ({"home": {"pipeline": ["recall", "rerank", "rank"]}}, "scenes.home.pipeline"),
+        ({"home": {"pipeline": ["recall", "rank", "rank"]}}, "scenes.home.pipeline"),
+        ({"home": {"pipeline": ["recall", "shuffle"]}}, "scenes.home.pipeline"),
+        ({"home": {"pipeline": "recall"}}, "scenes.home.pipeline"),
     ],
 )
 def test_bad_scene_config_names_the_json_path(obj: dict[str, Any], path: str) -> None:
@@ -324,3 +329,9 @@ def test_shares_summing_to_one_up_to_rounding_are_accepted(tmp_path: Path) -> No
     config = ExperimentConfig.load(path, channels=CHANNELS)
     assert config.experiment_for("home") is not None
     assert ExperimentConfig.empty().experiment_for("home") is None
+
+
+def test_a_scene_declares_its_pipeline_as_data() -> None:
+    declared = scenes({"fast": {"pipeline": ["recall", "blocklist", "rerank"]}})
+    assert declared["default"].pipeline == ("recall", "blocklist", "rank", "rerank")
+    assert declared["fast"].pipeline == ("recall", "blocklist", "rerank")

@@ -54,6 +54,7 @@ SCENES = {
                 "rules": {"max_consecutive_category": 1, "max_consecutive_author": 1},
             }
         },
+        "unranked": {"pipeline": ["recall", "blocklist", "rerank"]},
     }
 }
 
@@ -253,6 +254,23 @@ async def test_an_unknown_user_gets_a_cold_start_answer(stack: Stack) -> None:
     response = await stack.recommend("never-seen-user", count=10)
     assert response.cold_start
     assert len(response.items) == 10
+
+
+async def test_a_scene_runs_the_stages_its_pipeline_declares(stack: Stack) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"grpc_type": "unary", "grpc_service": "recsys.v1.Rank", "grpc_method": "Rank"}
+    ranked_before = REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0
+    unranked = await stack.recommend("196", count=10, scene="unranked", debug=True, dry_run=True)
+    assert [stage.stage for stage in unranked.trace] == ["recall", "blocklist", "rerank"]
+    assert len(unranked.items) == 10
+    assert all(not item.task_scores for item in unranked.items)  # no ranker scores
+    assert list(unranked.degraded_reasons) == []
+    assert (REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0) == ranked_before
+    full = await stack.recommend("196", count=10, debug=True, dry_run=True)
+    assert [stage.stage for stage in full.trace] == ["recall", "blocklist", "rank", "rerank"]
+    assert all(set(item.task_scores) == {"click", "like"} for item in full.items)
+    assert (REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0) == ranked_before + 1
 
 
 async def test_diversity_scenes_respect_the_business_rules(stack: Stack) -> None:
