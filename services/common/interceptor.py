@@ -45,6 +45,28 @@ def _code_of(context: aio.ServicerContext[Any, Any], default: grpc.StatusCode) -
     return default if code is None else code
 
 
+class _MethodMetrics:
+    """A method's labelled metric children, looked up once: `labels()` takes a lock and
+    builds a key on every call, a measurable share of a busy server's CPU."""
+
+    __slots__ = ("handled", "seconds", "started")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.started = metrics.GRPC_STARTED.labels(*labels)
+        self.seconds = metrics.GRPC_HANDLING_SECONDS.labels(*labels)
+        self.handled: dict[grpc.StatusCode, Any] = {}
+
+
+_METHOD_METRICS: dict[tuple[str, str, str], _MethodMetrics] = {}
+
+
+def _children(labels: tuple[str, str, str]) -> _MethodMetrics:
+    children = _METHOD_METRICS.get(labels)
+    if children is None:
+        children = _METHOD_METRICS[labels] = _MethodMetrics(labels)
+    return children
+
+
 class _Call:
     """Book-keeping for one call: its labels, its status code, its timing."""
 
@@ -189,7 +211,7 @@ class CallGuard(aio.ServerInterceptor):
         # Each call runs in its own task, so the context variable is per call.
         request_id_var.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        metrics.GRPC_STARTED.labels(*labels).inc()
+        _children(labels).started.inc()
         call = _Call(labels)
         if guarded:
             refusal = await self._admit(context)
@@ -254,5 +276,11 @@ class CallGuard(aio.ServerInterceptor):
 
     @staticmethod
     def _record(call: _Call) -> None:
-        metrics.GRPC_HANDLED.labels(*call.labels, code_label(call.code)).inc()
-        metrics.GRPC_HANDLING_SECONDS.labels(*call.labels).observe(time.perf_counter() - call.arrived)
+        children = _children(call.labels)
+        handled = children.handled.get(call.code)
+        if handled is None:
+            handled = children.handled[call.code] = metrics.GRPC_HANDLED.labels(
+                *call.labels, code_label(call.code)
+            )
+        handled.inc()
+        children.seconds.observe(time.perf_counter() - call.arrived)

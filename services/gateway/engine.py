@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -197,12 +198,19 @@ class GatewayEngine:
             writers=self.limits.side_effect_writers,
         )
         self._blocklist_filters: dict[str, BlocklistFilter] = {}  # per model version
+        self._stage_timers: dict[str, Any] = {}
         self._stages: dict[str, Callable[[_Request], Awaitable[None]]] = {
             "recall": self._recall_stage,
             "blocklist": self._blocklist_stage,
             "rank": self._rank_stage,
             "rerank": self._rerank_stage,
         }
+
+    def _stage_timer(self, stage: str) -> Any:
+        timer = self._stage_timers.get(stage)
+        if timer is None:  # labels() per call costs a lock and a key: look each up once
+            timer = self._stage_timers[stage] = self._metrics.stage_seconds.labels(stage)
+        return timer
 
     # -- the request --------------------------------------------------------------------
     async def recommend(self, query: RecommendQuery) -> RecommendResult:
@@ -228,7 +236,7 @@ class GatewayEngine:
             before, started = len(request.candidates), time.perf_counter()
             await self._stages[name](request)
             seconds = time.perf_counter() - started
-            self._metrics.stage_seconds.labels(name).observe(seconds)
+            self._stage_timer(name).observe(seconds)
             detail = ",".join(request.degraded) if name == "recall" else ""
             detail = request.scene.rerank_method if name == "rerank" else detail
             trace.append(StageTrace(name, before, len(request.candidates), seconds * 1000, detail))
