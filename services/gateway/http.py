@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
 from services.gateway.engine import GatewayEngine
 from services.gateway.events import EventIngestor
+from services.gateway.metrics import gateway_metrics
 from services.gateway.servicer import recommend_query, recommend_response, report_events
 
 log = logging.getLogger("recsys.gateway")
@@ -68,7 +70,7 @@ class GatewayHttp:
         self._ingestor = ingestor
         self._max_events = max_events
         self._serving = serving
-        self.app = web.Application(middlewares=[self._errors])
+        self.app = web.Application(middlewares=[self._measured, self._errors])
         self.app.router.add_post("/v1/recommend", self._recommend)
         self.app.router.add_get("/v1/recommend", self._recommend)
         self.app.router.add_post("/v1/events", self._events)
@@ -94,6 +96,26 @@ class GatewayHttp:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _measured(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests and latency by route and status, like grpc_server_handled_total and
+        grpc_server_handling_seconds on the gRPC port (routes, not raw paths: bounded labels)."""
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            metrics = gateway_metrics()
+            metrics.http_requests.labels(name, request.method, str(status)).inc()
+            metrics.http_seconds.labels(name, request.method).observe(time.perf_counter() - started)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -42,6 +42,14 @@ class GatewayMetrics:
         self.side_effects_queued = metrics.gauge(
             "side_effects_queued", "Answers whose after-answer writes wait in the queue.", (), "livesum"
         )
+        self.http_requests = metrics.counter(
+            "http_requests_total",
+            "HTTP/JSON requests by route, method and status.",
+            ("route", "method", "status"),
+        )
+        self.http_seconds = metrics.histogram(
+            "http_request_seconds", "HTTP/JSON request latency by route and method.", ("route", "method")
+        )
         self.breaker_state = metrics.gauge(
             "breaker_state", "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open.", ("dependency",)
         )

@@ -510,3 +510,43 @@ async def test_the_dashboard_and_alerts_query_metrics_the_running_stack_exports(
     used = used_metric_names()
     assert len(used) > 20
     assert used <= exported, sorted(used - exported)
+
+
+async def test_the_http_edge_shares_the_grpc_admission_and_is_measured(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    """One slot and no queue: while a gRPC-admitted call holds the slot, an HTTP request is
+    refused with 429 RESOURCE_EXHAUSTED at once; afterwards HTTP is served. Both are counted
+    by route and status."""
+    from prometheus_client import REGISTRY
+
+    running = await start_stack(
+        quick_store, tmp_path, InProcessFeatureStore(), max_in_flight=1, min_in_flight=1, max_queue_ms=0
+    )
+    try:
+        base = f"http://127.0.0.1:{running.gateway_app.http.port}"
+        admission = running.gateway.guard.admission
+        route = {"route": "/v1/recommend", "method": "POST"}
+
+        def count(status: str) -> float:
+            labels = {**route, "status": status}
+            return REGISTRY.get_sample_value("recsys_gateway_http_requests_total", labels) or 0.0
+
+        refused_before, served_before = count("429"), count("200")
+        await admission.acquire(1.0)  # the slot a gRPC call would hold
+        try:
+            status, body = await asyncio.to_thread(
+                _http, f"{base}/v1/recommend", {"user_id": "196", "count": 3}
+            )
+        finally:
+            admission.release(0.001)
+        assert status == 429
+        assert body["error"]["code"] == "RESOURCE_EXHAUSTED"
+        status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "196", "count": 3})
+        assert status == 200
+        assert len(body["items"]) == 3
+        assert count("429") == refused_before + 1
+        assert count("200") == served_before + 1
+        assert admission.in_flight == 0
+    finally:
+        await stop_stack(running)
