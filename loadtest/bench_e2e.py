@@ -206,7 +206,13 @@ def _format(row: dict[str, Any]) -> str:
         f"{row['mode']:<22} {row['full_rps']:>7.1f} {row['p50_ms']:>7.1f} {row['p99_ms']:>7.1f}"
         f" {row['degraded_share']:>8.1%} {row['shed']:>6} {row['shed_p99_ms']:>8.1f} {errors:>8}"
         f" {cpu['total']:>6.2f} = {cpu['gateway']:.2f}+{cpu['recall']:.2f}+{cpu['rank']:.2f}"
+        + (f"  degraded by: {_top(row['degraded_reasons'])}" if row["degraded_reasons"] else "")
     )
+
+
+def _top(reasons: dict[str, int], count: int = 3) -> str:
+    ranked = sorted(reasons.items(), key=lambda item: -item[1])[:count]
+    return ", ".join(f"{reason} {n}" for reason, n in ranked)
 
 
 HEADER = (

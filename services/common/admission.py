@@ -13,7 +13,8 @@ spent on them is thrown away (goodput fell 6× past ~32 calls in flight). Here:
   reached most of it) adds one. The limit stays within [`min_limit`, `max_limit`]. So it falls
   when the process (or a dependency it waits on) slows down and rises again when it recovers.
 - **A short FIFO queue.** A call beyond the limit waits, in arrival order, but only when its
-  expected wait (its queue position ÷ the measured completion rate) plus the mean latency
+  expected wait (its queue position × the interval measured between hand-overs while calls
+  queued) plus the mean latency
   fits in both its remaining deadline and `max_queue_seconds`; otherwise it is refused at once.
   A queued call whose time runs out before a slot frees is refused then, and a queued call
   whose caller goes away leaves the queue. A burst therefore queues briefly and
@@ -130,6 +131,8 @@ class Admission:
         self.limiter = AdaptiveLimit(policy, clock)
         self.in_flight = 0
         self._queue: deque[asyncio.Future[None]] = deque()
+        self._handover_interval: float | None = None  # EWMA seconds between hand-overs
+        self._last_handover: float | None = None  # while the queue has stayed non-empty
 
     @property
     def limit(self) -> int:
@@ -140,10 +143,13 @@ class Admission:
         return len(self._queue)
 
     def expected_wait(self, position: int) -> float:
-        """Seconds until a call at `position` (1 = next) in the queue gets a slot: one slot
-        frees per completion, and completions come at the measured rate (while calls queue,
-        the process is busy, so that rate is its capacity)."""
-        return position / max(self.limiter.throughput, 1.0)
+        """Seconds until a call at `position` (1 = next) in the queue gets a slot: `position`
+        hand-overs at the interval measured between hand-overs while calls were queued (the
+        rate queued calls actually see), or, before any, what Little's law gives."""
+        interval = self._handover_interval
+        if interval is None:
+            interval = 1.0 / max(self.limiter.throughput, 1.0)
+        return position * interval
 
     async def acquire(self, remaining: float | None) -> None:
         """Take a slot now, or wait for one in the queue when the call's deadline (`remaining`
@@ -165,6 +171,8 @@ class Admission:
                 f" {len(self._queue)} queued, expected wait {wait * 1000:.0f} ms; retry later",
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._queue:  # a busy period starts: hand-over gaps from now on are service gaps
+            self._last_handover = self._clock()
         self._queue.append(future)
         self.limiter.observe_load(self.in_flight, len(self._queue))
         try:
@@ -208,6 +216,15 @@ class Admission:
                 continue
             self._admit()
             future.set_result(None)
+            now = self._clock()
+            if self._last_handover is not None:
+                gap = now - self._last_handover
+                if self._handover_interval is None:
+                    self._handover_interval = gap
+                else:
+                    self._handover_interval += 0.1 * (gap - self._handover_interval)
+            # The next gap measures the service rate only if calls keep waiting meanwhile.
+            self._last_handover = now if self._queue else None
 
 
 def _granted(future: asyncio.Future[None]) -> bool:

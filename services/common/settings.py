@@ -68,7 +68,9 @@ class ServerSettings(TlsSettings):
         description="Admission: a window of calls whose p90 exceeds this lowers the concurrency limit.",
     )
     max_queue_ms: float = Field(
-        500.0, ge=0, description="Admission: the longest a call may expect to wait for a slot (0: no queue)."
+        1000.0,
+        ge=0,
+        description="Admission: the longest a call may expect to wait for a slot (and never past its deadline).",
     )
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish on shutdown.")
     shutdown_delay_seconds: float = Field(
