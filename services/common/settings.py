@@ -70,7 +70,7 @@ class ServerSettings(TlsSettings):
     max_queue_ms: float = Field(
         1000.0,
         ge=0,
-        description="Admission: the longest a call may expect to wait for a slot (and never past its deadline).",
+        description="Admission: the longest a call may expect to wait for a slot (never past its deadline).",
     )
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish on shutdown.")
     shutdown_delay_seconds: float = Field(
