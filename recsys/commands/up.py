@@ -4,9 +4,13 @@ Without `--redis` the three services run in this one process and share one in-pr
 feature store (still calling each other over gRPC on loopback), so exposures, clicks and the
 cache channel work with no Redis at all. With `--redis` each service is its own process
 (`recsys serve …`), as in production; the current version's features are pushed first if
-Redis does not have them yet. Either way the command waits until every service reports
-SERVING, prints the addresses, and on a signal stops everything (gateway first) and leaves
-no process behind.
+Redis does not have them yet; every service option `up` takes is forwarded to the services
+that understand it, and `--workers N` (or `--rank-workers N`, …) runs N processes per service
+behind its one port. There a supervisor keeps the stack serving: a service that dies is
+started again while the others keep serving, and one that fails while starting (a port in
+use) is reported in one line and not retried. Either way the command waits until every
+service reports SERVING, prints the addresses, and on a signal stops everything (gateway
+first) and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--scenes", type=Path, help="scenes JSON for the gateway")
     parser.add_argument("--experiments", type=Path, help="experiments JSON for the gateway")
+    parser.add_argument("--blocklist", type=Path, help="item ids never to show, one per line")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes per service behind its one port (with --redis)"
+    )
+    for name in ("recall", "rank", "gateway"):
+        parser.add_argument(
+            f"--{name}-workers", type=int, help=f"processes for {name} (default: --workers)"
+        )
+    parser.add_argument(
+        "--redis-prefix", default="recsys", help="key prefix in Redis (with --redis; default recsys)"
+    )
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        help="seconds each service reports NOT_SERVING before refusing calls (default: the services')",
+    )
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(handler=run)
 
@@ -62,6 +83,12 @@ def _check(args: argparse.Namespace) -> None:
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
             raise UsageError(f"--{flag.replace('_', '-')}: expected 0–65535, got {port}")
+    for flag in ("workers", "recall_workers", "rank_workers", "gateway_workers"):
+        workers = getattr(args, flag)
+        if workers is not None and not 1 <= workers <= 64:
+            raise UsageError(f"--{flag.replace('_', '-')}: expected 1–64, got {workers}")
+        if workers not in (None, 1) and not args.redis:
+            raise UsageError(f"--{flag.replace('_', '-')}: needs --redis (one process runs all three services)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +129,9 @@ async def _run_embedded(args: argparse.Namespace) -> None:
         recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
         hosts.append(recall)
         await recall.start()
-        rank_settings = RankSettings(store=args.store, port=args.rank_port, metrics_port=None)
+        rank_settings = RankSettings(
+            store=args.store, port=args.rank_port, metrics_port=None, scenes_file=args.scenes
+        )
         rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
         hosts.append(rank)
         await rank.start()
@@ -116,6 +145,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             event_log=args.event_log,
             scenes_file=args.scenes,
             experiments_file=args.experiments,
+            blocklist_file=args.blocklist,
         )
         gateway_app = GatewayApp(gateway_settings, features=features)
         gateway = GrpcHost(gateway_app, gateway_settings)
@@ -158,10 +188,23 @@ def _announce(lines: dict[str, str]) -> None:
 
 
 # -- one process per service ----------------------------------------------------------------
-def _run_processes(args: argparse.Namespace) -> int:
-    _push_if_needed(args)
+SERVICE_ORDER = ("recall", "rank", "gateway")  # start order; stopped in reverse (gateway first)
+POLL_SECONDS = 0.2
+RESTART_DELAY_SECONDS = 0.5
+STOP_SECONDS = 30.0
+
+
+def _workers(args: argparse.Namespace, name: str) -> int:
+    own = getattr(args, f"{name}_workers")
+    return int(own if own is not None else args.workers)
+
+
+def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The `recsys serve …` command of each service: every option `up` accepts that the
+    service understands is forwarded (a flag `up` takes but drops would be a silent lie)."""
     base = [sys.executable, "-m", "recsys.cli", "serve"]
-    common = ["--store", args.store, "--redis", args.redis, "--log-level", args.log_level]
+    common = ["--store", str(args.store), "--redis", args.redis, "--log-level", args.log_level]
+    scenes = ["--scenes", str(args.scenes)] if args.scenes else []
     metrics = (
         {"recall": args.metrics_port + 1, "rank": args.metrics_port + 2, "gateway": args.metrics_port}
         if args.metrics_port >= 0
@@ -169,7 +212,8 @@ def _run_processes(args: argparse.Namespace) -> int:
     )
     commands = {
         "recall": [*base, "recall", *common, "--port", str(args.recall_port)],
-        "rank": [*base, "rank", *common, "--port", str(args.rank_port)],
+        # rank reads each scene's score fusion from the same file as the gateway
+        "rank": [*base, "rank", *common, "--port", str(args.rank_port), *scenes],
         "gateway": [
             *base,
             "gateway",
@@ -181,64 +225,211 @@ def _run_processes(args: argparse.Namespace) -> int:
             "--rank-addr",
             f"127.0.0.1:{args.rank_port}",
             *(["--http-port", str(args.http_port)] if args.http_port >= 0 else []),
+            *scenes,
             *(["--experiments", str(args.experiments)] if args.experiments else []),
+            *(["--blocklist", str(args.blocklist)] if args.blocklist else []),
         ],
     }
-    for name, port in metrics.items():
-        commands[name] += ["--metrics-port", str(port)]
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    stopping = False
+    for name in SERVICE_ORDER:
+        commands[name] += ["--workers", str(_workers(args, name))]
+        if name in metrics:
+            commands[name] += ["--metrics-port", str(metrics[name])]
+    return commands
 
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
 
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for name in ("recall", "rank", "gateway"):
-            processes[name] = subprocess.Popen(commands[name])
-        ports = {"recall": args.recall_port, "rank": args.rank_port, "gateway": args.gateway_port}
+class ServiceChild:
+    """One service's process under `recsys up --redis`. Its stderr is forwarded line by line
+    (prefixed with the service's name) and its last line kept, so that a failure can be
+    reported in one line saying why."""
+
+    def __init__(self, name: str, command: list[str], addr: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.command = command
+        self.addr = addr
+        self.env = env
+        self.process: subprocess.Popen[str] | None = None
+        self.serving = False  # reached SERVING since its last start
+        self.given_up = False  # failed while starting after a restart: left down
+        self.restarts = 0
+        self.last_line = ""
+        self._forwarder: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.serving = False
+        self.last_line = ""
+        # A session of its own: Ctrl-C in the terminal reaches only `up`, which stops the
+        # services in order; and the group can be killed whole when a service with
+        # --workers dies and leaves its workers behind.
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        self._forwarder = threading.Thread(target=self._forward, args=(self.process,), daemon=True)
+        self._forwarder.start()
+
+    def _forward(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if line.strip():
+                self.last_line = line.strip()
+            sys.stderr.write(f"[{self.name}] {line}")
+            sys.stderr.flush()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def exit_status(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def reason(self) -> str:
+        """Its last log line, once the forwarder has read everything the process wrote."""
+        if self._forwarder is not None:
+            self._forwarder.join(2.0)
+        return self.last_line or "no output"
+
+    def kill_leftovers(self) -> None:
+        """A service that died may leave its workers (its process group) behind, still
+        holding the port: they go before it is started again."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, seconds: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.kill_leftovers()
+
+
+class StackSupervisor:
+    """Starts the services in order, waits until each is SERVING, then keeps them serving:
+    a service that dies is started again (the others keep serving meanwhile, the gateway
+    degrading around a missing dependency), while a service that fails during start-up (a
+    port in use, a store it cannot load) is reported in one line and not retried — starting
+    it again would fail the same way."""
+
+    def __init__(self, children: dict[str, ServiceChild]) -> None:
+        self.children = children
+        self.stopping = threading.Event()
+
+    def start_all(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS
-        waiting = set(processes)
-        while waiting and not stopping:
-            for name in list(waiting):
-                if processes[name].poll() is not None:
-                    raise UsageError(f"{name} exited with status {processes[name].returncode} while starting")
-                if _serving(f"127.0.0.1:{ports[name]}"):
+        for name in SERVICE_ORDER:
+            self.children[name].start()
+        waiting = set(SERVICE_ORDER)
+        while waiting and not self.stopping.is_set():
+            for name in sorted(waiting):
+                child = self.children[name]
+                status = child.exit_status()
+                if status is not None:
+                    raise UsageError(
+                        f"{name} failed during start-up (exit status {status}), not retried: {child.reason()}"
+                    )
+                if _serving(child.addr):
+                    child.serving = True
                     waiting.discard(name)
             if time.monotonic() > deadline:
                 raise UsageError(
                     f"--store: {', '.join(sorted(waiting))} not SERVING after {STARTUP_SECONDS:.0f} s"
                 )
-            time.sleep(0.2)
-        if not stopping:
-            _announce(
-                {
-                    "gateway": f"127.0.0.1:{args.gateway_port}",
-                    "http": f"http://127.0.0.1:{args.http_port}" if args.http_port >= 0 else "off",
-                    "recall": f"127.0.0.1:{args.recall_port}",
-                    "rank": f"127.0.0.1:{args.rank_port}",
-                    "redis": args.redis,
-                }
+            self.stopping.wait(POLL_SECONDS)
+
+    def watch(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            for child in self.children.values():
+                self._check(child)
+
+    def _check(self, child: ServiceChild) -> None:
+        if child.given_up:
+            return
+        status = child.exit_status()
+        if status is None:
+            if not child.serving and _serving(child.addr):
+                child.serving = True
+                print(
+                    f"{child.name} SERVING again (restart {child.restarts}, pid {child.pid})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        child.kill_leftovers()
+        if not child.serving:
+            child.given_up = True
+            print(
+                f"recsys up: error: {child.name} failed during start-up (exit status {status}), "
+                f"not retried: {child.reason()}",
+                file=sys.stderr,
+                flush=True,
             )
-        while not stopping:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    raise UsageError(f"{name} exited with status {process.returncode}")
-            time.sleep(0.2)
+            return
+        child.restarts += 1
+        print(
+            f"{child.name} exited with status {status}; restarting (restart {child.restarts})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not self.stopping.wait(RESTART_DELAY_SECONDS):
+            child.start()
+
+    def stop_all(self) -> None:
+        # Gateway first, and each one gone before the next is told: nothing is left calling
+        # a dependency that already stopped.
+        for name in reversed(SERVICE_ORDER):
+            child = self.children[name]
+            child.terminate()
+            child.wait_stopped(STOP_SECONDS)
+
+
+def _run_processes(args: argparse.Namespace) -> int:
+    _push_if_needed(args)
+    env = {**os.environ}
+    for service in SERVICE_ORDER:
+        env[f"RECSYS_{service.upper()}_REDIS_PREFIX"] = args.redis_prefix
+        if args.shutdown_delay is not None:
+            env[f"RECSYS_{service.upper()}_SHUTDOWN_DELAY_SECONDS"] = str(args.shutdown_delay)
+    ports = {"recall": args.recall_port, "rank": args.rank_port, "gateway": args.gateway_port}
+    children = {
+        name: ServiceChild(name, command, f"127.0.0.1:{ports[name]}", env)
+        for name, command in service_commands(args).items()
+    }
+    supervisor = StackSupervisor(children)
+
+    def request_stop(signum: int, frame: object) -> None:
+        supervisor.stopping.set()
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervisor.start_all()
+        if supervisor.stopping.is_set():
+            return 0
+        _announce(
+            {
+                "gateway": f"127.0.0.1:{args.gateway_port}",
+                "http": f"http://127.0.0.1:{args.http_port}" if args.http_port >= 0 else "off",
+                "recall": f"127.0.0.1:{args.recall_port}",
+                "rank": f"127.0.0.1:{args.rank_port}",
+                "redis": args.redis,
+                "pids": " ".join(f"{name}={children[name].pid}" for name in SERVICE_ORDER),
+            }
+        )
+        supervisor.watch()
         print("stopping …", file=sys.stderr, flush=True)
         return 0
     finally:
-        for name in ("gateway", "rank", "recall"):
-            running = processes.get(name)
-            if running is not None and running.poll() is None:
-                running.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        supervisor.stop_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -269,13 +460,13 @@ def _push_if_needed(args: argparse.Namespace) -> None:
     assert version is not None  # _check
 
     async def push() -> None:
-        redis = RedisFeatureStore(args.redis, "recsys")
+        redis = RedisFeatureStore(args.redis, args.redis_prefix)
         try:
             ready = await redis.snapshot_ready(version)
         finally:
             await redis.close()
         if not ready:
             print(f"pushing version {version}'s features to {args.redis} …", file=sys.stderr, flush=True)
-            await push_features(args.store, version, args.redis)
+            await push_features(args.store, version, args.redis, args.redis_prefix)
 
     run_async(push, use_uvloop=False)

@@ -145,10 +145,13 @@ class GrpcHost:
     async def start(self) -> int:
         await self.readiness.set_serving(False)
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.settings.tls_enabled:
-            self.port = self.server.add_secure_port(address, _server_credentials(self.settings))
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if self.settings.tls_enabled:
+                self.port = self.server.add_secure_port(address, _server_credentials(self.settings))
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:  # grpc's bind failure: an OSError, so the CLI says it in one line
+            raise OSError(f"could not bind {address} (is the port in use?)") from error
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self.server.start()
