@@ -1,7 +1,9 @@
 """Client channels for service-to-service calls.
 
 `create_channel` gives a grpc.aio channel with keepalive (so a dead peer is noticed between
-calls, not on the next request), message size limits, optional TLS, a retry policy for the
+calls, not on the next request), a reconnect backoff capped at a second (so calls resume
+within a second of a restarted peer being back), client-side health checking (calls go only
+to SERVING peers), message size limits, optional TLS, a retry policy for the
 methods the caller declares idempotent (UNAVAILABLE only: the call never reached a server
 that could have acted on it), and an interceptor that forwards the current request id.
 Deadlines are per call: pass `timeout=deadline.budget(margin)` (see `deadline.py`).
@@ -52,11 +54,17 @@ def service_config(idempotent_services: Sequence[str], settings: ClientSettings)
     # round_robin spreads calls over every address the target resolves to (a headless
     # Service's pods); pick_first would send them all down one connection.
     balancing: list[dict[str, dict[str, object]]] = [{settings.load_balancing: {}}]
+    config: dict[str, object] = {"loadBalancingConfig": balancing, "methodConfig": []}
+    if settings.health_checking:
+        # Client-side health checking: each connection watches the peer's grpc.health.v1
+        # status and round_robin skips peers that are not SERVING, so a peer that flips to
+        # NOT_SERVING on SIGTERM stops getting calls at once, before it refuses any.
+        config["healthCheckConfig"] = {"serviceName": ""}
     if not idempotent_services:
-        return json.dumps({"loadBalancingConfig": balancing, "methodConfig": []})
+        return json.dumps(config)
     return json.dumps(
         {
-            "loadBalancingConfig": balancing,
+            **config,
             "methodConfig": [
                 {
                     "name": [{"service": name} for name in idempotent_services],
@@ -100,6 +108,9 @@ def create_channel(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", int(settings.reconnect_initial_backoff_seconds * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(settings.reconnect_initial_backoff_seconds * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(settings.reconnect_max_backoff_seconds * 1000)),
         ("grpc.service_config", service_config(idempotent_services, settings)),
     ]
     if settings.tls_server_name:

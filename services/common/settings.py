@@ -124,6 +124,16 @@ class ClientSettings(BaseSettings):
     retry_max_attempts: int = Field(3, ge=1, le=5)
     retry_initial_backoff_seconds: float = Field(0.01, gt=0)
     retry_max_backoff_seconds: float = Field(0.2, gt=0)
+    # gRPC's own reconnect backoff starts at 1 s and grows to 120 s, so a dependency that was
+    # down for a minute is called again only minutes after it is back. Internal peers are few
+    # and near: retry the connection fast and never wait more than a second.
+    reconnect_initial_backoff_seconds: float = Field(0.1, gt=0)
+    reconnect_max_backoff_seconds: float = Field(1.0, gt=0)
+    health_checking: bool = Field(
+        True,
+        description="Route calls only to peers whose health service says SERVING (a peer that is "
+        "shutting down or still loading its model gets none).",
+    )
     load_balancing: Literal["pick_first", "round_robin"] = Field(
         "round_robin",
         description="Over every address the target resolves to (e.g. dns:///recall-headless:50052).",
@@ -133,4 +143,6 @@ class ClientSettings(BaseSettings):
     def _pair(self) -> ClientSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.reconnect_initial_backoff_seconds > self.reconnect_max_backoff_seconds:
+            raise ValueError("reconnect_initial_backoff_seconds must not exceed reconnect_max_backoff_seconds")
         return self

@@ -43,7 +43,9 @@ def test_retry_policy_covers_only_the_idempotent_services() -> None:
     assert json.loads(service_config([], ClientSettings())) == {
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [],
+        "healthCheckConfig": {"serviceName": ""},
     }
+    assert "healthCheckConfig" not in json.loads(service_config([], ClientSettings(health_checking=False)))
     pick_first = json.loads(service_config([], ClientSettings(load_balancing="pick_first")))
     assert pick_first["loadBalancingConfig"] == [{"pick_first": {}}]
 
