@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,12 @@ from grpc import aio
 from services.common.server import GrpcHost
 from services.common.settings import ServerSettings
 from tests.support.scripted_service import ScriptedApp
+
+# A server's default shutdown delay (5 s, for load balancers) would add 5 s to every server a
+# test stops; tests that exercise the delay set it themselves. Set before any settings object
+# is read, and inherited by the server processes tests start.
+for _prefix in ("RECSYS_", "RECSYS_RECALL_", "RECSYS_RANK_", "RECSYS_GATEWAY_", "RECSYS_SCRIPTED_"):
+    os.environ.setdefault(f"{_prefix}SHUTDOWN_DELAY_SECONDS", "0")
 
 
 @dataclass

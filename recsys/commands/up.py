@@ -30,6 +30,10 @@ from typing import Any
 from recsys.errors import UsageError
 
 STARTUP_SECONDS = 180.0
+# On stop the gateway goes first and each service is gone before the next is told, so recall
+# and rank have no caller left and need no shutdown delay; the gateway keeps a short one for
+# its own callers (a local load test, a client that watches health).
+LOCAL_SHUTDOWN_DELAY_SECONDS = 1.0
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,7 +71,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--shutdown-delay",
         type=float,
-        help="seconds each service reports NOT_SERVING before refusing calls (default: the services')",
+        default=LOCAL_SHUTDOWN_DELAY_SECONDS,
+        help="seconds the gateway reports NOT_SERVING before refusing calls on stop (default 1)",
     )
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(handler=run)
@@ -83,6 +88,8 @@ def _check(args: argparse.Namespace) -> None:
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
             raise UsageError(f"--{flag.replace('_', '-')}: expected 0–65535, got {port}")
+    if not args.shutdown_delay >= 0:
+        raise UsageError(f"--shutdown-delay: expected seconds >= 0, got {args.shutdown_delay}")
     for flag in ("workers", "recall_workers", "rank_workers", "gateway_workers"):
         workers = getattr(args, flag)
         if workers is not None and not 1 <= workers <= 64:
@@ -125,12 +132,18 @@ async def _run_embedded(args: argparse.Namespace) -> None:
     features = InProcessFeatureStore()
     hosts: list[Any] = []
     try:
-        recall_settings = RecallSettings(store=args.store, port=args.recall_port, metrics_port=None)
+        recall_settings = RecallSettings(
+            store=args.store, port=args.recall_port, metrics_port=None, shutdown_delay_seconds=0.0
+        )
         recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
         hosts.append(recall)
         await recall.start()
         rank_settings = RankSettings(
-            store=args.store, port=args.rank_port, metrics_port=None, scenes_file=args.scenes
+            store=args.store,
+            port=args.rank_port,
+            metrics_port=None,
+            scenes_file=args.scenes,
+            shutdown_delay_seconds=0.0,
         )
         rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
         hosts.append(rank)
@@ -146,6 +159,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             scenes_file=args.scenes,
             experiments_file=args.experiments,
             blocklist_file=args.blocklist,
+            shutdown_delay_seconds=args.shutdown_delay,
         )
         gateway_app = GatewayApp(gateway_settings, features=features)
         gateway = GrpcHost(gateway_app, gateway_settings)
@@ -398,8 +412,8 @@ def _run_processes(args: argparse.Namespace) -> int:
     env = {**os.environ}
     for service in SERVICE_ORDER:
         env[f"RECSYS_{service.upper()}_REDIS_PREFIX"] = args.redis_prefix
-        if args.shutdown_delay is not None:
-            env[f"RECSYS_{service.upper()}_SHUTDOWN_DELAY_SECONDS"] = str(args.shutdown_delay)
+        delay = args.shutdown_delay if service == "gateway" else 0.0
+        env[f"RECSYS_{service.upper()}_SHUTDOWN_DELAY_SECONDS"] = str(delay)
     ports = {"recall": args.recall_port, "rank": args.rank_port, "gateway": args.gateway_port}
     children = {
         name: ServiceChild(name, command, f"127.0.0.1:{ports[name]}", env)

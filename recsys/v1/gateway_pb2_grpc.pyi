@@ -13,6 +13,12 @@ Error semantics (gRPC status codes), the same for every method:
                        Retry with backoff, preferably on another replica.
   UNAVAILABLE          the server is shutting down or nothing useful can be answered
                        (every dependency and every fallback failed). Retry with backoff.
+  CANCELLED            (besides a client's own cancellation) only on shutdown: the call
+                       reached the server in the instant it stopped taking calls, after it
+                       had reported NOT_SERVING for its shutdown delay (5 s by default) so
+                       that balancers and health-watching clients moved away. It did not
+                       run: retry as for UNAVAILABLE. Calls already running when a server
+                       is told to stop finish normally (within its grace period, 15 s).
   DEADLINE_EXCEEDED    the client's deadline passed. The server plans its work inside
                        the deadline it receives, so a generous deadline is never wasted.
   INTERNAL             a bug. The message carries the request id to quote; the details

@@ -12,6 +12,8 @@ Error semantics:
   FAILED_PRECONDITION  `model_version` names a version this server does not have.
   RESOURCE_EXHAUSTED   the in-flight cap is reached; shed at once.
   UNAVAILABLE          shutting down, or no model version is loaded yet.
+  CANCELLED            only on shutdown, for a call that arrived as the server stopped
+                       taking calls (after its NOT_SERVING delay); it did not run: retry.
   INTERNAL             a bug; details in the server log only.
 Unknown users and unknown item indexes are scored with the feature spec's defaults (and
 counted in metrics), not refused. An empty candidate list gets an empty answer.

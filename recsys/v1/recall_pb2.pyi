@@ -16,6 +16,8 @@ Error semantics:
                        server's current one.
   RESOURCE_EXHAUSTED   the in-flight cap is reached; shed at once.
   UNAVAILABLE          shutting down, or no model version is loaded yet.
+  CANCELLED            only on shutdown, for a call that arrived as the server stopped
+                       taking calls (after its NOT_SERVING delay); it did not run: retry.
   INTERNAL             a bug; details in the server log only.
 A slow or failing channel, or a feature store that is down, does not fail the call:
 the channel is reported in `channel_stats` and the answer flagged in `degraded_reasons`.

@@ -35,6 +35,10 @@ SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"type": float, "help": "admission: longest expected wait for a slot before shedding (0: none)"},
     ),
     "grace_seconds": ("--grace-seconds", {"type": float, "help": "time in-flight calls get on shutdown"}),
+    "shutdown_delay_seconds": (
+        "--shutdown-delay-seconds",
+        {"type": float, "help": "NOT_SERVING this long before refusing calls on shutdown (default 5)"},
+    ),
     "log_format": ("--log-format", {"choices": ("text", "json"), "help": "log format on stderr"}),
     "log_level": ("--log-level", {"choices": ("debug", "info", "warning", "error")}),
     "tls_cert_file": ("--tls-cert", {"type": Path, "help": "server certificate (PEM); enables TLS"}),

@@ -73,8 +73,13 @@ class ServerSettings(TlsSettings):
         description="Admission: the longest a call may expect to wait for a slot (never past its deadline).",
     )
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight calls may finish on shutdown.")
+    # Between reporting NOT_SERVING and refusing calls. Callers that watch health (our own
+    # channels) leave at once, but a load balancer or kube-proxy learns of a terminating pod
+    # through the API server, a second or a few later; until then it still sends calls, which
+    # a server that stopped at once would refuse. 5 s, as the manifests set, so that a service
+    # run any other way is just as safe; `recsys up` shortens it (it stops the callers first).
     shutdown_delay_seconds: float = Field(
-        0.0,
+        5.0,
         ge=0,
         description="Time between reporting NOT_SERVING and refusing calls, for load balancers to notice.",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 from grpc import aio
 
 from recsys.v1 import recall_pb2, recall_pb2_grpc
+from services.common.channels import create_channel
 from tests.support.processes import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -88,3 +90,56 @@ async def test_two_workers_serve_one_port_and_share_one_metrics_endpoint(
     server.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(server.process.wait, 20) == 0
     assert len(server.wait_for("stopped", count=2)) == 2
+
+
+async def test_sigterm_under_steady_load_fails_no_call(processes: list[ServerProcess]) -> None:
+    """Two replicas behind one client channel (round_robin with client-side health checking,
+    as the gateway calls recall and rank); one gets SIGTERM under a steady 150 calls/s, each
+    taking 50 ms. Its health flips at once, so the channel sends new calls to the other one
+    during the shutdown delay, and the calls it already had finish within the grace: no call
+    fails, with any code."""
+    replicas = [
+        start(processes, "--grace-seconds", "5", "--shutdown-delay-seconds", "0.5", "--metrics-port", "0")
+        for _ in range(2)
+    ]
+    ports = [replica.wait_for("grpc server listening")[0]["port"] for replica in replicas]
+    for replica in replicas:
+        replica.wait_for("health SERVING")
+    channel = create_channel(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}")
+    stub = recall_pb2_grpc.RecallStub(channel)
+    codes: Counter[str] = Counter()
+    served_by: Counter[str] = Counter()
+
+    async def one_call() -> None:
+        try:
+            response = await stub.Recall(recall_pb2.RecallRequest(user_id="sleep:0.05"), timeout=5)
+        except aio.AioRpcError as error:
+            codes[error.code().name] += 1
+        else:
+            codes["OK"] += 1
+            served_by[response.model_version] += 1
+
+    async def steady_load(seconds: float, rate: float = 150.0) -> None:
+        calls: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        start_at = loop.time()
+        sent = 0
+        while loop.time() - start_at < seconds:
+            calls.append(asyncio.ensure_future(one_call()))
+            sent += 1
+            await asyncio.sleep(max(0.0, start_at + sent / rate - loop.time()))
+        await asyncio.gather(*calls)
+
+    try:
+        async with asyncio.timeout(10):  # both replicas connected and serving before the load
+            while len(served_by) < 2:
+                await one_call()
+        load = asyncio.ensure_future(steady_load(4.0))
+        await asyncio.sleep(1.0)
+        replicas[0].process.send_signal(signal.SIGTERM)
+        await load
+    finally:
+        await channel.close()
+    assert await asyncio.to_thread(replicas[0].process.wait, 20) == 0
+    assert set(codes) == {"OK"}, codes
+    assert codes["OK"] >= 500

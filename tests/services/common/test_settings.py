@@ -59,3 +59,12 @@ def test_tls_files_must_come_in_pairs_and_exist(tmp_path: Path) -> None:
         settings_from_args(
             ScriptedSettings, parse("--tls-cert", str(cert), "--tls-key", str(tmp_path / "no"))
         )
+
+
+def test_a_server_waits_for_load_balancers_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test session sets the delay to 0 for speed (tests/conftest.py); without it, a
+    # service run any way at all keeps serving 5 s after reporting NOT_SERVING, as in the manifests.
+    monkeypatch.delenv("RECSYS_SCRIPTED_SHUTDOWN_DELAY_SECONDS")
+    assert settings_from_args(ScriptedSettings, parse()).shutdown_delay_seconds == 5.0
+    given = settings_from_args(ScriptedSettings, parse("--shutdown-delay-seconds", "0.5"))
+    assert given.shutdown_delay_seconds == 0.5
