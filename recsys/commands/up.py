@@ -62,9 +62,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--workers", type=int, default=1, help="processes per service behind its one port (with --redis)"
     )
     for name in ("recall", "rank", "gateway"):
-        parser.add_argument(
-            f"--{name}-workers", type=int, help=f"processes for {name} (default: --workers)"
-        )
+        parser.add_argument(f"--{name}-workers", type=int, help=f"processes for {name} (default: --workers)")
     parser.add_argument(
         "--redis-prefix", default="recsys", help="key prefix in Redis (with --redis; default recsys)"
     )
@@ -95,7 +93,7 @@ def _check(args: argparse.Namespace) -> None:
         if workers is not None and not 1 <= workers <= 64:
             raise UsageError(f"--{flag.replace('_', '-')}: expected 1–64, got {workers}")
         if workers not in (None, 1) and not args.redis:
-            raise UsageError(f"--{flag.replace('_', '-')}: needs --redis (one process runs all three services)")
+            raise UsageError(f"--{flag.replace('_', '-')}: needs --redis (one process runs all three)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,9 +30,15 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 Cluster mode (`redis+cluster://…` or `?cluster=1`) uses `redis.asyncio.cluster.RedisCluster`.
 It is written for, but not tested against, a real cluster (tests run on a single Redis).
 
-Every call is bounded: reads by `read_timeout` (50 ms by default), writes by `write_timeout`,
-both as socket timeouts and as an overall deadline, with no retries (the caller's deadline
-is the retry budget). Failures raise `FeatureStoreUnavailable`.
+Every call has one timeout, its budget: reads `read_timeout` (50 ms by default; the services
+set their feature-store budget here), writes `write_timeout`, with no retries (the caller's
+deadline is the retry budget). Failures raise `FeatureStoreUnavailable`. A call whose budget
+runs out is answered at once but its command is left to finish in the background rather than
+cut off (redis-py closes a connection whose read is interrupted, and a slow Redis would
+become a reconnect storm); each pool is a `BlockingConnectionPool` of `max_connections` (32),
+so a slow Redis holds at most that many connections and further calls fail within their
+budget without opening any. `connection_timeout` (1 s) is how late a reply may be before its
+connection is taken for broken and closed.
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ import json
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -69,12 +75,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "recsys"
 DEFAULT_READ_TIMEOUT = 0.05
 DEFAULT_WRITE_TIMEOUT = 0.2
+DEFAULT_MAX_CONNECTIONS = 32  # per pool (reads, writes) and process
+DEFAULT_CONNECTION_TIMEOUT = 1.0
 
 CACHE_ENTRY = struct.Struct("<ddI")  # score, time added, uses
 _SCORE = struct.Struct("<d")
 _UNLINK_BATCH = 500
 
 Client = Redis | RedisCluster
+T = TypeVar("T")
 
 # KEYS[1]: cache hash. ARGV: limit, now, max_age, max_uses.
 _TAKE_CACHE = """
@@ -206,20 +215,30 @@ class RedisFeatureStore:
         policy: LiveDataPolicy | None = None,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-        max_connections: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT,
     ) -> None:
-        for name, value in (("read_timeout", read_timeout), ("write_timeout", write_timeout)):
+        for name, value in (
+            ("read_timeout", read_timeout),
+            ("write_timeout", write_timeout),
+            ("connection_timeout", connection_timeout),
+        ):
             if not value > 0:
                 raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: expected at least 1, got {max_connections!r}")
         self.keys = RedisKeys(prefix)
         self.policy = policy or LiveDataPolicy()
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         target, self.cluster = parse_redis_url(url)
         self.url = redact_url(url)
-        # Two pools, so that a read never waits behind the longer timeout of a write.
-        self._reads = _client(target, self.cluster, read_timeout, max_connections)
-        self._writes = _client(target, self.cluster, write_timeout, max_connections)
+        # Two pools, so that a read never waits behind the longer timeout of a write. A pool
+        # waits for a free connection at most as long as its calls' budget.
+        self._reads = _client(target, self.cluster, read_timeout, connection_timeout, max_connections)
+        self._writes = _client(target, self.cluster, write_timeout, connection_timeout, max_connections)
+        self._background: set[asyncio.Future[Any]] = set()
+        self.abandoned_calls = 0  # calls whose caller stopped waiting before Redis answered
         self._take_cache = self._writes.register_script(_TAKE_CACHE)
         self._put_cache = self._writes.register_script(_PUT_CACHE)
 
@@ -227,46 +246,71 @@ class RedisFeatureStore:
         return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
 
     @contextlib.asynccontextmanager
-    async def _guard(self, operation: str, seconds: float | None) -> AsyncIterator[None]:
-        """Bound a call by `seconds` and turn Redis failures into FeatureStoreUnavailable."""
+    async def _errors(self, operation: str) -> AsyncIterator[None]:
+        """Turn Redis failures into FeatureStoreUnavailable (for unbounded admin work)."""
         try:
-            if seconds is None:
-                yield
-            else:
-                async with asyncio.timeout(seconds):
-                    yield
-        except TimeoutError:
-            limit = "" if seconds is None else f" within {seconds * 1000:.0f} ms"
-            raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: no answer{limit}") from None
+            yield
         except (RedisError, OSError) as error:
             raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
+
+    async def _call(self, operation: str, budget: float, command: Awaitable[T]) -> T:
+        """Run one command (or pipeline) with `budget` seconds as its one timeout.
+
+        The caller stops waiting at the budget, or when it is cancelled itself, but the
+        command is never cancelled: redis-py closes a connection whose read is interrupted,
+        so cutting slow replies off would turn a slow Redis into a reconnect storm, each new
+        connection meeting the same slowness. The command finishes in the background instead
+        and its connection goes back to the pool; the pool is bounded and waiting for a
+        connection is bounded by the budget too, so a slow Redis costs at most
+        `max_connections` connections and calls beyond them fail fast."""
+        task = asyncio.ensure_future(command)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), budget)
+        except TimeoutError:
+            raise FeatureStoreUnavailable(
+                f"redis at {self.url}: {operation}: no answer within {budget * 1000:.0f} ms"
+            ) from None
+        except (RedisError, OSError) as error:
+            raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
+        finally:
+            if not task.done():
+                self.abandoned_calls += 1
+                self._background.add(task)
+                task.add_done_callback(self._finished_in_background)
+
+    def _finished_in_background(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller was told already
 
     # --- version snapshots ---------------------------------------------------------------------
     async def snapshot_ready(self, version: str) -> bool:
         key = self.keys.ready(version)
-        async with self._guard("snapshot_ready", self.read_timeout):
-            return bool(await self._reads.exists(key))
+        return bool(await self._call("snapshot_ready", self.read_timeout, self._reads.exists(key)))
 
     async def write_snapshots(self, version: str, snapshots: Sequence[tuple[str, bytes]]) -> int:
         """SET packed snapshots (user id, `Snapshot.pack()`) of `version` in one pipeline;
         return the bytes written. Used by push-features; overwrites, so re-running is safe."""
         keys = [self.keys.snapshot(version, user) for user, _ in snapshots]
-        async with self._guard("write_snapshots", self.write_timeout):
-            pipeline = self._writes.pipeline(transaction=False)
-            for key, (_, packed) in zip(keys, snapshots, strict=True):
-                pipeline.set(key, packed)
-            await pipeline.execute()
+        pipeline = self._writes.pipeline(transaction=False)
+        for key, (_, packed) in zip(keys, snapshots, strict=True):
+            pipeline.set(key, packed)
+        await self._call("write_snapshots", self.write_timeout, pipeline.execute())
         return sum(len(packed) for _, packed in snapshots)
 
     async def mark_ready(self, version: str, summary: Mapping[str, Any]) -> None:
         """Set the version's ready marker (its value: `summary` as JSON); never expires."""
-        async with self._guard("mark_ready", self.write_timeout):
-            await self._writes.set(self.keys.ready(version), json.dumps(dict(summary), sort_keys=True))
+        await self._call(
+            "mark_ready",
+            self.write_timeout,
+            self._writes.set(self.keys.ready(version), json.dumps(dict(summary), sort_keys=True)),
+        )
 
     async def ready_summary(self, version: str) -> dict[str, Any] | None:
         """What `mark_ready` stored, or None when the version is not ready."""
-        async with self._guard("ready_summary", self.read_timeout):
-            value = await self._reads.get(self.keys.ready(version))
+        value = await self._call(
+            "ready_summary", self.read_timeout, self._reads.get(self.keys.ready(version))
+        )
         if value is None:
             return None
         summary: dict[str, Any] = json.loads(value)
@@ -278,7 +322,7 @@ class RedisFeatureStore:
         deleted = 0
         # Unbounded overall (a version can have millions of keys); each command is bounded
         # by the write client's socket timeout.
-        async with self._guard("delete_version", None):
+        async with self._errors("delete_version"):
             deleted += int(await self._writes.unlink(ready))  # first: no reader trusts a partial version
             batch: list[bytes] = []
             async for key in self._writes.scan_iter(match=pattern, count=1_000):
@@ -315,8 +359,7 @@ class RedisFeatureStore:
                 pipeline.lrange(self.keys.live(user), -live_limit, -1)
             pipeline.mget([self.keys.seen(user, slice_id) for slice_id in window])
             pipeline.hgetall(self.keys.cache(user))
-        async with self._guard("user_state", self.read_timeout):
-            replies = await pipeline.execute(raise_on_error=False)
+        replies = await self._call("user_state", self.read_timeout, pipeline.execute(raise_on_error=False))
         states = []
         reply = iter(replies)
         for user in user_ids:
@@ -380,8 +423,7 @@ class RedisFeatureStore:
         pipeline.ltrim(key, -self.policy.live_max_length, -1)
         if self.policy.live_ttl_seconds is not None:
             pipeline.expire(key, self.policy.live_ttl_seconds)
-        async with self._guard("append_events", self.write_timeout):
-            await pipeline.execute()
+        await self._call("append_events", self.write_timeout, pipeline.execute())
 
     async def mark_events_seen(self, event_ids: Sequence[str], ttl_seconds: int) -> list[bool]:
         if ttl_seconds < 1:
@@ -391,8 +433,7 @@ class RedisFeatureStore:
         pipeline = self._writes.pipeline(transaction=False)
         for event_id in event_ids:
             pipeline.set(self.keys.event(event_id), b"1", nx=True, ex=ttl_seconds)
-        async with self._guard("mark_events_seen", self.write_timeout):
-            replies = await pipeline.execute()
+        replies = await self._call("mark_events_seen", self.write_timeout, pipeline.execute())
         return [bool(reply) for reply in replies]
 
     async def forget_events(self, event_ids: Sequence[str]) -> None:
@@ -401,8 +442,7 @@ class RedisFeatureStore:
         pipeline = self._writes.pipeline(transaction=False)
         for event_id in event_ids:  # one DEL per key: in a cluster the ids live in different slots
             pipeline.delete(self.keys.event(event_id))
-        async with self._guard("forget_events", self.write_timeout):
-            await pipeline.execute()
+        await self._call("forget_events", self.write_timeout, pipeline.execute())
 
     async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
         if not item_ids:
@@ -419,8 +459,7 @@ class RedisFeatureStore:
         pipeline = self._writes.pipeline(transaction=not self.cluster)
         pipeline.execute_command("BITFIELD", key, *arguments)
         pipeline.expire(key, exposures.ttl_seconds(slice_id, now))
-        async with self._guard("record_exposures", self.write_timeout):
-            await pipeline.execute()
+        await self._call("record_exposures", self.write_timeout, pipeline.execute())
 
     async def put_cache(self, user_id: str, items: Sequence[tuple[str, float]], now: float) -> None:
         if not items:
@@ -437,8 +476,9 @@ class RedisFeatureStore:
             if not math.isfinite(score):
                 raise ValueError(f"items: the score of {item!r} is not finite ({score!r})")
             arguments += [item, repr(float(score))]
-        async with self._guard("put_cache", self.write_timeout):
-            await self._put_cache(keys=[self.keys.cache(user_id)], args=arguments)
+        await self._call(
+            "put_cache", self.write_timeout, self._put_cache(keys=[self.keys.cache(user_id)], args=arguments)
+        )
 
     async def take_cache(self, user_id: str, limit: int, now: float) -> list[tuple[str, float]]:
         if limit <= 0:
@@ -450,8 +490,11 @@ class RedisFeatureStore:
             repr(float(policy.cache_max_age_seconds)),
             policy.cache_max_uses,
         ]
-        async with self._guard("take_cache", self.write_timeout):
-            flat = await self._take_cache(keys=[self.keys.cache(user_id)], args=arguments)
+        flat = await self._call(
+            "take_cache",
+            self.write_timeout,
+            self._take_cache(keys=[self.keys.cache(user_id)], args=arguments),
+        )
         return [
             (flat[index].decode("utf-8"), _SCORE.unpack(flat[index + 1])[0])
             for index in range(0, len(flat), 2)
@@ -467,13 +510,12 @@ class RedisFeatureStore:
         for entry in entries:
             fields: dict[Any, Any] = dict(entry)
             pipeline.xadd(key, fields, maxlen=max_length, approximate=True)
-        async with self._guard("log_append", self.write_timeout):
-            await pipeline.execute()
+        await self._call("log_append", self.write_timeout, pipeline.execute())
 
     async def log_read(self, limit: int | None) -> list[dict[str, str]]:
         """The oldest `limit` entries of the event stream (all when None)."""
         key = self.keys.events_log()
-        async with self._guard("log_read", None):
+        async with self._errors("log_read"):
             replies: list[tuple[bytes, dict[bytes, bytes]]] = await self._reads.xrange(key, count=limit)  # type: ignore[assignment]
         return [
             {field.decode("utf-8"): value.decode("utf-8") for field, value in fields.items()}
@@ -481,6 +523,8 @@ class RedisFeatureStore:
         ]
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         for client in (self._reads, self._writes):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
@@ -524,18 +568,26 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
-def _client(url: str, cluster: bool, timeout: float, max_connections: int | None) -> Client:
+def _client(
+    url: str, cluster: bool, budget: float, connection_timeout: float, max_connections: int
+) -> Client:
+    # The socket timeouts are the connection's health bound (a reply this late means the
+    # connection is broken), not a call's timeout: calls are bounded by their budget
+    # (`RedisFeatureStore._call`), which must be shorter.
+    socket_timeout = max(connection_timeout, budget)
     options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
+        "max_connections": max_connections,
     }
-    if max_connections is not None:
-        options["max_connections"] = max_connections
     if cluster:
         return RedisCluster.from_url(url, **options)
-    return Redis.from_url(url, **options)
+    # Blocking: past `max_connections` a call waits (within its budget) for a connection to
+    # come back instead of opening one more.
+    pool = BlockingConnectionPool.from_url(url, timeout=budget, **options)
+    return Redis.from_pool(pool)
 
 
 def _glob_escape(text: str) -> str:

@@ -149,5 +149,7 @@ class ClientSettings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.reconnect_initial_backoff_seconds > self.reconnect_max_backoff_seconds:
-            raise ValueError("reconnect_initial_backoff_seconds must not exceed reconnect_max_backoff_seconds")
+            raise ValueError(
+                "reconnect_initial_backoff_seconds: must not exceed reconnect_max_backoff_seconds"
+            )
         return self

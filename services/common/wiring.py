@@ -9,13 +9,22 @@ from services.common.server import Readiness
 from services.common.versions import Loaded
 
 
-def feature_store_for(redis_url: str | None, prefix: str, given: FeatureStore | None = None) -> FeatureStore:
+def feature_store_for(
+    redis_url: str | None,
+    prefix: str,
+    given: FeatureStore | None = None,
+    *,
+    read_budget: float | None = None,
+) -> FeatureStore:
     """The feature store a service uses: the one given (tests, `recsys up` sharing one store
-    between services), Redis when a URL is set, else the embedded in-process store."""
+    between services), Redis when a URL is set, else the embedded in-process store.
+    `read_budget` (seconds): the service's budget for a read, which the Redis store applies
+    as the read's one timeout."""
     if given is not None:
         return given
     if redis_url:
-        return open_feature_store(redis_url, prefix=prefix)
+        options = {} if read_budget is None else {"read_timeout": read_budget}
+        return open_feature_store(redis_url, prefix=prefix, **options)
     return InProcessFeatureStore()
 
 

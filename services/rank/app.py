@@ -44,9 +44,7 @@ def load_model(scenes: SceneFusions, store: ModelStore, version: str) -> Serving
 
 
 def limits_from(settings: RankSettings) -> RankLimits:
-    return RankLimits(
-        max_candidates=settings.max_candidates, feature_store_timeout=settings.feature_store_timeout_ms / 1000
-    )
+    return RankLimits(max_candidates=settings.max_candidates)
 
 
 class RankApp:
@@ -57,7 +55,12 @@ class RankApp:
         self.settings = settings
         self.store = ModelStore(settings.store)
         self.scenes = SceneFusions.load(settings.scenes_file)
-        self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
+        self.features = feature_store_for(
+            settings.redis,
+            settings.redis_prefix,
+            features,
+            read_budget=settings.feature_store_timeout_ms / 1000,
+        )
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="rank-inference")
         in_process = isinstance(self.features, InProcessFeatureStore)
         self.versions: ModelVersions[ServingModel] = ModelVersions(

@@ -11,7 +11,6 @@ version's in-process arrays inside the batch, vectorised over every call in it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -44,7 +43,6 @@ EMPTY_FLOAT = np.zeros(0, np.float32)
 @dataclass(frozen=True)
 class RankLimits:
     max_candidates: int = 1000
-    feature_store_timeout: float = 0.03  # seconds
     live_limit: int = 200  # live events read per user
     max_history: int = 1000  # entries a call's own user history may carry
 
@@ -268,10 +266,11 @@ class RankEngine:
 
     async def _user_state(self, version: str, user_id: str, now: float) -> UserState | None:
         try:
-            async with asyncio.timeout(self.limits.feature_store_timeout):
-                return await self._features.user_state(
-                    version, user_id, now=now, live_limit=self.limits.live_limit
-                )
+            # Bounded by the feature store's own timeout, the read's one budget
+            # (RECSYS_RANK_FEATURE_STORE_TIMEOUT_MS, given to it at wiring).
+            return await self._features.user_state(
+                version, user_id, now=now, live_limit=self.limits.live_limit
+            )
         except Exception as error:  # Redis down or slow: score from the version's own profile
             self._metrics.feature_store_errors.labels(type(error).__name__).inc()
             log.warning("feature store unavailable; scoring without it", extra={"error": repr(error)})

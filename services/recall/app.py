@@ -31,7 +31,6 @@ def limits_from(settings: RecallSettings) -> RecallLimits:
         channel_timeout=settings.channel_timeout_ms / 1000,
         channel_timeouts={name: ms / 1000 for name, ms in settings.channel_timeouts_ms.items()},
         workers=settings.channel_workers,
-        feature_store_timeout=settings.feature_store_timeout_ms / 1000,
         default_deadline=settings.default_deadline_ms / 1000,
     )
 
@@ -43,7 +42,12 @@ class RecallApp:
     def __init__(self, settings: RecallSettings, features: FeatureStore | None = None) -> None:
         self.settings = settings
         self.store = ModelStore(settings.store)
-        self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
+        self.features = feature_store_for(
+            settings.redis,
+            settings.redis_prefix,
+            features,
+            read_budget=settings.feature_store_timeout_ms / 1000,
+        )
         self.executor = ThreadPoolExecutor(settings.channel_threads, thread_name_prefix="recall-channel")
         in_process = isinstance(self.features, InProcessFeatureStore)
         self.versions: ModelVersions[ServingModel] = ModelVersions(

@@ -145,6 +145,10 @@ def alive(pid: int) -> bool:
     return True
 
 
+def restarted(up: UpProcess) -> bool:
+    return any("rank SERVING again" in line for line in up.stderr)
+
+
 async def serving(port: int) -> bool:
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
@@ -183,7 +187,9 @@ async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_sto
         # While rank is down and starting again, the gateway keeps answering (degraded).
         answered_while_down = 0
         async with asyncio.timeout(180):
-            while not (await serving(up.ports["rank"]) and any("rank SERVING again" in line for line in up.stderr)):
+            while not (
+                await serving(up.ports["rank"]) and any("rank SERVING again" in line for line in up.stderr)
+            ):
                 await recommend()
                 answered_while_down += 1
                 await asyncio.sleep(0.1)
@@ -192,7 +198,8 @@ async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_sto
             while list((await recommend()).degraded_reasons):
                 await asyncio.sleep(0.05)
         assert any("rank exited with status -9; restarting" in line for line in up.stderr)
-        assert alive(pids["recall"]) and alive(pids["gateway"])
+        assert alive(pids["recall"])
+        assert alive(pids["gateway"])
 
     up.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(up.process.wait, 60) == 0

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from recsys.feature_store.push import push_core, push_features
 from recsys.feature_store.redis_store import CACHE_ENTRY, RedisFeatureStore, parse_redis_url, redact_url
 from recsys.store import VersionWriter
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, tiny_core, unique_prefix
+from tests.support.redis_server import PrivateRedis
 
 NOW = 1_750_000_000.0
 POLICY = LiveDataPolicy(exposures=ExposureFilterConfig(capacity=100, error_rate=0.01))
@@ -345,3 +346,48 @@ def test_push_features_of_a_missing_version_names_the_flag(tiny_store: tuple[Pat
         "store", "push-features", "--store", str(path), "--redis", REDIS_URL, "--version", "nope"
     )
     assert "--version" in one_line_error(result)
+
+
+# --- a slow Redis -------------------------------------------------------------------------------
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+async def test_a_slow_redis_fails_calls_within_their_budget_without_a_reconnect_storm(
+    private_redis: PrivateRedis,
+) -> None:
+    """While Redis is stalled (DEBUG SLEEP), every call fails within its budget, as a caller's
+    own deadline would cut it too, yet the store opens no connection beyond its bounded pool:
+    the commands left behind finish when Redis answers and their connections are reused."""
+    store = RedisFeatureStore(private_redis.url, unique_prefix(), read_timeout=0.03, max_connections=4)
+    admin = Redis.from_url(private_redis.url)
+    staller = Redis.from_url(private_redis.url)
+    try:
+        await store.user_state("v1", "alice", now=NOW)
+        await staller.ping()
+        before = (await admin.info("stats"))["total_connections_received"]
+        stall = asyncio.ensure_future(staller.execute_command("DEBUG", "SLEEP", "1"))
+        await asyncio.sleep(0.05)
+        outcomes = []
+        for _ in range(8):  # 8 waves of 8 concurrent calls, each wave bounded by the budget
+            calls = [store.user_state("v1", f"user-{index}", now=NOW) for index in range(7)]
+            # a caller with a nearer deadline of its own abandons a call early
+            calls.append(asyncio.wait_for(store.user_state("v1", "impatient", now=NOW), 0.005))
+            outcomes += await asyncio.gather(*calls, return_exceptions=True)
+        await stall
+        failed = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        assert len(failed) == len(outcomes)
+        assert {type(error) for error in failed} <= {FeatureStoreUnavailable, TimeoutError}
+        after_recovery = await store.user_state("v1", "alice", now=NOW)  # answers again
+        assert after_recovery.snapshot.items.shape == (0,)
+        after = (await admin.info("stats"))["total_connections_received"]
+        assert after - before <= 4, f"{after - before} new connections for {len(outcomes)} calls"
+        assert store.abandoned_calls > 0
+    finally:
+        await store.close()
+        await admin.aclose()
+        await staller.aclose()
