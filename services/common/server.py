@@ -32,6 +32,11 @@ log = logging.getLogger("recsys.server")
 OVERALL = ""  # the health service's name for "the whole server"
 
 
+def version_health_name(service: str, version: str) -> str:
+    """The health service name saying whether `service` can serve model `version`."""
+    return f"{service}@{version}"
+
+
 class Readiness:
     """What an application uses to say whether it can serve (e.g. a model version is loaded)."""
 
@@ -41,6 +46,7 @@ class Readiness:
         self._service = service
         self._health = health_servicer
         self._names = (OVERALL, *names)
+        self._versions: set[str] = set()  # every version ever published as a health name
         self.serving = False
 
     async def set_serving(self, serving: bool) -> None:
@@ -53,6 +59,22 @@ class Readiness:
             log.info("health %s", "SERVING" if serving else "NOT_SERVING")
         self.serving = serving
         metrics.SERVING.labels(self._service).set(1 if serving else 0)
+
+    async def set_versions(self, versions: Sequence[str]) -> None:
+        """Publish the model versions this process can serve as health names
+        `<service>@<version>` (SERVING, and NOT_SERVING once a version is retired), so that
+        a caller can ask whether this server has a version before it switches to it (the
+        gateway does, see `services.gateway.app`)."""
+        servable = set(versions)
+        for version in sorted(servable | self._versions):
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if version in servable
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in self._names[1:]:
+                await self._health.set(version_health_name(name, version), status)
+        self._versions = servable | self._versions
 
     async def shutting_down(self) -> None:
         # enter_graceful_shutdown sets every name NOT_SERVING and ignores later set() calls,

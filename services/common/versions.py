@@ -81,6 +81,7 @@ class ModelVersions(Generic[ModelT]):
         verify: bool = True,
         ready_check: ReadyCheck | None = None,
         on_change: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
+        on_servable: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._loader = loader
@@ -90,6 +91,7 @@ class ModelVersions(Generic[ModelT]):
         self._verify = verify
         self._ready_check = ready_check
         self._on_change = on_change
+        self._on_servable = on_servable
         self.current: Loaded[ModelT] | None = None
         self.previous: Loaded[ModelT] | None = None
         self._previous_until = 0.0
@@ -136,13 +138,16 @@ class ModelVersions(Generic[ModelT]):
                 await self.refresh()
             except Exception:  # a bad store state must not kill the watcher
                 log.exception("checking the model store failed")
-            self._expire_previous()
+            if self._expire_previous() and self._on_servable is not None:
+                await self._on_servable(self.available())
             await asyncio.sleep(self._poll_seconds)
 
-    def _expire_previous(self) -> None:
+    def _expire_previous(self) -> bool:
         if self.previous is not None and time.monotonic() >= self._previous_until:
             self._metrics.loaded.labels(self.previous.version, "previous").set(0)
             self.previous = None
+            return True
+        return False
 
     async def refresh(self) -> bool:
         """Load and switch to the store's CURRENT if it changed; True when a switch happened."""
@@ -157,9 +162,10 @@ class ModelVersions(Generic[ModelT]):
             if name in self._refused:
                 return False
             if self._ready_check is not None and not await self._ready_check(name):
-                # Features not pushed yet: look again at the next poll, without remembering
-                # the marker, so the switch happens as soon as the marker is set.
-                log.info("version waits for its features", extra={"version": name})
+                # Not servable yet (features not pushed; for the gateway, recall or rank not
+                # serving it yet): look again at the next poll, without remembering the
+                # marker, so the switch happens as soon as it is.
+                log.info("version waits until it can be served", extra={"version": name})
                 return False
             started = time.perf_counter()
             try:
@@ -192,6 +198,8 @@ class ModelVersions(Generic[ModelT]):
             self._marker = marker
         if self._on_change is not None and self.current is not None:
             await self._on_change(self.current)
+        if self._on_servable is not None:
+            await self._on_servable(self.available())
         return True
 
     def _load(self, name: str) -> ModelT:

@@ -7,9 +7,10 @@ import logging
 from typing import Any
 
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.blocklist import Blocklist
-from recsys.feature_store import FeatureStore
+from recsys.feature_store import FeatureStore, FeatureStoreUnavailable, InProcessFeatureStore
 from recsys.feature_store.event_log import event_log_for
 from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
@@ -18,7 +19,7 @@ from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
 from services.common.breaker import CircuitBreaker
 from services.common.channels import create_channel
 from services.common.interceptor import CallGuard
-from services.common.server import Readiness, ServiceSpec
+from services.common.server import Readiness, ServiceSpec, version_health_name
 from services.common.versions import ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, load_serving_model
 from services.gateway.clients import RankClient, RecallClient
@@ -34,7 +35,9 @@ log = logging.getLogger("recsys.gateway")
 
 # Recall and rank calls have no side effects the caller can observe twice (recall's cache
 # takes are bounded reuses), so the channel may retry them on UNAVAILABLE.
-IDEMPOTENT = ("recsys.v1.Recall", "recsys.v1.Rank")
+RECALL, RANK = "recsys.v1.Recall", "recsys.v1.Rank"
+IDEMPOTENT = (RECALL, RANK)
+HEALTH_CHECK_SECONDS = 1.0
 
 
 def limits_from(settings: GatewaySettings) -> GatewayLimits:
@@ -78,6 +81,7 @@ class GatewayApp:
             version_metrics("gateway"),
             poll_seconds=settings.poll_seconds,
             grace_seconds=settings.version_grace_seconds,
+            ready_check=self._servable_downstream,
             on_change=self._on_change,
         )
         # The clients set the request id themselves (no interceptor on the busiest path).
@@ -127,6 +131,27 @@ class GatewayApp:
         self._readiness: Readiness | None = None
         self.http = GatewayHttp(self.engine, self.ingestor, settings.max_events, self._serving)
 
+    async def _servable_downstream(self, version: str) -> bool:
+        """Whether to switch to `version`: only once recall and rank serve it. They switch
+        only once push-features marked its features ready (with Redis), so until then the
+        whole tier stays on the version it has, with its features: no call names a version
+        a dependency refuses (which would double the Recall calls, then fall back to the
+        popular list once the previous version's grace is over). The first version is loaded
+        on the ready marker alone, so that a gateway whose dependencies are down still
+        answers (from its fallback)."""
+        if not isinstance(self.features, InProcessFeatureStore):
+            try:
+                if not await self.features.snapshot_ready(version):
+                    return False
+            except FeatureStoreUnavailable:
+                return False
+        if self.versions.current is None:
+            return True
+        for channel, service in ((self._recall_channel, RECALL), (self._rank_channel, RANK)):
+            if not await _serves(channel, version_health_name(service, version)):
+                return False
+        return True
+
     def _known_item(self, item_id: str) -> bool:
         return item_id in self.versions.get().model.item_lookup
 
@@ -163,6 +188,16 @@ class GatewayApp:
         await self._rank_channel.close()
         await self.event_log.close()
         await self.features.close()
+
+
+async def _serves(channel: aio.Channel, health_name: str) -> bool:
+    try:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=health_name), timeout=HEALTH_CHECK_SECONDS
+        )
+    except aio.AioRpcError:  # down, or NOT_FOUND: it never had the version
+        return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def create_app(settings: Any) -> GatewayApp:

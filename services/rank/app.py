@@ -72,6 +72,7 @@ class RankApp:
             # A Redis-backed process switches only once the version's features are pushed.
             ready_check=None if in_process else self.features.snapshot_ready,
             on_change=self._on_change,
+            on_servable=self._on_servable,
         )
         self.batcher = MicroBatcher(
             OnnxScorer(),
@@ -88,6 +89,11 @@ class RankApp:
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
         await version_loaded(self.features, self._readiness, loaded)
+
+    async def _on_servable(self, versions: list[str]) -> None:
+        # The gateway switches to a version only once recall and rank say they serve it.
+        if self._readiness is not None:
+            await self._readiness.set_versions(versions)
 
     def register(self, server: aio.Server) -> None:
         rank_pb2_grpc.add_RankServicer_to_server(RankServicer(self.engine), server)

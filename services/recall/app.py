@@ -59,6 +59,7 @@ class RecallApp:
             # A Redis-backed process switches only once the version's features are pushed.
             ready_check=None if in_process else self.features.snapshot_ready,
             on_change=self._on_change,
+            on_servable=self._on_servable,
         )
         self.engine = RecallEngine(
             self.versions, self.features, self.executor, recall_metrics(), limits_from(settings)
@@ -67,6 +68,11 @@ class RecallApp:
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
         await version_loaded(self.features, self._readiness, loaded)
+
+    async def _on_servable(self, versions: list[str]) -> None:
+        # The gateway switches to a version only once recall and rank say they serve it.
+        if self._readiness is not None:
+            await self._readiness.set_versions(versions)
 
     def register(self, server: aio.Server) -> None:
         recall_pb2_grpc.add_RecallServicer_to_server(RecallServicer(self.engine), server)

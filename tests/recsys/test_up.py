@@ -7,112 +7,21 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
-from tests.support.processes import ROOT
+from tests.support.stack import UpProcess, serving, start_up
 
 pytestmark = pytest.mark.slow
 
 SCENES = {"scenes": {"tiny": {"count": {"default": 3, "max": 5}}}}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@dataclass
-class UpProcess:
-    process: subprocess.Popen[str]
-    ports: dict[str, int]
-    stdout: list[str] = field(default_factory=list)
-    stderr: list[str] = field(default_factory=list)
-
-    readers: list[threading.Thread] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
-            reader = threading.Thread(target=self._collect, args=(stream, lines), daemon=True)
-            reader.start()
-            self.readers.append(reader)
-
-    def close(self) -> None:
-        """After the process exited: the readers have seen everything, the pipes are closed."""
-        for reader in self.readers:
-            reader.join(10)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-
-    @staticmethod
-    def _collect(stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_for_stdout(self, text: str, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not any(text in line for line in self.stdout):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} from recsys up:\n" + "\n".join(self.stdout + self.stderr))
-            time.sleep(0.1)
-
-    def pids(self) -> dict[str, int]:
-        (line,) = [line for line in self.stdout if line.startswith("pids")]
-        return {name: int(pid) for name, pid in (pair.split("=") for pair in line.split()[1:])}
-
-
-def start_up(store: Path, prefix: str, *flags: str) -> UpProcess:
-    gateway, recall, rank = free_ports(3)
-    command = [
-        sys.executable,
-        "-m",
-        "recsys.cli",
-        "up",
-        "--store",
-        str(store),
-        "--redis",
-        REDIS_URL,
-        "--redis-prefix",
-        prefix,
-        "--gateway-port",
-        str(gateway),
-        "--recall-port",
-        str(recall),
-        "--rank-port",
-        str(rank),
-        "--http-port",
-        "-1",
-        "--metrics-port",
-        "-1",
-        "--shutdown-delay",
-        "0",
-        *flags,
-    ]
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ}
-    )
-    return UpProcess(process, {"gateway": gateway, "recall": recall, "rank": rank})
 
 
 @pytest.fixture
@@ -127,14 +36,7 @@ def stacks() -> Iterator[list[UpProcess]]:
     started: list[UpProcess] = []
     yield started
     for up in started:
-        if up.process.poll() is None:
-            up.process.send_signal(signal.SIGTERM)
-            try:
-                up.process.wait(60)
-            except subprocess.TimeoutExpired:
-                up.process.kill()
-                up.process.wait()
-        up.close()
+        up.stop()
 
 
 def alive(pid: int) -> bool:
@@ -149,25 +51,14 @@ def restarted(up: UpProcess) -> bool:
     return any("rank SERVING again" in line for line in up.stderr)
 
 
-async def serving(port: int) -> bool:
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            answer = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0
-            )
-        except grpc.RpcError:
-            return False
-    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_stops_clean(
     quick_store: Any, tmp_path: Path, redis_prefix: str, stacks: list[UpProcess]
 ) -> None:
     scenes = tmp_path / "scenes.json"
     scenes.write_text(json.dumps(SCENES))
-    up = start_up(quick_store.path, redis_prefix, "--scenes", str(scenes))
+    up = start_up(quick_store.path, REDIS_URL, redis_prefix, "--scenes", str(scenes))
     stacks.append(up)
-    await asyncio.to_thread(up.wait_for_stdout, "SERVING (Ctrl-C to stop)", 240)
+    await asyncio.to_thread(up.wait_serving)
     pids = up.pids()
     async with aio.insecure_channel(f"127.0.0.1:{up.ports['gateway']}") as channel:
         stub = gateway_pb2_grpc.RecommenderStub(channel)
@@ -216,7 +107,7 @@ def test_a_service_failing_to_start_is_reported_in_one_line_and_not_retried(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        up = start_up(quick_store.path, redis_prefix, "--rank-port", str(port))
+        up = start_up(quick_store.path, REDIS_URL, redis_prefix, "--rank-port", str(port))
         stacks.append(up)
         assert up.process.wait(120) == 2
     up.close()
