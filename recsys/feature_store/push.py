@@ -132,3 +132,26 @@ async def push_core(
         },
     )
     return PushReport(version, total, written, size, batches, time.monotonic() - started)
+
+
+REPUSH_LOCK_SECONDS = 600
+
+
+async def repush_with_lock(
+    store: RedisFeatureStore,
+    version: str,
+    core: CoreArtifacts,
+    *,
+    owner: str,
+    lock_seconds: int = REPUSH_LOCK_SECONDS,
+    batch: int = 1_000,
+) -> PushReport | None:
+    """Push `version` again from the core arrays a serving process has loaded, if no other
+    process is doing so (the version's push lock in Redis); None when another holds the lock.
+    How the services repair a snapshot lost in a Redis restart (see docs/operations.md)."""
+    if not await store.acquire_push_lock(version, owner, lock_seconds):
+        return None
+    try:
+        return await push_core(store, version, core, batch=batch)
+    finally:
+        await store.release_push_lock(version, owner)

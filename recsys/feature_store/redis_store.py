@@ -7,6 +7,7 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | --- | --- | --- |
 | `P:v:VERSION:ready` | string | JSON summary (users, bytes, pushed_at, format); set last by push-features |
 | `P:v:VERSION:u:{U}:snap` | string | the user's packed snapshot in VERSION (`Snapshot.pack`) |
+| `P:v:VERSION:push-lock` | string | held (SET NX EX) by the one process re-pushing lost features |
 | `P:u:{U}:live` | list | packed live events (`LiveEvent.pack`), oldest first, LTRIM-capped |
 | `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilterConfig`) |
 | `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
@@ -119,6 +120,14 @@ end
 return taken
 """
 
+# KEYS[1]: a lock. ARGV[1]: its owner. Deletes it only if the owner still holds it.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # KEYS[1]: cache hash. ARGV: now, max_items, ttl, max_age, max_uses, then item, score pairs.
 _PUT_CACHE = """
 local key = KEYS[1]
@@ -179,6 +188,9 @@ class RedisKeys:
 
     def ready(self, version: str) -> str:
         return f"{self._version(version)}:ready"
+
+    def push_lock(self, version: str) -> str:
+        return f"{self._version(version)}:push-lock"
 
     def snapshot(self, version: str, user_id: str) -> str:
         return f"{self._version(version)}:u:{{{self.user_tag(user_id)}}}:snap"
@@ -241,6 +253,7 @@ class RedisFeatureStore:
         self.abandoned_calls = 0  # calls whose caller stopped waiting before Redis answered
         self._take_cache = self._writes.register_script(_TAKE_CACHE)
         self._put_cache = self._writes.register_script(_PUT_CACHE)
+        self._release_lock = self._writes.register_script(_RELEASE_LOCK)
 
     def __repr__(self) -> str:
         return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
@@ -305,6 +318,20 @@ class RedisFeatureStore:
             self.write_timeout,
             self._writes.set(self.keys.ready(version), json.dumps(dict(summary), sort_keys=True)),
         )
+
+    async def acquire_push_lock(self, version: str, owner: str, seconds: int) -> bool:
+        """Take the version's push lock (SET NX EX), so that of the processes that find its
+        features missing only one pushes them again; it expires if its holder dies."""
+        key = self.keys.push_lock(version)
+        taken = await self._call(
+            "push_lock", self.write_timeout, self._writes.set(key, owner, nx=True, ex=seconds)
+        )
+        return bool(taken)
+
+    async def release_push_lock(self, version: str, owner: str) -> None:
+        """Release the lock if `owner` still holds it (never another holder's, taken after ours expired)."""
+        key = self.keys.push_lock(version)
+        await self._call("push_unlock", self.write_timeout, self._release_lock(keys=[key], args=[owner]))
 
     async def ready_summary(self, version: str) -> dict[str, Any] | None:
         """What `mark_ready` stored, or None when the version is not ready."""

@@ -287,10 +287,38 @@ class RecommendResponse(_message.Message):
 
     @_builtins.property
     def degraded_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty when the answer is complete. Otherwise why it is not, e.g. "rank_unavailable",
-        "rank_timeout", "recall_unavailable", "recall_timeout", "recall_channel_timeout:<name>",
-        "feature_store_unavailable", "exposure_filter_unavailable". New reasons may be added;
-        clients should treat unknown values as "degraded, still usable".
+        """Empty when the answer is complete. Otherwise why it is not; this is the one list of
+        reasons (recall.proto's own are the `recall:` ones here):
+          recall_timeout, recall_unavailable, recall_circuit_open, recall_no_time_left,
+          recall_resource_exhausted, recall_<grpc code>
+                               recall gave no answer (too slow, down, its circuit breaker open,
+                               no time left in the deadline, shed, another failure): the items
+                               are the gateway's popular list for the model version, minus what
+                               the user consumed in the version's data and the exclusions.
+          version_retry        recall did not have the gateway's model version and answered on
+                               its current one, which the gateway also has (a second Recall
+                               call; only while a release reaches the pods unevenly).
+          recall_version_unavailable
+                               recall answered on a version the gateway does not have: the
+                               popular list, as above.
+          rank_timeout, rank_unavailable, rank_circuit_open, rank_no_time_left,
+          rank_resource_exhausted, rank_<grpc code>
+                               rank gave no answer: the candidates in pre-rank order (user ·
+                               item embeddings) or recall's merged order; no task_scores.
+          recall:feature_store_unavailable
+                               the feature store (Redis) did not answer recall in time: the
+                               user's history is the model version's own, without live events.
+          recall:exposure_filter_unavailable
+                               exposures could not be read: items shown recently may come again.
+          recall:feature_snapshot_missing
+                               the model version's features are gone from the feature store
+                               (Redis came back empty); the version's own data stands in for
+                               each user's snapshot until they are pushed again (automatically).
+          recall:channel_timeout:<channel>, recall:channel_error:<channel>
+                               one recall channel missed its deadline or failed; the others
+                               answered.
+        New reasons may be added; clients should treat unknown values as "degraded, still
+        usable".
         """
 
     @_builtins.property

@@ -229,8 +229,10 @@ class RecallResponse(_message.Message):
 
     @_builtins.property
     def degraded_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty when complete; otherwise e.g. "feature_store_unavailable",
-        "exposure_filter_unavailable", "channel_timeout:<name>", "channel_error:<name>".
+        """Empty when complete; otherwise "feature_store_unavailable",
+        "exposure_filter_unavailable", "feature_snapshot_missing", "channel_timeout:<name>",
+        "channel_error:<name>". What each means: gateway.proto, RecommendResponse.degraded_reasons
+        (where they appear prefixed with "recall:").
         """
 
     @_builtins.property

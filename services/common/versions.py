@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from recsys.errors import NotReady, WrongModelVersion
+from recsys.feature_store import FeatureStoreUnavailable
 from recsys.store import ModelStore, StoreIntegrityError
 from services.common.metrics import ServiceMetrics
 
@@ -53,6 +54,18 @@ class VersionMetrics:
             "When the current model version was built (unix seconds): alert when it gets too old.",
             multiprocess_mode="max",
         )
+        self.snapshot_ready = metrics.gauge(
+            "feature_snapshot_ready",
+            "1 while the current model version's features are in the feature store (its ready "
+            "marker is set), 0 once they are found missing (e.g. Redis came back empty).",
+            multiprocess_mode="livemin",
+        )
+        self.repushes = metrics.counter(
+            "feature_snapshot_repushes_total",
+            "Re-pushes of a lost feature snapshot by this process, by outcome "
+            "(pushed, locked: another process pushes, failed).",
+            ("outcome",),
+        )
         self.load_seconds = metrics.histogram(
             "model_load_seconds",
             "Time to load and verify a model version.",
@@ -82,6 +95,8 @@ class ModelVersions(Generic[ModelT]):
         ready_check: ReadyCheck | None = None,
         on_change: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
         on_servable: Callable[[list[str]], Awaitable[None]] | None = None,
+        snapshot_check: ReadyCheck | None = None,
+        on_snapshot_lost: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._loader = loader
@@ -92,6 +107,11 @@ class ModelVersions(Generic[ModelT]):
         self._ready_check = ready_check
         self._on_change = on_change
         self._on_servable = on_servable
+        self._snapshot_check = snapshot_check
+        self._on_snapshot_lost = on_snapshot_lost
+        # Whether the current version's features are in the feature store, re-checked at
+        # every poll: a Redis that restarts empty loses them without anyone being told.
+        self.snapshot_ready = True
         self.current: Loaded[ModelT] | None = None
         self.previous: Loaded[ModelT] | None = None
         self._previous_until = 0.0
@@ -138,9 +158,41 @@ class ModelVersions(Generic[ModelT]):
                 await self.refresh()
             except Exception:  # a bad store state must not kill the watcher
                 log.exception("checking the model store failed")
+            try:
+                await self.check_snapshot()
+            except Exception:
+                log.exception("checking the current version's features failed")
             if self._expire_previous() and self._on_servable is not None:
                 await self._on_servable(self.available())
             await asyncio.sleep(self._poll_seconds)
+
+    async def check_snapshot(self) -> bool:
+        """Re-check that the current version's features are still in the feature store;
+        False (flagged, counted and handed to `on_snapshot_lost`) when they are gone. A
+        feature store that does not answer leaves the last finding unchanged: that is an
+        outage, reported as such by the calls themselves."""
+        current = self.current
+        if self._snapshot_check is None or current is None:
+            return True
+        try:
+            ready = await self._snapshot_check(current.version)
+        except FeatureStoreUnavailable:
+            return self.snapshot_ready
+        if ready != self.snapshot_ready:
+            if ready:
+                log.warning("the features of version %s are back", current.version)
+            else:
+                log.error(
+                    "the features of version %s are missing from the feature store (its ready "
+                    "marker is gone: Redis restarted empty or was flushed)",
+                    current.version,
+                    extra={"version": current.version},
+                )
+        self.snapshot_ready = ready
+        self._metrics.snapshot_ready.set(1 if ready else 0)
+        if not ready and self._on_snapshot_lost is not None:
+            await self._on_snapshot_lost(current)
+        return ready
 
     def _expire_previous(self) -> bool:
         if self.previous is not None and time.monotonic() >= self._previous_until:
@@ -217,6 +269,8 @@ class ModelVersions(Generic[ModelT]):
             self._metrics.loaded.labels(old.version, "current").set(0)
             self._metrics.loaded.labels(old.version, "previous").set(1)
         self.current = loaded  # one reference assignment: readers see old or new, never a mix
+        self.snapshot_ready = True  # switched to on its ready marker (or needs none)
+        self._metrics.snapshot_ready.set(1)
         self._metrics.loaded.labels(loaded.version, "current").set(1)
         try:
             self._metrics.created.set(self._store.manifest(loaded.version).created_at.timestamp())

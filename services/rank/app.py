@@ -15,6 +15,7 @@ from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import rank_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
+from services.common.snapshots import SnapshotRepair
 from services.common.versions import Loaded, ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, version_loaded
 from services.rank.batcher import MicroBatcher
@@ -63,6 +64,11 @@ class RankApp:
         )
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="rank-inference")
         in_process = isinstance(self.features, InProcessFeatureStore)
+        self.repair = (
+            SnapshotRepair(settings.redis, settings.redis_prefix, version_metrics(self.name))
+            if settings.redis and not in_process and settings.repush_lost_features
+            else None
+        )
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
             partial(load_model, self.scenes),
@@ -73,6 +79,8 @@ class RankApp:
             ready_check=None if in_process else self.features.snapshot_ready,
             on_change=self._on_change,
             on_servable=self._on_servable,
+            snapshot_check=None if in_process else self.features.snapshot_ready,
+            on_snapshot_lost=None if self.repair is None else self.repair.lost,
         )
         self.batcher = MicroBatcher(
             OnnxScorer(),
@@ -105,6 +113,8 @@ class RankApp:
 
     async def stop(self) -> None:
         await self.versions.stop()
+        if self.repair is not None:
+            await self.repair.stop()
         await self.batcher.stop()
         await self.features.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from recsys.artifacts import FloatArray, Int64Array
 from recsys.errors import DeadlineExpired, InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
+from recsys.feature_store.snapshot_loss import with_version_snapshot
 from recsys.features import Inputs
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
@@ -192,6 +193,14 @@ class RankEngine:
             history = query.history
             if history is None:  # no recall answer to score from: read the user's state here
                 state = await self._user_state(loaded.version, query.user_id, query.now or time.time())
+                if (
+                    state is not None
+                    and loaded is self._versions.current
+                    and not self._versions.snapshot_ready
+                ):
+                    # The version's features are gone from the feature store: its own data
+                    # stands in for the snapshot (recall flags the answer).
+                    state = with_version_snapshot(state, model.core, model.user_lookup.get(query.user_id, -1))
                 if state is not None:
                     history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
             user = self._hydrator.inputs(model, query.user_id, query.region, history)

@@ -21,6 +21,11 @@ class RankSettings(ServerSettings):
     store: str = Field("./store", description="Model store PATH or file://PATH.")
     redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
     redis_prefix: str = "recsys"
+    repush_lost_features: bool = Field(
+        True,
+        description="Push the current version's features again when they vanish from Redis "
+        "(one process of the tier does, under a lock in Redis).",
+    )
     poll_seconds: float = Field(5.0, gt=0, description="How often the store's CURRENT is checked.")
     version_grace_seconds: float = Field(
         60.0, ge=0, description="How long the previous version stays servable."

@@ -13,6 +13,7 @@ from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import recall_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
+from services.common.snapshots import SnapshotRepair
 from services.common.versions import Loaded, ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, load_serving_model, version_loaded
 from services.recall.engine import RecallEngine, RecallLimits
@@ -50,6 +51,11 @@ class RecallApp:
         )
         self.executor = ThreadPoolExecutor(settings.channel_threads, thread_name_prefix="recall-channel")
         in_process = isinstance(self.features, InProcessFeatureStore)
+        self.repair = (
+            SnapshotRepair(settings.redis, settings.redis_prefix, version_metrics(self.name))
+            if settings.redis and not in_process and settings.repush_lost_features
+            else None
+        )
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
             load_serving_model,
@@ -60,6 +66,8 @@ class RecallApp:
             ready_check=None if in_process else self.features.snapshot_ready,
             on_change=self._on_change,
             on_servable=self._on_servable,
+            snapshot_check=None if in_process else self.features.snapshot_ready,
+            on_snapshot_lost=None if self.repair is None else self.repair.lost,
         )
         self.engine = RecallEngine(
             self.versions, self.features, self.executor, recall_metrics(), limits_from(settings)
@@ -83,6 +91,8 @@ class RecallApp:
 
     async def stop(self) -> None:
         await self.versions.stop()
+        if self.repair is not None:
+            await self.repair.stop()
         await self.features.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from recsys.artifacts import FloatArray, IntArray
 from recsys.errors import DeadlineExpired, InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
+from recsys.feature_store.snapshot_loss import with_version_snapshot
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.merge import MergedCandidates, WeightedMerge
@@ -158,6 +159,12 @@ class RecallEngine:
         state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
         # The read may have used the call's time up: then no channel starts.
         self._check_deadline(deadline, "channels")
+        if state is not None and loaded is self._versions.current and not self._versions.snapshot_ready:
+            # The version's features are gone from the feature store (until re-pushed): its
+            # own data stands in for each user's snapshot, and the answer says so (the
+            # history recall returns, and rank scores from, carries the same substitute).
+            degraded.append("feature_snapshot_missing")
+            state = with_version_snapshot(state, model.core, model.user_lookup.get(query.user_id, -1))
         history = (
             None
             if state is None
