@@ -273,3 +273,18 @@ async def test_connections_are_recycled_without_failing_calls(start_host: HostFa
         responses = await asyncio.gather(*calls)
         answered += sum(list(response.item_indexes) == [3, 1, 2] for response in responses)
     assert answered >= 25
+
+
+async def test_the_versions_a_server_can_serve_are_health_names(start_host: HostFactory) -> None:
+    running = await start_host()
+    readiness = running.host.readiness
+    await readiness.set_versions(["v1"])
+    assert await health_status(running.channel, "recsys.v1.Recall@v1") == SERVING
+    await readiness.set_versions(["v2", "v1"])  # v1 during its grace period
+    assert await health_status(running.channel, "recsys.v1.Recall@v1") == SERVING
+    assert await health_status(running.channel, "recsys.v1.Recall@v2") == SERVING
+    await readiness.set_versions(["v2"])  # v1 retired
+    assert await health_status(running.channel, "recsys.v1.Recall@v1") == NOT_SERVING
+    with pytest.raises(aio.AioRpcError) as never:
+        await health_status(running.channel, "recsys.v1.Recall@v3")
+    assert never.value.code() is grpc.StatusCode.NOT_FOUND

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from recsys.errors import NotReady, WrongModelVersion
+from recsys.feature_store import FeatureStoreUnavailable
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
-from services.common.versions import ModelVersions, VersionMetrics
+from services.common.versions import Loaded, ModelVersions, VersionMetrics
 
 METRICS = VersionMetrics("versions_test")
 
@@ -68,3 +69,50 @@ async def test_a_version_waits_for_its_features(quick_candidate: Any, tmp_path: 
     ready.add(name)
     assert await versions.refresh() is True
     assert versions.get().version == name
+
+
+async def test_a_lost_snapshot_is_noticed_at_the_next_check(quick_candidate: Any, tmp_path: Path) -> None:
+    from training.build import publish
+
+    store = ModelStore(tmp_path / "store", create=True)
+    ready: set[str] = set()
+    answering = True
+    lost: list[str] = []
+
+    async def features_ready(version: str) -> bool:
+        if not answering:
+            raise FeatureStoreUnavailable("redis: connection refused")
+        return version in ready
+
+    async def on_lost(loaded: Loaded[ServingModel]) -> None:
+        lost.append(loaded.version)
+
+    versions: ModelVersions[ServingModel] = ModelVersions(
+        store,
+        load,
+        METRICS,
+        ready_check=features_ready,
+        snapshot_check=features_ready,
+        on_snapshot_lost=on_lost,
+    )
+    name = publish(quick_candidate, store.path).version
+    ready.add(name)
+    assert await versions.refresh() is True
+    assert await versions.check_snapshot() is True
+    assert METRICS.snapshot_ready._value.get() == 1
+
+    ready.clear()  # Redis came back empty
+    assert await versions.check_snapshot() is False
+    assert versions.snapshot_ready is False
+    assert lost == [name]
+    assert METRICS.snapshot_ready._value.get() == 0
+    assert versions.get().version == name  # still serving it, from its own data
+
+    answering = False  # an outage says nothing about the snapshot: the finding stands
+    assert await versions.check_snapshot() is False
+    assert lost == [name]
+
+    answering = True
+    ready.add(name)  # pushed again
+    assert await versions.check_snapshot() is True
+    assert METRICS.snapshot_ready._value.get() == 1
