@@ -74,3 +74,61 @@ class BlocklistFilter:
         return Filtered(
             Candidates(candidates.items[keep], candidates.scores[keep]), int(len(candidates) - keep.sum())
         )
+
+
+class BlocklistFile:
+    """A blocklist file that can change while a service runs (a ConfigMap, an operator's
+    edit): `reload()` reads it again when its modification time or size changed. A file that
+    cannot be read keeps the last good blocklist (and says so), never an empty one."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self.blocklist = Blocklist.load(self.path)
+
+    def _stat(self) -> tuple[int, int]:
+        stat = self.path.stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def reload(self) -> bool:
+        """True when the file changed and was read again."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        blocklist = Blocklist.load(self.path)
+        self._stamp = stamp
+        changed = blocklist != self.blocklist
+        self.blocklist = blocklist
+        return changed
+
+
+class VersionBlocklists:
+    """The `BlocklistFilter` of each model version for the current blocklist: built on a
+    version's first call after a (re)load, then reused by every call (indexes are per model
+    version, ids are not). Filters of versions no longer servable are dropped."""
+
+    def __init__(self, blocklist: Blocklist) -> None:
+        self._blocklist = blocklist
+        self._filters: dict[str, BlocklistFilter] = {}
+
+    @property
+    def blocklist(self) -> Blocklist:
+        return self._blocklist
+
+    def replace(self, blocklist: Blocklist) -> None:
+        # One assignment each: a call that already took a filter keeps using it.
+        self._filters = {}
+        self._blocklist = blocklist
+
+    def for_version(
+        self, version: str, item_lookup: Mapping[str, int], servable: Iterable[str] = ()
+    ) -> BlocklistFilter:
+        stage = self._filters.get(version)
+        if stage is None:
+            stage = BlocklistFilter.for_version(self._blocklist, item_lookup)
+            keep = set(servable)
+            self._filters = {
+                **{name: kept for name, kept in self._filters.items() if name in keep},
+                version: stage,
+            }
+        return stage

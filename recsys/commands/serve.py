@@ -19,6 +19,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     recall.add_argument(
         "--redis", help="redis://HOST:PORT/DB for the shared feature store (default: in-process)"
     )
+    recall.add_argument(
+        "--blocklist",
+        dest="blocklist_file",
+        help="item ids never to recall, one per line (re-read on change)",
+    )
     recall.set_defaults(handler=_serve_recall, command="serve recall")
     rank = services.add_parser(
         "rank", help="multi-task scoring", description="Run the rank service (ONNX ranker, micro-batched)."

@@ -131,7 +131,11 @@ async def _run_embedded(args: argparse.Namespace) -> None:
     hosts: list[Any] = []
     try:
         recall_settings = RecallSettings(
-            store=args.store, port=args.recall_port, metrics_port=None, shutdown_delay_seconds=0.0
+            store=args.store,
+            port=args.recall_port,
+            metrics_port=None,
+            shutdown_delay_seconds=0.0,
+            blocklist_file=args.blocklist,
         )
         recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
         hosts.append(recall)
@@ -223,7 +227,14 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
         else {}
     )
     commands = {
-        "recall": [*base, "recall", *common, "--port", str(args.recall_port)],
+        "recall": [
+            *base,
+            "recall",
+            *common,
+            "--port",
+            str(args.recall_port),
+            *(["--blocklist", str(args.blocklist)] if args.blocklist else []),
+        ],
         # rank reads each scene's score fusion from the same file as the gateway
         "rank": [*base, "rank", *common, "--port", str(args.rank_port), *scenes],
         "gateway": [

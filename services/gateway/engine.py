@@ -296,9 +296,9 @@ class GatewayEngine:
         more on recall's own (if the gateway has it too); recall down, slow or refused →
         the version's popular list."""
         query, model = request.query, request.model
+        # Blocked items are not sent: recall applies the blocklist itself (per model version,
+        # reloaded when it changes); the gateway's filter after rank is the backstop.
         exclude = [model.item_lookup[item] for item in query.exclude_item_ids if item in model.item_lookup]
-        # Blocked items are excluded at the source too, so they never take a channel's quota.
-        exclude.extend(self._blocklist_filter(request.loaded).blocked.tolist())
         call = RecallCall(
             user_id=query.user_id,
             context=RequestContext(query.region, query.request_time),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from grpc import aio
 
+from recsys.blocklist import Blocklist, BlocklistFile, VersionBlocklists
 from recsys.feature_store import FeatureStore, InProcessFeatureStore
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
@@ -69,9 +72,16 @@ class RecallApp:
             snapshot_check=None if in_process else self.features.snapshot_ready,
             on_snapshot_lost=None if self.repair is None else self.repair.lost,
         )
+        self.blocklist_file = BlocklistFile(settings.blocklist_file) if settings.blocklist_file else None
         self.engine = RecallEngine(
-            self.versions, self.features, self.executor, recall_metrics(), limits_from(settings)
+            self.versions,
+            self.features,
+            self.executor,
+            recall_metrics(),
+            limits_from(settings),
+            VersionBlocklists(self.blocklist_file.blocklist if self.blocklist_file else Blocklist.of(())),
         )
+        self._blocklist_task: asyncio.Task[None] | None = None
         self._readiness: Readiness | None = None
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
@@ -88,8 +98,28 @@ class RecallApp:
     async def start(self, readiness: Readiness) -> None:
         self._readiness = readiness
         await self.versions.start()
+        if self.blocklist_file is not None:
+            self._blocklist_task = asyncio.create_task(self._watch_blocklist(self.blocklist_file))
+
+    async def _watch_blocklist(self, source: BlocklistFile) -> None:
+        """Re-read the blocklist when its file changes: a taken-down item leaves every answer
+        within `blocklist_reload_seconds`, with no restart."""
+        while True:
+            await asyncio.sleep(self.settings.blocklist_reload_seconds)
+            try:
+                changed = await asyncio.to_thread(source.reload)
+            except OSError as error:  # keep the last good one
+                log.error("could not re-read the blocklist %s: %s", source.path, error)
+                continue
+            if changed:
+                self.engine.blocklists.replace(source.blocklist)
+                log.info("blocklist reloaded", extra={"items": len(source.blocklist)})
 
     async def stop(self) -> None:
+        if self._blocklist_task is not None:
+            self._blocklist_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._blocklist_task
         await self.versions.stop()
         if self.repair is not None:
             await self.repair.stop()

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
+from recsys.blocklist import Blocklist, VersionBlocklists
 from recsys.errors import DeadlineExpired, InvalidArgument
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
@@ -128,8 +129,10 @@ class RecallEngine:
         executor: Executor,
         metrics: RecallMetrics,
         limits: RecallLimits | None = None,
+        blocklists: VersionBlocklists | None = None,
     ) -> None:
         self._versions = versions
+        self.blocklists = blocklists or VersionBlocklists(Blocklist.of(()))
         self._features = features
         self._executor = executor
         self._metrics = metrics
@@ -233,6 +236,16 @@ class RecallEngine:
                 lists[name] = run.candidates
                 outcomes[name] = ChannelOutcome(name, "ok", milliseconds=run.milliseconds)
                 self._metrics.channel_timer[name].observe(run.milliseconds / 1000)
+        if len(self.blocklists.blocklist):
+            # On each channel's over-fetched list, before its quota is cut, so that blocked
+            # items never take a quota's place; one binary search per candidate.
+            blocked = self.blocklists.for_version(
+                loaded.version, model.item_lookup, self._versions.available()
+            )
+            for name, candidates in lists.items():
+                filtered = blocked.apply(candidates)
+                self._metrics.blocklist_filtered[name].inc(filtered.removed)
+                lists[name] = filtered.kept
         if state is not None and state.exposure_filter is not None:
             exposure = ExposureFilter(state.exposure_filter, model.item_digests)
             if exposure.active:

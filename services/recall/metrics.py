@@ -40,6 +40,7 @@ class RecallMetrics:
             for outcome in ("ok", "timeout", "error")
         }
         self.exposure_filtered = {name: self.filtered.labels("exposure", name) for name in ALL_CHANNELS}
+        self.blocklist_filtered = {name: self.filtered.labels("blocklist", name) for name in ALL_CHANNELS}
 
 
 @cache

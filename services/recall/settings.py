@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -20,6 +22,10 @@ class RecallSettings(ServerSettings):
     store: str = Field("./store", description="Model store PATH or file://PATH.")
     redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
     redis_prefix: str = "recsys"
+    blocklist_file: Path | None = Field(
+        None, description="Item ids never to recall, one per line; re-read when it changes."
+    )
+    blocklist_reload_seconds: float = Field(5.0, gt=0, description="How often the blocklist file is checked.")
     repush_lost_features: bool = Field(
         True,
         description="Push the current version's features again when they vanish from Redis "

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from recsys.blocklist import Blocklist, BlocklistFilter
+from recsys.blocklist import Blocklist, BlocklistFile, BlocklistFilter, VersionBlocklists
 from recsys.stages.sources import Candidates
 
 LOOKUP = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
@@ -43,3 +44,30 @@ def test_empty_blocklist_or_candidates_pass_through() -> None:
     assert BlocklistFilter(np.zeros(0, np.int32)).apply(candidates).kept is candidates
     nothing = BlocklistFilter(np.array([1], np.int32)).apply(Candidates.empty())
     assert (len(nothing.kept), nothing.removed) == (0, 0)
+
+
+def test_a_blocklist_file_is_read_again_only_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "blocked.txt"
+    path.write_text("a\nb\n")
+    source = BlocklistFile(path)
+    assert source.blocklist.item_ids == frozenset({"a", "b"})
+    assert source.reload() is False
+    path.write_text("a\nb\nc\n")
+    assert source.reload() is True
+    assert source.blocklist.item_ids == frozenset({"a", "b", "c"})
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        source.reload()
+    assert source.blocklist.item_ids == frozenset({"a", "b", "c"})  # the last good one stays
+
+
+def test_version_blocklists_build_one_filter_per_version_and_forget_retired_ones() -> None:
+    filters = VersionBlocklists(Blocklist.of(["x", "y"]))
+    first = filters.for_version("v1", {"x": 3, "z": 0})
+    assert first.blocked.tolist() == [3]
+    assert filters.for_version("v1", {}) is first
+    second = filters.for_version("v2", {"y": 1, "x": 5}, servable=["v2"])
+    assert second.blocked.tolist() == [1, 5]
+    assert filters.for_version("v1", {"x": 4}).blocked.tolist() == [4]  # v1 was dropped, rebuilt
+    filters.replace(Blocklist.of(["z"]))
+    assert filters.for_version("v1", {"x": 3, "z": 0}).blocked.tolist() == [0]

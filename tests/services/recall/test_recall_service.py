@@ -341,3 +341,36 @@ async def test_the_answer_carries_the_history_it_read_for_rank(recall: Running) 
     length = model.spec.history_length
     assert list(response.history.item_indexes) == stored[-length:]
     assert len(response.history.liked) == len(response.history.item_indexes)
+
+
+async def test_the_blocklist_is_applied_in_recall_and_reloaded_when_its_file_changes(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    blocklist = tmp_path / "blocked.txt"
+    blocklist.write_text("")
+    running = await start(str(quick_store.path), blocklist_file=blocklist, blocklist_reload_seconds=0.05)
+    try:
+        request = recall_pb2.RecallRequest(user_id="196", max_candidates=1000)
+        before = await running.stub.Recall(request, timeout=2)
+        model = running.model
+        item_ids = model.core.catalogue.item_ids
+        # The best items of several channels, and more than recall accepts as exclusions.
+        top = list(before.item_indexes[:30])
+        blocked_ids = [str(item_ids[index]) for index in top] + [f"unknown-{n}" for n in range(20_000)]
+        blocklist.write_text("\n".join(blocked_ids) + "\n")
+        async with asyncio.timeout(10):
+            while set(top) & set((answer := await running.stub.Recall(request, timeout=2)).item_indexes):
+                await asyncio.sleep(0.05)
+        # Blocked before the quotas are cut: a channel with a long list fills its quota from
+        # the rest of it, and none loses more than the blocked items it had.
+        assert stats(answer)["two_tower"].count == stats(before)["two_tower"].count
+        for name in ("itemcf", "swing"):
+            assert stats(answer)[name].count >= stats(before)[name].count - len(top), name
+        assert list(answer.degraded_reasons) == []
+        blocklist.write_text("")  # taken off the list: back within a reload
+        async with asyncio.timeout(10):
+            while not set(top) <= set((await running.stub.Recall(request, timeout=2)).item_indexes):
+                await asyncio.sleep(0.05)
+    finally:
+        await running.channel.close()
+        await running.host.stop(grace=0)
