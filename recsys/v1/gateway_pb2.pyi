@@ -290,9 +290,9 @@ class RecommendResponse(_message.Message):
         """Empty when the answer is complete. Otherwise why it is not; this is the one list of
         reasons (recall.proto's own are the `recall:` ones here):
           recall_timeout, recall_unavailable, recall_circuit_open, recall_no_time_left,
-          recall_resource_exhausted, recall_<grpc code>
+          recall_<grpc code>
                                recall gave no answer (too slow, down, its circuit breaker open,
-                               no time left in the deadline, shed, another failure): the items
+                               no time left in the deadline, another failure): the items
                                are the gateway's popular list for the model version, minus what
                                the user consumed in the version's data and the exclusions.
           version_retry        recall did not have the gateway's model version and answered on
@@ -302,9 +302,11 @@ class RecommendResponse(_message.Message):
                                recall answered on a version the gateway does not have: the
                                popular list, as above.
           rank_timeout, rank_unavailable, rank_circuit_open, rank_no_time_left,
-          rank_resource_exhausted, rank_<grpc code>
+          rank_<grpc code>
                                rank gave no answer: the candidates in pre-rank order (user ·
                                item embeddings) or recall's merged order; no task_scores.
+          (A dependency that sheds the call, RESOURCE_EXHAUSTED, degrades nothing: the call
+          fails with RESOURCE_EXHAUSTED, see above.)
           recall:feature_store_unavailable
                                the feature store (Redis) did not answer recall in time: the
                                user's history is the model version's own, without live events.
