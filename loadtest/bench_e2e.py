@@ -271,8 +271,8 @@ def start_stack(
     scenes.write_text(json.dumps(SCENE))
     ports = {name: _free_port() for name in SERVICES}
     env = {**os.environ, **{f"RECSYS_{name.upper()}_REDIS_PREFIX": prefix for name in SERVICES}}
-    common = ["--store", args.store, "--redis", redis_url, "--log-level", "warning",
-              "--workers", str(args.workers), "--metrics-port", "0"]  # fmt: skip
+    common = ["--store", args.store, "--redis", redis_url, "--log-level", "warning", "--workers",
+              str(args.workers), "--metrics-port", "0", "--shutdown-delay-seconds", "0"]  # fmt: skip
     gateway = [
         *("--recall-addr", f"127.0.0.1:{ports['recall']}", "--rank-addr", f"127.0.0.1:{ports['rank']}"),
         *("--http-port", "0", "--scenes", str(scenes), "--event-log", str(tmp / "events.csv")),
