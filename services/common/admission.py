@@ -14,7 +14,7 @@ spent on them is thrown away (goodput fell 6× past ~32 calls in flight). Here:
   when the process (or a dependency it waits on) slows down and rises again when it recovers.
 - **A short FIFO queue.** A call beyond the limit waits, in arrival order, but only when its
   expected wait (its queue position × the interval measured between hand-overs while calls
-  queued) plus the mean latency
+  queued) plus its expected service time (the larger of the mean and the recent p90)
   fits in both its remaining deadline and `max_queue_seconds`; otherwise it is refused at once.
   A queued call whose time runs out before a slot frees is refused then, and a queued call
   whose caller goes away leaves the queue. A burst therefore queues briefly and
@@ -86,6 +86,13 @@ class AdaptiveLimit:
         # target, and the rate the initial limit would give at the target.
         self.mean_latency = policy.latency_target
         self.throughput = self.value / policy.latency_target
+        self._last_p90 = policy.latency_target
+
+    @property
+    def service_time(self) -> float:
+        """What a call admitted now should expect to need (the larger of the mean and the last
+        window's p90): a queued call is let go while it still has this much time left."""
+        return max(self.mean_latency, self._last_p90)
 
     @property
     def limit(self) -> int:
@@ -111,6 +118,7 @@ class AdaptiveLimit:
             self.throughput = self.value / max(self.mean_latency, 1e-4)
         samples = sorted(self._samples)
         p90 = samples[min(len(samples) - 1, math.ceil(0.9 * len(samples)) - 1)]
+        self._last_p90 = p90
         if p90 > policy.latency_target:
             self.value = max(float(policy.min_limit), self.value * policy.backoff)
         elif self._queued_during or self._peak >= 0.8 * self.value:
@@ -157,12 +165,13 @@ class Admission:
         if self.in_flight < self.limit and not self._queue:
             self._admit()
             return
+        service = self.limiter.service_time
         budget = min(
             self.policy.default_deadline if remaining is None else remaining,
-            self.policy.max_queue_seconds + self.limiter.mean_latency,
+            self.policy.max_queue_seconds + service,
         )
         wait = self.expected_wait(len(self._queue) + 1)
-        if wait + self.limiter.mean_latency > budget:
+        if wait + service > budget:
             short = remaining is not None and remaining < self.policy.max_queue_seconds
             reason = "deadline" if short else "queue_full"
             raise Refused(
@@ -176,7 +185,9 @@ class Admission:
         self._queue.append(future)
         self.limiter.observe_load(self.in_flight, len(self._queue))
         try:
-            async with asyncio.timeout(max(0.0, budget - self.limiter.mean_latency)):
+            # Given up while the call still has the time its work needs, so that a call let go
+            # late is refused here rather than started and failed at its deadline downstream.
+            async with asyncio.timeout(max(0.0, budget - service)):
                 await future  # resolved by release(), which has counted this call in flight
         except TimeoutError:
             if _granted(future):
