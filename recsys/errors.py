@@ -49,6 +49,11 @@ class DeadlineExpired(RecsysError):
     nobody is waiting for its answer any more."""
 
 
+class ModelOutputInvalid(RecsysError):
+    """The model gave unusable outputs (non-finite scores) for this call: the stage has failed
+    like an outage, and the caller falls back as it would for one."""
+
+
 class NotReady(RecsysError):
     """The process is starting (no model version loaded) or shutting down."""
 

@@ -36,6 +36,7 @@ from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate, run_c
 from recsys.evaluation.metrics import mean_metrics
 from recsys.features import CrossFeatures, FeatureSpec, ItemFeatures, PairScores
 from recsys.onnx_models import OnnxModel
+from recsys.probe import probe
 from recsys.serving_model import (
     ANN_INDEX,
     DEFAULTS,
@@ -546,6 +547,8 @@ def _verify_loads(staging: Path) -> None:
     model = ServingModel.load(staging, version="staging")
     if model.index.size != model.core.catalogue.n_items:
         raise ValueError(f"{ANN_INDEX}: {model.index.size} vectors for {model.core.catalogue.n_items} items")
+    # The probe the services run at load: a version they would refuse is never published.
+    probe(model, staging)
 
 
 def summary_rows(result: BuildResult) -> list[tuple[str, str]]:

@@ -51,7 +51,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     rollback = add("rollback", _rollback, "Verify a version, then point CURRENT at it.")
     rollback.add_argument("version", metavar="VERSION", help="the version to make current")
 
-    verify = add("verify", _verify, "Recompute every artifact's checksum and size against the manifest.")
+    verify = add(
+        "verify",
+        _verify,
+        "Recompute every artifact's checksum and size against the manifest, then run the models"
+        " on a probe batch (outputs must be finite and in range).",
+    )
     verify.add_argument("version", metavar="VERSION", nargs="?", help="the version (default: CURRENT)")
 
     prune = add("prune", _prune, "Delete the oldest versions, keeping N (never the current one).")
@@ -138,6 +143,13 @@ def _verify(args: argparse.Namespace) -> int:
     manifest = store.manifest(version)
     size = _human_size(manifest.total_bytes)
     print(f"ok: {version}: {_count(len(manifest.artifacts), 'artifact')}, {size}, checksums match")
+    # Then what the services do at load: the models must answer a probe batch sanely.
+    from recsys.probe import probe
+    from recsys.serving_model import ServingModel
+
+    path = store.version_path(version)
+    report = probe(ServingModel.load(path, version=version), path)
+    print(f"ok: {version}: {report.summary()}")
     return 0
 
 

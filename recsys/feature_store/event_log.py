@@ -3,9 +3,14 @@ later `recsys build` to learn from (the live history in the feature store is cap
 expires; this log is not).
 
 Two implementations behind one Protocol, like the feature store:
-- `RedisEventLog`: a Redis stream (`XADD`, approximately capped at `max_length` entries), one
-  field per column; `recsys events export` writes it out as the CSV below.
-- `FileEventLog`: a CSV file with a header, appended to (the embedded mode). Its columns are
+- `RedisEventLog`: a Redis stream (`XADD`, approximately capped at `max_length` entries and at
+  `max_bytes` of entries), one field per column; `recsys events export` writes it out as the
+  CSV below.
+- `FileEventLog`: a CSV file with a header, appended to (the embedded mode); past `max_bytes`
+  it is renamed to `<name>.1` (replacing the previous one) and a new file is started.
+
+Both are capped in bytes as well as entries: entries alone let a client with long fields
+multiply the log's size (every field is bounded by recsys.limits, but the cap is what holds). Its columns are
   what `recsys build --dataset csv` reads: `--interactions events.csv --user-col user_id
   --item-col item_id --rating-col value --time-col time`.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +29,8 @@ from typing import Protocol
 
 from recsys.feature_store.base import EVENT_KINDS, FeatureStoreUnavailable
 from recsys.feature_store.redis_store import RedisFeatureStore
+
+DEFAULT_MAX_BYTES = 2 * 1024**3  # 2 GiB: months of events at hundreds a second
 
 COLUMNS = (
     "time",
@@ -113,16 +121,27 @@ class FileEventLog:
     """Appends CSV rows to one file. Writes happen in a worker thread (a disk write must not
     stall the event loop) under a lock, so concurrent appends never interleave."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes: expected at least 1, got {max_bytes}")
         self.path = Path(path)
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
+
+    @property
+    def rotated_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".1")
 
     def _write(self, events: Sequence[LoggedEvent]) -> None:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = not self.path.exists() or self.path.stat().st_size == 0
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size >= self.max_bytes:
+                # One generation kept: the disk holds at most about twice max_bytes.
+                os.replace(self.path, self.rotated_path)
+                size = 0
             with self.path.open("a", encoding="utf-8", newline="") as file:
-                file.write(csv_lines(events, header))
+                file.write(csv_lines(events, size == 0))
                 file.flush()
 
     async def append(self, events: Sequence[LoggedEvent]) -> None:
@@ -156,16 +175,32 @@ class FileEventLog:
 class RedisEventLog:
     """The event log as a Redis stream next to the feature store's keys (`P:events`)."""
 
-    def __init__(self, store: RedisFeatureStore, max_length: int = 10_000_000) -> None:
+    def __init__(
+        self, store: RedisFeatureStore, max_length: int = 10_000_000, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length: expected at least 1, got {max_length}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes: expected at least 1, got {max_bytes}")
         self._store = store
         self.max_length = max_length
+        self.max_bytes = max_bytes
+        self._entry_bytes = 0.0  # running mean of an entry's size, as Redis roughly stores it
+
+    def cap(self) -> int:
+        """Entries to keep: `max_length`, or fewer when entries are large. A stream cannot be
+        trimmed by bytes, so the byte cap becomes an entry cap through the mean entry size."""
+        if self._entry_bytes <= 0:
+            return self.max_length
+        return max(1, min(self.max_length, int(self.max_bytes / self._entry_bytes)))
 
     async def append(self, events: Sequence[LoggedEvent]) -> None:
-        await self._store.log_append(
-            [dict(zip(COLUMNS, event.row(), strict=True)) for event in events], self.max_length
-        )
+        rows = [dict(zip(COLUMNS, event.row(), strict=True)) for event in events]
+        for row in rows:
+            # Field names and values plus Redis's per-entry overhead (about 16 bytes a field).
+            size = sum(len(name) + len(value.encode("utf-8")) + 16 for name, value in row.items())
+            self._entry_bytes = size if self._entry_bytes == 0 else 0.99 * self._entry_bytes + 0.01 * size
+        await self._store.log_append(rows, self.cap())
 
     async def read(self, limit: int | None = None) -> list[LoggedEvent]:
         entries = await self._store.log_read(limit)
@@ -175,11 +210,11 @@ class RedisEventLog:
         return None  # the store owns the connection
 
 
-def event_log_for(features: object, path: Path | None) -> EventLog:
+def event_log_for(features: object, path: Path | None, max_bytes: int = DEFAULT_MAX_BYTES) -> EventLog:
     """The log beside a feature store: its Redis stream for a Redis store, else a CSV file
     (`path`, required then)."""
     if isinstance(features, RedisFeatureStore):
-        return RedisEventLog(features)
+        return RedisEventLog(features, max_bytes=max_bytes)
     if path is None:
         raise ValueError("event log: a file path is needed without Redis")
-    return FileEventLog(path)
+    return FileEventLog(path, max_bytes=max_bytes)

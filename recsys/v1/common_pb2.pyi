@@ -3,6 +3,14 @@
 isort:skip_file
 Messages shared by the public gateway API and the internal recall and rank hops.
 
+Size limits (every service, gRPC and HTTP alike; recsys/limits.py holds them): ids (user,
+item, event, request) at most 128 characters; scene, arm, region, channel and task names at
+most 64; model versions at most 128; any other string at most 1,024 and any other list at
+most 10,000 entries. Timestamps must lie in google.protobuf.Timestamp's range (years 1 to
+9999, nanos in [0, 999999999]). A field past its limit → INVALID_ARGUMENT naming it, e.g.
+"exclude_item_ids[3]: at most 128 characters, got 10240". Error messages are cut to 512
+characters.
+
 Compatibility: fields may be added, never renamed, renumbered or removed.
 """
 
@@ -55,12 +63,13 @@ class RequestContext(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     """Region of the request (e.g. a country, state or zip-code prefix as the model store
-    knows them). Unknown regions are served as if no region were given.
+    knows them), at most 64 characters. Unknown regions are served as if no region were given.
     """
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp:
         """When the user made the request. Used for recency weighting and for the exposure
-        filter's time slices. Absent → the receiving server's clock.
+        filter's time slices. Absent → the receiving server's clock. Outside Timestamp's range →
+        INVALID_ARGUMENT naming `context.request_time`.
         """
 
     @_builtins.property
@@ -101,7 +110,7 @@ class UserHistory(_message.Message):
     """The profile's region token in the model version (0: none)."""
     @_builtins.property
     def item_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Dense item indexes of the model version, oldest first."""
+        """Dense item indexes of the model version, oldest first; at most 1,000 (the same for `liked`)."""
 
     @_builtins.property
     def liked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:

@@ -3,6 +3,14 @@
 isort:skip_file
 Messages shared by the public gateway API and the internal recall and rank hops.
 
+Size limits (every service, gRPC and HTTP alike; recsys/limits.py holds them): ids (user,
+item, event, request) at most 128 characters; scene, arm, region, channel and task names at
+most 64; model versions at most 128; any other string at most 1,024 and any other list at
+most 10,000 entries. Timestamps must lie in google.protobuf.Timestamp's range (years 1 to
+9999, nanos in [0, 999999999]). A field past its limit → INVALID_ARGUMENT naming it, e.g.
+"exclude_item_ids[3]: at most 128 characters, got 10240". Error messages are cut to 512
+characters.
+
 Compatibility: fields may be added, never renamed, renumbered or removed.
 """
 

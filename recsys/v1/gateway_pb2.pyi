@@ -97,13 +97,14 @@ class RecommendRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """External id of the user. Required (INVALID_ARGUMENT naming `user_id` when empty).
+    """External id of the user, at most 128 characters. Required (INVALID_ARGUMENT naming
+    `user_id` when empty or too long).
     A user the system has never seen gets a cold-start answer, not an error.
     """
     scene: _builtins.str
     """Name of a pipeline configuration (channel quotas, pre-rank size, fusion weights,
-    rerank method and business rules) declared in the gateway's settings. Empty →
-    "default". An unknown scene → INVALID_ARGUMENT naming `scene`.
+    rerank method and business rules) declared in the gateway's settings, at most 64
+    characters. Empty → "default". An unknown scene → INVALID_ARGUMENT naming `scene`.
     """
     count: _builtins.int
     """How many items to return, 1 … the scene's maximum (INVALID_ARGUMENT naming `count`
@@ -116,14 +117,16 @@ class RecommendRequest(_message.Message):
     other side effect: the same request may be repeated and gives the same answer.
     """
     request_id: _builtins.str
-    """Caller-chosen request id (at most 128 printable ASCII characters). Empty → made by the
-    server, or taken from the `x-request-id` metadata key.
+    """Caller-chosen request id: 1 to 128 printable ASCII characters (no CR, LF or NUL: it is
+    echoed in headers), INVALID_ARGUMENT naming `request_id` otherwise. Empty → made by the
+    server, or taken from the `x-request-id` metadata key (or HTTP header), which is replaced
+    by a server-made id when it breaks the same rule.
     """
     @_builtins.property
     def exclude_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """External item ids that must not be returned (e.g. what the page already shows).
-        Unknown ids are ignored. At most the configured maximum (INVALID_ARGUMENT naming
-        `exclude_item_ids` beyond it).
+        Unknown ids are ignored. At most the configured maximum (1,000 by default) of at most 128
+        characters each (INVALID_ARGUMENT naming `exclude_item_ids` or `exclude_item_ids[i]`).
         """
 
     @_builtins.property
@@ -302,9 +305,18 @@ class RecommendResponse(_message.Message):
                                recall answered on a version the gateway does not have: the
                                popular list, as above.
           rank_timeout, rank_unavailable, rank_circuit_open, rank_no_time_left,
-          rank_<grpc code>
-                               rank gave no answer: the candidates in pre-rank order (user ·
-                               item embeddings) or recall's merged order; no task_scores.
+          rank_<grpc code>, rank_nonfinite_scores
+                               rank gave no answer, or one with non-finite scores (its model
+                               diverges on these inputs; rank itself answers UNAVAILABLE then):
+                               the candidates in pre-rank order (user · item embeddings) or
+                               recall's merged order; no task_scores.
+          prerank_nonfinite_scores
+                               rank gave no answer and pre-rank's scores were not finite either:
+                               recall's merged order.
+          rank:feature_store_unavailable
+                               rank read the user's state itself (recall sent none) and the
+                               feature store did not answer in time: scored from the version's
+                               own profile of the user.
           (A dependency that sheds the call, RESOURCE_EXHAUSTED, degrades nothing: the call
           fails with RESOURCE_EXHAUSTED, see above.)
           recall:feature_store_unavailable
@@ -350,6 +362,10 @@ Global___RecommendResponse: _TypeAlias = RecommendResponse  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
+    """An event past a limit below is rejected on its own (a rejection naming the field), not the
+    batch.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
@@ -363,26 +379,29 @@ class Event(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     ARM_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Client-chosen unique id of the event; required. Used to make retries idempotent."""
+    """Client-chosen id of the event, at most 128 characters; empty → one is made. Used to make
+    retries idempotent: unique per user (two users may use the same ids).
+    """
     user_id: _builtins.str
-    """External user id; required."""
+    """External user id, at most 128 characters; required."""
     item_id: _builtins.str
-    """External item id; required and known to the catalogue."""
+    """External item id, at most 128 characters; required and known to the catalogue."""
     type: Global___EventType.ValueType
     """Required (EVENT_TYPE_UNSPECIFIED is rejected)."""
     value: _builtins.float
     """Rating value for EVENT_TYPE_RATING; ignored otherwise."""
     request_id: _builtins.str
-    """How the item was shown, for attribution: the Recommend answer's request id, scene,
-    1-based position and experiment arm. Optional.
+    """How the item was shown, for attribution: the Recommend answer's request id (at most 128
+    characters), scene and experiment arm (at most 64 each; metrics count unknown ones as
+    "other"), 1-based position. Optional.
     """
     scene: _builtins.str
     position: _builtins.int
     arm: _builtins.str
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When it happened; absent → the server's clock. Times more than a day in the future
-        are rejected.
+        """When it happened; absent → the server's clock. Times more than 5 minutes in the future,
+        before 1970 or outside Timestamp's range are rejected.
         """
 
     def __init__(

@@ -11,7 +11,8 @@ Error semantics:
                        `item_indexes` beyond the configured maximum, `keep`, `fusion`…).
   FAILED_PRECONDITION  `model_version` names a version this server does not have.
   RESOURCE_EXHAUSTED   the in-flight cap is reached; shed at once.
-  UNAVAILABLE          shutting down, or no model version is loaded yet.
+  UNAVAILABLE          shutting down, no model version is loaded yet, or the model gave
+                       non-finite scores for the call (the caller falls back as for an outage).
   CANCELLED            only on shutdown, for a call that arrived as the server stopped
                        taking calls (after its NOT_SERVING delay); it did not run: retry.
   INTERNAL             a bug; details in the server log only.
@@ -112,6 +113,7 @@ class Fusion(_message.Message):
     def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Per-task weights by task name; a task absent from the map has weight 0 (sum) or is
         left out of the product. Unknown task names → INVALID_ARGUMENT naming `fusion.weights`.
+        At most 16 entries in each map, task names of at most 64 characters.
         """
 
     @_builtins.property
@@ -147,9 +149,11 @@ class RankRequest(_message.Message):
     USER_EMBEDDING_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """External user id. Required."""
+    """External user id (at most 128 characters). Required."""
     model_version: _builtins.str
-    """Version the item indexes belong to; empty → the server's current version."""
+    """Version the item indexes belong to (at most 128 characters); empty → the server's
+    current version.
+    """
     scene: _builtins.str
     """Scene whose fusion configuration applies; empty → "default". Unknown scenes are
     INVALID_ARGUMENT naming `scene`.
@@ -168,7 +172,7 @@ class RankRequest(_message.Message):
 
     @_builtins.property
     def user_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The user embedding returned by recall (for `prerank_keep`)."""
+        """The user embedding returned by recall (for `prerank_keep`); at most 1,024 values."""
 
     @_builtins.property
     def history(self) -> _common_pb2.UserHistory:
@@ -234,6 +238,7 @@ class RankResponse(_message.Message):
     TASK_SCORES_FIELD_NUMBER: _builtins.int
     UNKNOWN_ITEMS_FIELD_NUMBER: _builtins.int
     UNKNOWN_USER_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASONS_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """Version used for scoring."""
     unknown_items: _builtins.int
@@ -252,6 +257,12 @@ class RankResponse(_message.Message):
     def task_scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskScores]:
         """Per-task probabilities, each aligned with `item_indexes`."""
 
+    @_builtins.property
+    def degraded_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty when the scores are complete; otherwise why not, e.g. "feature_store_unavailable"
+        (the user's live state could not be read in time: scored from the version's own profile).
+        """
+
     def __init__(
         self,
         *,
@@ -261,10 +272,11 @@ class RankResponse(_message.Message):
         task_scores: _abc.Iterable[Global___TaskScores] | None = ...,
         unknown_items: _builtins.int = ...,
         unknown_user: _builtins.bool = ...,
+        degraded_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_indexes", b"item_indexes", "model_version", b"model_version", "scores", b"scores", "task_scores", b"task_scores", "unknown_items", b"unknown_items", "unknown_user", b"unknown_user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded_reasons", b"degraded_reasons", "item_indexes", b"item_indexes", "model_version", b"model_version", "scores", b"scores", "task_scores", b"task_scores", "unknown_items", b"unknown_items", "unknown_user", b"unknown_user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

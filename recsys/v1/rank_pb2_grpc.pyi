@@ -11,7 +11,8 @@ Error semantics:
                        `item_indexes` beyond the configured maximum, `keep`, `fusion`…).
   FAILED_PRECONDITION  `model_version` names a version this server does not have.
   RESOURCE_EXHAUSTED   the in-flight cap is reached; shed at once.
-  UNAVAILABLE          shutting down, or no model version is loaded yet.
+  UNAVAILABLE          shutting down, no model version is loaded yet, or the model gave
+                       non-finite scores for the call (the caller falls back as for an outage).
   CANCELLED            only on shutdown, for a call that arrived as the server stopped
                        taking calls (after its NOT_SERVING delay); it did not run: retry.
   INTERNAL             a bug; details in the server log only.

@@ -103,11 +103,13 @@ class RecallRequest(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """External user id. Required. An unknown user is served by the cold-start channels
+    """External user id (at most 128 characters). Required. An unknown user is served by the cold-start channels
     (`cold_start` set), not refused.
     """
     model_version: _builtins.str
-    """Model version the caller's indexes belong to. Empty → the server's current version."""
+    """Model version the caller's indexes belong to (at most 128 characters). Empty → the
+    server's current version.
+    """
     max_candidates: _builtins.int
     """Cap on the merged candidate list; 0 → the configured default."""
     dry_run: _builtins.bool
@@ -121,12 +123,13 @@ class RecallRequest(_message.Message):
         """Candidates wanted per channel, by channel name (itemcf, swing, two_tower, geo, author,
         cache, popular). A channel absent from the map gets its configured default; 0 switches
         it off. Negative values, unknown names or values above the configured maximum →
-        INVALID_ARGUMENT naming `quotas[<name>]`. An empty map means all defaults.
+        INVALID_ARGUMENT naming `quotas[<name>]`. An empty map means all defaults. At most 16
+        entries.
         """
 
     @_builtins.property
     def exclude_item_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Dense item indexes (of `model_version`) never to return."""
+        """Dense item indexes (of `model_version`) never to return; at most 100,000."""
 
     def __init__(
         self,

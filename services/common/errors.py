@@ -18,6 +18,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[errors.RecsysError], grpc.StatusCode], ...] =
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE),
+    (errors.ModelOutputInvalid, grpc.StatusCode.UNAVAILABLE),
     (errors.DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -27,6 +28,19 @@ def status_for(error: errors.RecsysError) -> grpc.StatusCode:
         if isinstance(error, error_type):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+# A status message travels in a trailer (gRPC) or the body (HTTP). Clients cap metadata (grpc's
+# default is 8 KB for all of it), so a message quoting a 10 KB field would make the client fail
+# to read the answer at all; the field's name is at the start and survives the cut.
+MAX_MESSAGE_CHARS = 512
+
+
+def safe_message(message: str, most: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to `most` characters, control characters replaced (they are not allowed
+    in a trailer and would garble a log line)."""
+    cleaned = "".join(character if character.isprintable() else "?" for character in message[: most + 1])
+    return cleaned if len(cleaned) <= most else cleaned[: most - 15] + "… (message cut)"
 
 
 def code_label(code: grpc.StatusCode) -> str:

@@ -19,7 +19,7 @@ from grpc import aio
 from recsys.errors import NotReady, Overloaded, RecsysError
 from services.common import metrics
 from services.common.admission import Admission, AdmissionPolicy, Refused
-from services.common.errors import code_label, status_for
+from services.common.errors import code_label, safe_message, status_for
 from services.common.logs import new_request_id, request_id_var
 
 log = logging.getLogger("recsys.server")
@@ -37,6 +37,63 @@ def _request_id(metadata: Any) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID:
             return value if value.isprintable() else new_request_id()
     return new_request_id()
+
+
+class _Undecodable:
+    """What the tolerant deserializer hands the handler for bytes that are not the message.
+
+    grpc.aio calls the deserializer outside any handler: an exception there becomes UNKNOWN
+    with the exception's class name, an ERROR traceback per call, and no metrics. Decoding
+    into this marker instead lets the handler wrapper answer INVALID_ARGUMENT like any other
+    bad request, counted in grpc_server_handled_total."""
+
+    __slots__ = ("error", "expected")
+
+    def __init__(self, error: Exception, expected: str) -> None:
+        self.error = error
+        self.expected = expected
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    expected = _message_name(deserializer)
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:
+            return _Undecodable(error, expected)
+
+    return decode
+
+
+def _message_name(deserializer: Any) -> str:
+    message_class = getattr(deserializer, "__self__", None)  # FooRequest.FromString
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "the request message"))
+
+
+class RateLimitedLog:
+    """At most one line per `window_seconds` for a kind of event a client can cause at will
+    (a flood of garbage must not become a flood of log lines); the line says how many were
+    not logged since the last one."""
+
+    def __init__(self, logger: logging.Logger, window_seconds: float = 60.0) -> None:
+        self._logger = logger
+        self._window = window_seconds
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._window
+        self._logger.warning(message + " (%d more not logged in the last window)", *args, suppressed)
+        return True
 
 
 def _code_of(context: aio.ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode:
@@ -99,6 +156,7 @@ class CallGuard(aio.ServerInterceptor):
         self._queued_gauge = metrics.QUEUED.labels(service)
         self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(service)
         self._shed = metrics.SHED_TOTAL.labels(service)
+        self._undecodable_log = RateLimitedLog(log)
         self._limit_gauge.set(self.admission.limit)
 
     @property
@@ -134,7 +192,7 @@ class CallGuard(aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, ("unary", service_name, method_name), request_id, guarded),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
@@ -142,7 +200,7 @@ class CallGuard(aio.ServerInterceptor):
                 self._unary(
                     handler.stream_unary, ("client_stream", service_name, method_name), request_id, guarded
                 ),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -150,14 +208,14 @@ class CallGuard(aio.ServerInterceptor):
                 self._streaming(
                     handler.unary_stream, ("server_stream", service_name, method_name), request_id, guarded
                 ),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(
                 handler.stream_stream, ("bidi_stream", service_name, method_name), request_id, guarded
             ),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -168,6 +226,7 @@ class CallGuard(aio.ServerInterceptor):
         async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             call = await self._begin(labels, request_id, guarded, context)
             try:
+                await self._refuse_undecodable(request, labels, context)
                 response = await behaviour(request, context)
                 call.code = _code_of(context, grpc.StatusCode.OK)
                 return response
@@ -190,6 +249,7 @@ class CallGuard(aio.ServerInterceptor):
         async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             call = await self._begin(labels, request_id, guarded, context)
             try:
+                await self._refuse_undecodable(request, labels, context)
                 async for response in behaviour(request, context):
                     yield response
                 call.code = _code_of(context, grpc.StatusCode.OK)
@@ -223,6 +283,22 @@ class CallGuard(aio.ServerInterceptor):
             call.started = time.perf_counter()  # the work's latency, without the queue wait
         return call
 
+    async def _refuse_undecodable(
+        self, request: Any, labels: tuple[str, str, str], context: aio.ServicerContext[Any, Any]
+    ) -> None:
+        if not isinstance(request, _Undecodable):
+            return
+        self._undecodable_log.warning(
+            "%s.%s: undecodable request (%s: %s)",
+            labels[1],
+            labels[2],
+            type(request.error).__name__,
+            safe_message(str(request.error), 200),
+        )
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: the bytes are not a valid {request.expected}"
+        )
+
     async def _admit(self, context: aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
         return await self._admit_within(context.time_remaining())
 
@@ -254,8 +330,9 @@ class CallGuard(aio.ServerInterceptor):
         if isinstance(error, RecsysError):
             call.code = status_for(error)
             if call.code is not grpc.StatusCode.INTERNAL:
-                log.info("%s.%s refused: %s", call.labels[1], call.labels[2], error)
-                await context.abort(call.code, str(error))
+                message = safe_message(str(error))
+                log.info("%s.%s refused: %s", call.labels[1], call.labels[2], message)
+                await context.abort(call.code, message)
         if isinstance(error, Exception):
             call.code = grpc.StatusCode.INTERNAL
             log.error("%s.%s failed", call.labels[1], call.labels[2], exc_info=error)

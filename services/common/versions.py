@@ -8,6 +8,17 @@ background, swap atomically, keep the previous one for a grace period.
   (its "ready" marker is set), so `build` → `push-features` → switch, in that order.
 - Calls may name a version: the current one, or the previous one during its grace period;
   anything else is `WrongModelVersion` (FAILED_PRECONDITION at the edge).
+- Last good version: a process that starts while CURRENT names a version it cannot load (bad
+  checksums, a model failing its probe, a file missing) or cannot serve yet (features not
+  pushed) loads the newest other version that loads and verifies, serves it and says so
+  (`version_fallback` gauge 1, an ERROR line); a process already serving keeps its version,
+  flagged the same way. CURRENT is retried every poll while its failure may be passing and
+  every `retry_refused_seconds` once refused, and is switched to as soon as it loads. A crash or
+  rolling restart during a bad release thus keeps the tier up instead of leaving every new pod
+  NOT_SERVING. A fallback version whose features are not in the feature store serves with
+  `snapshot_ready` False (the version's own data, flagged), as after a lost snapshot.
+- A version that can no longer serve (replaced, its grace over) has its `version` label
+  series removed (and `on_retire` called), so a process's series do not grow with releases.
 """
 
 from __future__ import annotations
@@ -66,6 +77,11 @@ class VersionMetrics:
             "(pushed, locked: another process pushes, failed).",
             ("outcome",),
         )
+        self.fallback = metrics.gauge(
+            "version_fallback",
+            "1 while this process serves another version than CURRENT because CURRENT cannot be loaded.",
+            multiprocess_mode="max",
+        )
         self.load_seconds = metrics.histogram(
             "model_load_seconds",
             "Time to load and verify a model version.",
@@ -97,6 +113,8 @@ class ModelVersions(Generic[ModelT]):
         on_servable: Callable[[list[str]], Awaitable[None]] | None = None,
         snapshot_check: ReadyCheck | None = None,
         on_snapshot_lost: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
+        on_retire: Callable[[str], None] | None = None,
+        retry_refused_seconds: float = 60.0,
     ) -> None:
         self._store = store
         self._loader = loader
@@ -109,13 +127,17 @@ class ModelVersions(Generic[ModelT]):
         self._on_servable = on_servable
         self._snapshot_check = snapshot_check
         self._on_snapshot_lost = on_snapshot_lost
+        self._on_retire = on_retire
+        self._retry_refused_seconds = retry_refused_seconds
         # Whether the current version's features are in the feature store, re-checked at
         # every poll: a Redis that restarts empty loses them without anyone being told.
         self.snapshot_ready = True
         self.current: Loaded[ModelT] | None = None
         self.previous: Loaded[ModelT] | None = None
         self._previous_until = 0.0
-        self._refused: set[str] = set()
+        self._refused: dict[str, float] = {}  # version → when it was refused (monotonic)
+        # CURRENT's name while this process serves another version because CURRENT cannot load.
+        self.fallback_from: str | None = None
         self._failures: dict[str, int] = {}  # version → failed load attempts
         self._marker: tuple[str | None, int] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -196,10 +218,26 @@ class ModelVersions(Generic[ModelT]):
 
     def _expire_previous(self) -> bool:
         if self.previous is not None and time.monotonic() >= self._previous_until:
-            self._metrics.loaded.labels(self.previous.version, "previous").set(0)
-            self.previous = None
+            retired, self.previous = self.previous.version, None
+            self._retire(retired)
             return True
         return False
+
+    def _retire(self, version: str) -> None:
+        if self.current is not None and self.current.version == version:
+            return
+        for role in ("current", "previous"):
+            with contextlib.suppress(KeyError):
+                self._metrics.loaded.remove(version, role)
+        if self._on_retire is not None:
+            try:
+                self._on_retire(version)
+            except Exception as error:  # dropping metrics must never break the watcher
+                log.warning("retiring a version's metrics failed", extra={"error": repr(error)})
+
+    def _set_fallback(self, current_name: str | None) -> None:
+        self.fallback_from = current_name
+        self._metrics.fallback.set(0 if current_name is None else 1)
 
     async def refresh(self) -> bool:
         """Load and switch to the store's CURRENT if it changed; True when a switch happened."""
@@ -210,14 +248,22 @@ class ModelVersions(Generic[ModelT]):
                 return False
             if self.current is not None and name == self.current.version:
                 self._marker = marker
+                self._set_fallback(None)
                 return False
-            if name in self._refused:
-                return False
+            refused_at = self._refused.get(name)
+            if refused_at is not None:
+                if time.monotonic() - refused_at < self._retry_refused_seconds:
+                    return await self._fall_back_if_idle(name)
+                # Refused a while ago: the operator may have repaired it in place. One more try.
+                del self._refused[name]
+                self._failures.pop(name, None)
             if self._ready_check is not None and not await self._ready_check(name):
                 # Not servable yet (features not pushed; for the gateway, recall or rank not
                 # serving it yet): look again at the next poll, without remembering the
                 # marker, so the switch happens as soon as it is.
                 log.info("version waits until it can be served", extra={"version": name})
+                if self.current is None:  # a process starting between build and push-features
+                    return await self._fall_back_if_idle(name, "cannot be served yet")
                 return False
             started = time.perf_counter()
             try:
@@ -230,7 +276,7 @@ class ModelVersions(Generic[ModelT]):
                 self._failures[name] = attempts
                 final = isinstance(error, StoreIntegrityError) or attempts >= MAX_LOAD_ATTEMPTS
                 if final:
-                    self._refused.add(name)
+                    self._refused[name] = time.monotonic()
                 self._metrics.loads.labels("refused" if final else "failed").inc()
                 serving = self.current.version if self.current else None
                 log.error(
@@ -243,16 +289,91 @@ class ModelVersions(Generic[ModelT]):
                     serving or "nothing yet",
                     extra={"version": name, "serving": serving, "error": str(error)},
                 )
-                return False
+                return await self._fall_back_if_idle(name)
             self._metrics.load_seconds.observe(time.perf_counter() - started)
             self._metrics.loads.labels("loaded").inc()
             self._swap(Loaded(name, model, time.time()))
             self._marker = marker
+            self._set_fallback(None)
         if self._on_change is not None and self.current is not None:
             await self._on_change(self.current)
         if self._on_servable is not None:
             await self._on_servable(self.available())
         return True
+
+    async def _fall_back_if_idle(self, current_name: str, why: str = "cannot be loaded") -> bool:
+        """CURRENT (`current_name`) cannot be served (`why`). A process serving something keeps
+        it; one serving nothing loads the newest other version that loads and verifies (first
+        among those whose features are ready, then any). True when it switched. Runs under
+        the lock."""
+        if self.current is not None:
+            if self.fallback_from != current_name:
+                self._set_fallback(current_name)
+                log.error(
+                    "CURRENT names %s, which %s; still serving %s",
+                    current_name,
+                    why,
+                    self.current.version,
+                    extra={"version": current_name, "serving": self.current.version},
+                )
+            return False
+        listed = await asyncio.to_thread(self._store.versions)
+        candidates = [
+            info.name
+            for info in reversed(listed)
+            if info.name != current_name and info.name not in self._refused
+        ]
+        ready: list[str] = []
+        waiting: list[str] = []
+        for candidate in candidates:
+            if self._ready_check is None or await self._ready_check(candidate):
+                ready.append(candidate)
+            else:
+                waiting.append(candidate)
+        # A version whose features are not pushed can still answer, from its own data (as after
+        # a lost snapshot): better than no answer at all.
+        for candidate in [*ready, *waiting]:
+            started = time.perf_counter()
+            try:
+                model = await asyncio.to_thread(self._load, candidate)
+            except Exception as error:
+                final = isinstance(error, StoreIntegrityError)
+                if final:
+                    self._refused[candidate] = time.monotonic()
+                self._metrics.loads.labels("refused" if final else "failed").inc()
+                log.error(
+                    "fallback version %s cannot be loaded either: %s: %s",
+                    candidate,
+                    type(error).__name__,
+                    error,
+                    extra={"version": candidate, "error": str(error)},
+                )
+                continue
+            self._metrics.load_seconds.observe(time.perf_counter() - started)
+            self._metrics.loads.labels("fallback").inc()
+            loaded = Loaded(candidate, model, time.time())
+            self._swap(loaded)
+            if candidate not in ready and self._snapshot_check is not None:
+                # Its features are not in the feature store: answers say so from the first call
+                # (the next poll's check_snapshot hands it to on_snapshot_lost, which pushes them).
+                self.snapshot_ready = False
+                self._metrics.snapshot_ready.set(0)
+            self._set_fallback(current_name)
+            log.error(
+                "CURRENT names %s, which %s; serving the last good version %s%s",
+                current_name,
+                why,
+                candidate,
+                "" if candidate in ready else " (its features are not pushed: answers use its own data)",
+                extra={"version": current_name, "serving": candidate},
+            )
+            if self._on_change is not None:
+                await self._on_change(loaded)
+            if self._on_servable is not None:
+                await self._on_servable(self.available())
+            return True
+        self._set_fallback(None)
+        return False
 
     def _load(self, name: str) -> ModelT:
         if self._verify:
@@ -261,14 +382,16 @@ class ModelVersions(Generic[ModelT]):
 
     def _swap(self, loaded: Loaded[ModelT]) -> None:
         old = self.current
-        if self.previous is not None:
-            self._metrics.loaded.labels(self.previous.version, "previous").set(0)
+        dropped = self.previous
         if old is not None:
             self.previous = old
             self._previous_until = time.monotonic() + self._grace_seconds
-            self._metrics.loaded.labels(old.version, "current").set(0)
+            with contextlib.suppress(KeyError):
+                self._metrics.loaded.remove(old.version, "current")
             self._metrics.loaded.labels(old.version, "previous").set(1)
         self.current = loaded  # one reference assignment: readers see old or new, never a mix
+        if dropped is not None and dropped.version not in (loaded.version, old.version if old else None):
+            self._retire(dropped.version)
         self.snapshot_ready = True  # switched to on its ready marker (or needs none)
         self._metrics.snapshot_ready.set(1)
         self._metrics.loaded.labels(loaded.version, "current").set(1)

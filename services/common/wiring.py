@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
+from recsys.probe import probe
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from services.common.server import Readiness
@@ -30,9 +31,12 @@ def feature_store_for(
 
 def load_serving_model(store: ModelStore, version: str) -> ServingModel:
     """Load a version and build its lookups and feature tables now, in the loading thread,
-    rather than on the first request."""
-    model = ServingModel.load(store.version_path(version), version=version)
+    rather than on the first request; refuse it (ModelProbeError) when its models answer a
+    probe batch with non-finite or out-of-range outputs."""
+    path = store.version_path(version)
+    model = ServingModel.load(path, version=version)
     model.warm()
+    probe(model, path)
     return model
 
 

@@ -16,7 +16,7 @@ from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
-from services.common.breaker import CircuitBreaker
+from services.common.breaker import BreakerState, CircuitBreaker
 from services.common.channels import create_channel
 from services.common.interceptor import CallGuard
 from services.common.server import Readiness, ServiceSpec, version_health_name
@@ -56,11 +56,25 @@ def limits_from(settings: GatewaySettings) -> GatewayLimits:
 
 def _link(name: str, settings: GatewaySettings, metrics: GatewayMetrics) -> Downstream:
     gauge = metrics.breaker_state.labels(name)
+
+    def transition(_breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
+        gauge.set(new.level)
+        # A state change is rare and says a dependency went bad or came back: worth a line.
+        level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+        log.log(
+            level,
+            "circuit breaker %s: %s -> %s",
+            name,
+            old.value,
+            new.value,
+            extra={"dependency": name, "from": old.value, "to": new.value},
+        )
+
     breaker = CircuitBreaker(
         name,
         failure_threshold=settings.breaker_failures,
         open_seconds=settings.breaker_open_seconds,
-        on_transition=lambda _breaker, _old, new: gauge.set(new.level),
+        on_transition=transition,
     )
     return Downstream(name, breaker)
 
@@ -73,7 +87,7 @@ class GatewayApp:
         self.settings = settings
         self.store = ModelStore(settings.store)
         self.features = feature_store_for(settings.redis, settings.redis_prefix, features)
-        self.event_log = event_log_for(self.features, settings.event_log)
+        self.event_log = event_log_for(self.features, settings.event_log, settings.event_log_max_bytes)
         metrics = gateway_metrics()
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
@@ -127,9 +141,19 @@ class GatewayApp:
             metrics,
             known_item=self._known_item,
             dedupe_seconds=settings.event_dedupe_seconds,
+            scenes=scenes,
+            arms={arm.name for experiment in experiments.experiments.values() for arm in experiment.arms},
         )
         self._readiness: Readiness | None = None
-        self.http = GatewayHttp(self.engine, self.ingestor, settings.max_events, self._serving)
+        self.http = GatewayHttp(
+            self.engine,
+            self.ingestor,
+            settings.max_events,
+            self._serving,
+            max_body_bytes=settings.http_max_body_bytes,
+            read_timeout=settings.http_read_timeout_ms / 1000,
+            idle_timeout=settings.http_idle_timeout_ms / 1000,
+        )
 
     async def _servable_downstream(self, version: str) -> bool:
         """Whether to switch to `version`: only once recall and rank serve it. They switch

@@ -84,6 +84,7 @@ class Ranked:
     items: IntArray  # a subset of the call's items (after pre-rank), in the call's order
     scores: FloatArray
     task_scores: dict[str, FloatArray]
+    degraded: list[str] = field(default_factory=list)  # rank's own reasons, "rank:…"
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
@@ -96,6 +97,14 @@ def _context(context: RequestContext) -> common_pb2.RequestContext:
     if context.request_time:
         message.request_time.FromNanoseconds(int(context.request_time * 1e9))
     return message
+
+
+def _embedding(response: recall_pb2.RecallResponse) -> FloatArray | None:
+    if not response.user_embedding:
+        return None
+    embedding = np.asarray(response.user_embedding, dtype=np.float32)
+    # A non-finite embedding would poison pre-rank and rank alike: as if recall sent none.
+    return embedding if np.isfinite(embedding).all() else None
 
 
 def _version_or_error(error: DownstreamError) -> DownstreamError:
@@ -136,7 +145,7 @@ class RecallClient:
             np.asarray(response.scores, dtype=np.float32),
             np.asarray(response.channel_masks, dtype=np.uint64),
             tuple(response.channel_names),
-            np.asarray(response.user_embedding, dtype=np.float32) if response.user_embedding else None,
+            _embedding(response),
             None
             if history is None
             else UserHistory(
@@ -186,8 +195,17 @@ class RankClient:
             )
         except DownstreamError as error:
             raise _version_or_error(error) from error
+        scores = np.asarray(response.scores, dtype=np.float32)
+        task_scores = {task.task: np.asarray(task.scores, dtype=np.float32) for task in response.task_scores}
+        if not (
+            np.isfinite(scores).all() and all(np.isfinite(values).all() for values in task_scores.values())
+        ):
+            # A rank that does not check its own outputs (an older release) has failed all the
+            # same: the selectors downstream refuse non-finite rewards.
+            raise DownstreamError("rank", "nonfinite scores")
         return Ranked(
             np.asarray(response.item_indexes, dtype=np.int32),
-            np.asarray(response.scores, dtype=np.float32),
-            {task.task: np.asarray(task.scores, dtype=np.float32) for task in response.task_scores},
+            scores,
+            task_scores,
+            [f"rank:{reason}" for reason in response.degraded_reasons],
         )

@@ -407,8 +407,11 @@ class GatewayEngine:
             ranked = await self.rank_client.rank(call, request.deadline.budget(self.limits.margin))
         except DownstreamError as error:
             request.degraded.append(f"rank_{error.reason.replace(' ', '_')}")
-            request.candidates = self._without_ranker(request.model, scene, candidates, request.embedding)
+            request.candidates = self._without_ranker(
+                request.model, scene, candidates, request.embedding, request.degraded
+            )
             return
+        request.degraded.extend(ranked.degraded)
         position = {item: n for n, item in enumerate(candidates.items.tolist())}
         result = candidates.take(
             np.asarray([position[item] for item in ranked.items.tolist()], dtype=np.intp)
@@ -419,16 +422,23 @@ class GatewayEngine:
 
     @staticmethod
     def _without_ranker(
-        model: ServingModel, scene: Scene, candidates: _Candidates, embedding: FloatArray | None
+        model: ServingModel,
+        scene: Scene,
+        candidates: _Candidates,
+        embedding: FloatArray | None,
+        degraded: list[str],
     ) -> _Candidates:
         """Rank is unavailable: pre-rank order (the stage rank itself runs first), or recall's
-        merged order without a user embedding."""
+        merged order without a user embedding or when pre-rank's scores are not finite."""
         if embedding is None:
             return candidates
         keep = min(scene.prerank_keep or len(candidates), len(candidates))
         cut = EmbeddingPreRanker(model.item_embeddings).select(
             candidates.items.astype(np.int64), embedding, keep
         )
+        if not np.isfinite(cut.scores).all():
+            degraded.append("prerank_nonfinite_scores")
+            return candidates
         result = candidates.take(cut.positions)
         result.scores = cut.scores
         return result
@@ -438,6 +448,10 @@ class GatewayEngine:
         request.ranked = ranked
         if len(ranked) == 0:
             return
+        if not np.isfinite(ranked.scores).all():
+            # Whatever produced them (recall's merge, a cache entry), the selectors refuse
+            # non-finite rewards: keep the order, replace the scores by a decreasing ramp.
+            ranked.scores = np.linspace(1.0, 0.0, num=len(ranked), dtype=np.float32)
         catalogue = model.core.catalogue
         positions = request.scene.selector().select(
             ranked.items,

@@ -10,16 +10,26 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from recsys.feature_store import EVENT_KINDS, FeatureStore, LiveEvent
 from recsys.feature_store.event_log import EventLog, LoggedEvent
+from recsys.limits import ID_CHARS, NAME_CHARS
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("recsys.gateway")
 
-MAX_ID_LENGTH = 512
+# The limits recsys.limits sets for recsys.v1.Event, for events that did not come through a
+# proto edge (the checks are cheap, and they keep Redis and the log bounded either way).
+_TEXT_LIMITS = (
+    ("event_id", ID_CHARS),
+    ("user_id", ID_CHARS),
+    ("item_id", ID_CHARS),
+    ("request_id", ID_CHARS),
+    ("scene", NAME_CHARS),
+    ("arm", NAME_CHARS),
+)
 # Events from further in the future than this are refused (clock skew is tolerated up to it).
 MAX_FUTURE_SECONDS = 300.0
 
@@ -38,6 +48,8 @@ class IncomingEvent:
     scene: str = ""
     position: int = 0
     arm: str = ""
+    # What the edge found wrong with the message (a field past its limit), if anything.
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class EventIngestor:
         *,
         known_item: Callable[[str], bool],
         dedupe_seconds: int,
+        scenes: Collection[str] = (),
+        arms: Collection[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._features = features
@@ -72,21 +86,27 @@ class EventIngestor:
         self._known_item = known_item
         self._dedupe_seconds = dedupe_seconds
         self._clock = clock
+        # Metric labels take configured values only: a client inventing scene or arm names
+        # must not create series (each costs memory in every scrape, forever).
+        self._scenes = frozenset(scenes)
+        self._arms = frozenset(arms)
 
     def _problem(self, event: IncomingEvent, now: float) -> tuple[str, str] | None:
         """(field, reason) of the first thing wrong with the event, or None."""
+        if event.problem is not None:
+            return event.problem
+        for name, most in _TEXT_LIMITS:
+            length = len(getattr(event, name))
+            if length > most:
+                return name, f"at most {most} characters, got {length}"
         if not event.user_id:
             return "user_id", "must not be empty"
-        if len(event.user_id) > MAX_ID_LENGTH:
-            return "user_id", f"longer than {MAX_ID_LENGTH} characters"
         if not event.item_id:
             return "item_id", "must not be empty"
         if not self._known_item(event.item_id):
             return "item_id", f"unknown item {event.item_id!r}"
         if event.type not in EVENT_KINDS:
             return "type", f"must be one of {', '.join(EVENT_KINDS)}"
-        if len(event.event_id) > MAX_ID_LENGTH:
-            return "event_id", f"longer than {MAX_ID_LENGTH} characters"
         if not math.isfinite(event.value):
             return "value", "must be a finite number"
         if event.type == "rating" and event.value == 0:
@@ -109,7 +129,8 @@ class EventIngestor:
                 valid.append((index, event))
             else:
                 field, reason = problem
-                rejections.append(Rejection(index, event.event_id, field, reason))
+                # The id is echoed back: cut, so an oversized one cannot make the answer huge.
+                rejections.append(Rejection(index, event.event_id[:ID_CHARS], field, reason))
                 self._metrics.event_rejects.labels(field).inc()
         # An event without an id cannot be recognised when retried: it gets one of its own.
         with_ids = [
@@ -117,7 +138,7 @@ class EventIngestor:
             for index, event in valid
         ]
         first = await self._features.mark_events_seen(
-            [event.event_id for _, event in with_ids], self._dedupe_seconds
+            [seen_key(event) for _, event in with_ids], self._dedupe_seconds
         )
         fresh = [event for (_, event), is_new in zip(with_ids, first, strict=True) if is_new]
         duplicates = len(with_ids) - len(fresh)
@@ -128,11 +149,23 @@ class EventIngestor:
         except BaseException:
             # Marked as seen but not (wholly) applied: release the ids so the client's retry
             # applies them (appends may then repeat, never go missing).
-            await self._features.forget_events([event.event_id for event in fresh])
+            await self._features.forget_events([seen_key(event) for event in fresh])
             raise
         for event in fresh:
-            self._metrics.events.labels(event.type, event.scene or "default", event.arm or "none").inc()
+            self._metrics.events.labels(
+                event.type, self._scene_label(event.scene), self._arm_label(event.arm)
+            ).inc()
         return EventsOutcome(len(fresh), duplicates, rejections)
+
+    def _scene_label(self, scene: str) -> str:
+        if not scene:
+            return "default"
+        return scene if scene in self._scenes else "other"
+
+    def _arm_label(self, arm: str) -> str:
+        if not arm:
+            return "none"
+        return arm if arm in self._arms else "other"
 
     async def _apply(self, fresh: Sequence[IncomingEvent], now: float) -> None:
         by_user: dict[str, list[IncomingEvent]] = defaultdict(list)
@@ -170,6 +203,12 @@ class EventIngestor:
 def _value(event: IncomingEvent) -> float:
     """The rating for a rating, else a weight of 1 unless one was given."""
     return event.value if event.type == "rating" or event.value else 1.0
+
+
+def seen_key(event: IncomingEvent) -> str:
+    """The de-duplication key: event ids are chosen by clients, so they are unique per user at
+    best (two shops' `order-42`); the length prefix keeps ("a:b", "c") and ("a", "b:c") apart."""
+    return f"{len(event.user_id)}:{event.user_id}:{event.event_id}"
 
 
 def _new_event_id() -> str:

@@ -9,10 +9,18 @@ validation and the same engine; JSON field names are the proto's.
 Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, FAILED_PRECONDITION → 412,
 RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
 `{"error": {"code": "INVALID_ARGUMENT", "message": "count: must be in [1, 100], got 0"}}`.
+
+Untrusted clients: the field limits are gRPC's (recsys.limits, checked on the decoded
+message); a body is at most `max_body_bytes` (413) and must arrive within `read_timeout`
+(408); JSON nested deeper than MAX_JSON_DEPTH is a 400; an `X-Request-Id` header that is not
+1 to 128 printable ASCII characters is replaced by a server-made id, so no client byte is ever
+echoed into a response header; error messages are cut to a safe length; idle connections and
+ones that never finish their headers close after `idle_timeout`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,8 +34,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from recsys.errors import RecsysError
+from recsys.limits import valid_request_id
 from recsys.v1 import gateway_pb2
-from services.common.errors import status_for
+from services.common.errors import safe_message, status_for
 from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
 from services.gateway.engine import GatewayEngine
@@ -37,6 +46,29 @@ from services.gateway.servicer import recommend_query, recommend_response, repor
 
 log = logging.getLogger("recsys.gateway")
 
+
+class _OncePerWindow(logging.Filter):
+    """aiohttp logs every malformed request (bad header bytes, an 8 KB URL) at ERROR with a
+    traceback: a client could write the log at will. One line per window is enough to know."""
+
+    def __init__(self, window_seconds: float = 60.0) -> None:
+        super().__init__()
+        self._window = window_seconds
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._window
+        record.exc_info = None  # the message says what was wrong; the traceback is aiohttp's
+        record.exc_text = None
+        return True
+
+
+_server_log = logging.getLogger("recsys.gateway.http_protocol")
+_server_log.addFilter(_OncePerWindow())
+
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.NOT_FOUND: 404,
@@ -45,12 +77,28 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
 }
 _QUERY_FIELDS = {"user_id": str, "scene": str, "count": int, "debug": bool, "dry_run": bool}
+# The messages are at most three levels deep (events → event → time); anything much deeper is
+# an attack on the parser (Python's json recurses, and used to answer a deep body with a 500).
+MAX_JSON_DEPTH = 16
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return web.json_response({"error": {"code": code, "message": safe_message(message)}}, status=status)
+
+
+def _depth_exceeds(value: Any, most: int) -> bool:
+    """True when `value` nests lists or objects deeper than `most` (iterative: no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, dict | list):
+            if depth > most:
+                return True
+            children = current.values() if isinstance(current, dict) else current
+            pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _json(message: Message, request_id: str) -> web.Response:
@@ -65,12 +113,18 @@ class GatewayHttp:
         ingestor: EventIngestor,
         max_events: int,
         serving: Callable[[], bool],
+        *,
+        max_body_bytes: int = 1024**2,
+        read_timeout: float = 5.0,
+        idle_timeout: float = 30.0,
     ) -> None:
         self._engine = engine
         self._ingestor = ingestor
         self._max_events = max_events
         self._serving = serving
-        self.app = web.Application(middlewares=[self._measured, self._errors])
+        self._read_timeout = read_timeout
+        self._idle_timeout = idle_timeout
+        self.app = web.Application(middlewares=[self._measured, self._errors], client_max_size=max_body_bytes)
         self.app.router.add_post("/v1/recommend", self._recommend)
         self.app.router.add_get("/v1/recommend", self._recommend)
         self.app.router.add_post("/v1/events", self._events)
@@ -84,7 +138,11 @@ class GatewayHttp:
         return self.guard.slot(None) if self.guard is not None else contextlib.nullcontext()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # aiohttp's keep-alive timer also runs from the moment a connection opens, so it closes
+        # connections that never complete a request (its default is an hour).
+        self._runner = web.AppRunner(
+            self.app, access_log=None, keepalive_timeout=self._idle_timeout, logger=_server_log
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         await site.start()
@@ -119,7 +177,8 @@ class GatewayHttp:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or new_request_id()
+        given = request.headers.get("X-Request-Id", "")
+        request_id = given if valid_request_id(given) else new_request_id()
         request_id_var.set(request_id)
         try:
             return await handler(request)
@@ -146,14 +205,28 @@ class GatewayHttp:
                     raise _BadRequest(name, f"expected {kind.__name__}, got {value!r}") from None
         else:
             try:
-                values = await request.json(loads=json.loads)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                async with asyncio.timeout(self._read_timeout):
+                    raw = await request.read()
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(
+                    text=json.dumps(
+                        {"error": {"code": "DEADLINE_EXCEEDED", "message": "body: sent too slowly"}}
+                    ),
+                    content_type="application/json",
+                ) from None
+            try:
+                values = json.loads(raw)
+            except RecursionError:
+                raise _BadRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer
                 raise _BadRequest("body", f"not JSON: {error}") from None
             if not isinstance(values, dict):
                 raise _BadRequest("body", "expected a JSON object")
+            if _depth_exceeds(values, MAX_JSON_DEPTH):
+                raise _BadRequest("body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             json_format.ParseDict(values, message)
-        except json_format.ParseError as error:
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as error:
             raise _BadRequest("body", str(error)) from None
 
     async def _recommend(self, request: web.Request) -> web.Response:

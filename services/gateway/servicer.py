@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from grpc import aio
 
 from recsys.errors import InvalidArgument
+from recsys.limits import ID_CHARS, check_request, first_problem, valid_request_id
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.logs import request_id_var
 from services.gateway.engine import GatewayEngine, RecommendQuery, RecommendResult
@@ -23,7 +24,18 @@ _EVENT_TYPES = {
 }
 
 
+# ReportEvents judges each event on its own (a bad one is a rejection, not a failed batch).
+_EACH_EVENT = frozenset({"recsys.v1.ReportEventsRequest.events"})
+
+
 def recommend_query(request: gateway_pb2.RecommendRequest, time_remaining: float | None) -> RecommendQuery:
+    """The engine's query from the request, once every field is within its limit (the same
+    checks for gRPC and HTTP: both edges decode into this message)."""
+    check_request(request)
+    if request.request_id and not valid_request_id(request.request_id):
+        # It is echoed in headers and trailing metadata, where CR, LF or NUL would break the
+        # answer after its side effects happened.
+        raise InvalidArgument("request_id", f"must be 1 to {ID_CHARS} printable ASCII characters")
     when = request.context.request_time
     return RecommendQuery(
         user_id=request.user_id,
@@ -85,6 +97,7 @@ def incoming_events(events: Sequence[gateway_pb2.Event]) -> list[IncomingEvent]:
             scene=event.scene,
             position=event.position,
             arm=event.arm,
+            problem=first_problem(event),
         )
         for event in events
     ]
@@ -130,6 +143,7 @@ async def report_events(
 ) -> gateway_pb2.ReportEventsResponse:
     if not request.events:
         raise InvalidArgument("events", "must not be empty")
+    check_request(request, skip=_EACH_EVENT)
     if len(request.events) > max_events:
         raise InvalidArgument("events", f"at most {max_events} per call, got {len(request.events)}")
     return events_response(await ingestor.ingest(incoming_events(request.events)))

@@ -27,6 +27,20 @@ class GatewaySettings(ServerSettings):
     event_log: Path = Field(
         Path("events.csv"), description="The durable event log file without Redis (a stream with Redis)."
     )
+    event_log_max_bytes: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="Cap of the event log in bytes (the file rotates, the stream is trimmed).",
+    )
+    http_max_body_bytes: int = Field(
+        1024**2, ge=1024, description="Largest HTTP request body accepted (413)."
+    )
+    http_read_timeout_ms: float = Field(
+        5000.0, gt=0, description="Time a client has to send its HTTP body (408 past it)."
+    )
+    http_idle_timeout_ms: float = Field(
+        30_000.0, gt=0, description="HTTP connections idle or with unfinished headers this long are closed."
+    )
     scenes_file: Path | None = Field(None, description="JSON file declaring scenes; unset: `default` only.")
     experiments_file: Path | None = Field(None, description="JSON file declaring experiments and arms.")
     blocklist_file: Path | None = Field(None, description="Item ids never to show, one per line.")

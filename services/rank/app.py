@@ -11,6 +11,7 @@ import numpy as np
 from grpc import aio
 
 from recsys.feature_store import FeatureStore, InProcessFeatureStore
+from recsys.probe import probe
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import rank_pb2_grpc
@@ -32,11 +33,14 @@ log = logging.getLogger("recsys.rank")
 def load_model(scenes: SceneFusions, store: ModelStore, version: str) -> ServingModel:
     """Load a version for ranking, or raise (the version is then refused and the loaded one
     keeps serving): it must have a ranker and the heads every configured scene fuses."""
-    model = ServingModel.load(store.version_path(version), version=version)
+    path = store.version_path(version)
+    model = ServingModel.load(path, version=version)
     if model.ranker is None:
         raise ValueError(f"version {version} is retrieval-only: it has no ranker to serve")
     scenes.check(model)
     model.warm()
+    # Every scene's fusion too: a weight that overflows a product is as unusable as NaN weights.
+    probe(model, path, [scenes.fusion(name, model) for name in scenes.names])
     # The first onnxruntime runs allocate their buffers: pay that here, not on a call.
     known = np.arange(min(8, model.core.catalogue.n_items), dtype=np.int64)
     empty = np.zeros(0, np.int64)
@@ -81,6 +85,7 @@ class RankApp:
             on_servable=self._on_servable,
             snapshot_check=None if in_process else self.features.snapshot_ready,
             on_snapshot_lost=None if self.repair is None else self.repair.lost,
+            on_retire=rank_metrics().retire,
         )
         self.batcher = MicroBatcher(
             OnnxScorer(),

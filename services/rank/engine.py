@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, Int64Array
-from recsys.errors import DeadlineExpired, InvalidArgument
+from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
 from recsys.features import Inputs
@@ -80,6 +80,7 @@ class RankResult:
     task_scores: Mapping[str, FloatArray]
     unknown_items: int
     unknown_user: bool
+    degraded: tuple[str, ...] = ()  # e.g. "feature_store_unavailable"
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,11 @@ class RankEngine:
         self._batcher.expect()
         try:
             history = query.history
+            problem: str | None = None
             if history is None:  # no recall answer to score from: read the user's state here
-                state = await self._user_state(loaded.version, query.user_id, query.now or time.time())
+                state, problem = await self._user_state(
+                    loaded.version, query.user_id, query.now or time.time()
+                )
                 if (
                     state is not None
                     and loaded is self._versions.current
@@ -211,9 +215,10 @@ class RankEngine:
         task_scores = await self._batcher.score(
             ScoreJob(model, user, items, embedding, query.deadline), expected=True
         )
-        return RankResult(
-            loaded.version, items, fusion.fuse(task_scores), task_scores, unknown_items, unknown_user
-        )
+        scores = fusion.fuse(task_scores)
+        self._check_finite(loaded.version, scores, task_scores)
+        degraded = () if problem is None else (problem,)
+        return RankResult(loaded.version, items, scores, task_scores, unknown_items, unknown_user, degraded)
 
     async def prerank(
         self, items: Int64Array, user_embedding: FloatArray, keep: int, model_version: str = ""
@@ -273,14 +278,31 @@ class RankEngine:
         if not np.isfinite(embedding).all():
             raise InvalidArgument("user_embedding", "must be finite")
 
-    async def _user_state(self, version: str, user_id: str, now: float) -> UserState | None:
+    def _check_finite(self, version: str, scores: FloatArray, task_scores: Mapping[str, FloatArray]) -> None:
+        """Non-finite scores (a model that passed its probe but diverges on some inputs, a
+        fusion that overflows) would fail the caller's rerank: the call fails as rank being
+        down, which every caller already survives (the gateway falls back to pre-rank)."""
+        if np.isfinite(scores).all() and all(np.isfinite(values).all() for values in task_scores.values()):
+            return
+        self._metrics.nonfinite_scores.inc()
+        bad = int((~np.isfinite(scores)).sum())
+        raise ModelOutputInvalid(
+            f"model version {version} gave non-finite scores for {bad} of {scores.shape[0]} candidates"
+        )
+
+    async def _user_state(
+        self, version: str, user_id: str, now: float
+    ) -> tuple[UserState | None, str | None]:
+        """The user's state (None: score from the version's own profile) and, when it could not
+        be read, the degraded reason saying why."""
         try:
             # Bounded by the feature store's own timeout, the read's one budget
             # (RECSYS_RANK_FEATURE_STORE_TIMEOUT_MS, given to it at wiring).
-            return await self._features.user_state(
+            state = await self._features.user_state(
                 version, user_id, now=now, live_limit=self.limits.live_limit
             )
+            return state, None
         except Exception as error:  # Redis down or slow: score from the version's own profile
             self._metrics.feature_store_errors.labels(type(error).__name__).inc()
             log.warning("feature store unavailable; scoring without it", extra={"error": repr(error)})
-            return None
+            return None, "feature_store_unavailable"

@@ -5,6 +5,7 @@ rows/s can be compared with the old one's during a rollout."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cache
 
@@ -85,6 +86,9 @@ class RankMetrics:
         self.feature_store_errors = metrics.counter(
             "feature_store_errors_total", "Feature store reads that failed or timed out.", ("error",)
         )
+        self.nonfinite_scores = metrics.counter(
+            "nonfinite_scores_total", "Calls refused because the model gave non-finite scores."
+        )
         self.prerank_in = self.prerank_items.labels("in")
         self.prerank_kept = self.prerank_items.labels("kept")
         self._children: dict[str, VersionChildren] = {}
@@ -106,6 +110,26 @@ class RankMetrics:
             )
             self._children[version] = children
         return children
+
+    def retire(self, version: str) -> None:
+        """Drop a version's series once it can no longer serve: versions come and go for the
+        life of the process, and their series must not pile up in every scrape."""
+        if self._children.pop(version, None) is None:
+            return
+        for metric in (
+            self.batch_calls,
+            self.batch_rows,
+            self.queue_wait,
+            self.inference,
+            self.features,
+            self.inference_cpu,
+            self.features_cpu,
+            self.rows,
+            self.unknown_users,
+            self.unknown_items,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(version)
 
 
 @cache

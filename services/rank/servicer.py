@@ -7,6 +7,7 @@ import time
 import numpy as np
 from grpc import aio
 
+from recsys.limits import check_request
 from recsys.stages.query import UserHistory
 from recsys.v1 import rank_pb2, rank_pb2_grpc
 from services.rank.engine import FusionOverride, RankEngine, RankQuery
@@ -31,6 +32,7 @@ class RankServicer(rank_pb2_grpc.RankServicer):
     async def Rank(
         self, request: rank_pb2.RankRequest, context: aio.ServicerContext[object, object]
     ) -> rank_pb2.RankResponse:
+        check_request(request)
         when = request.context.request_time
         remaining = context.time_remaining()
         query = RankQuery(
@@ -67,11 +69,13 @@ class RankServicer(rank_pb2_grpc.RankServicer):
             ],
             unknown_items=result.unknown_items,
             unknown_user=result.unknown_user,
+            degraded_reasons=result.degraded,
         )
 
     async def PreRank(
         self, request: rank_pb2.PreRankRequest, context: aio.ServicerContext[object, object]
     ) -> rank_pb2.PreRankResponse:
+        check_request(request)
         result = await self._engine.prerank(
             np.asarray(request.item_indexes, dtype=np.int64),
             np.asarray(request.user_embedding, dtype=np.float32),

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, VersionBlocklists
-from recsys.errors import DeadlineExpired, InvalidArgument
+from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
 from recsys.serving_model import ALL_CHANNELS, ServingModel
@@ -428,5 +428,8 @@ class RecallEngine:
     @staticmethod
     def _two_tower(model: ServingModel, query: UserQuery, fetch: int) -> tuple[Candidates, FloatArray]:
         vector = model.user_embeddings([model.user_inputs(query)])[0]
+        if not np.isfinite(vector).all():
+            # The channel fails (reported, the others answer); the vector never reaches rank.
+            raise ModelOutputInvalid(f"version {model.version}: the user tower gave a non-finite embedding")
         with_vector = dataclasses.replace(query, embedding=vector)
         return model.sources["two_tower"].candidates(with_vector, fetch), vector

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from grpc import aio
 
+from recsys.limits import check_request
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 from services.recall.engine import RecallEngine, RecallQuery
 
@@ -23,6 +24,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
     async def Recall(
         self, request: recall_pb2.RecallRequest, context: aio.ServicerContext[object, object]
     ) -> recall_pb2.RecallResponse:
+        check_request(request)
         when = request.context.request_time
         query = RecallQuery(
             user_id=request.user_id,

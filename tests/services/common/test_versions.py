@@ -116,3 +116,108 @@ async def test_a_lost_snapshot_is_noticed_at_the_next_check(quick_candidate: Any
     ready.add(name)  # pushed again
     assert await versions.check_snapshot() is True
     assert METRICS.snapshot_ready._value.get() == 1
+
+
+# -- the last good version ---------------------------------------------------------------------
+async def test_a_process_started_on_a_corrupt_current_serves_the_last_good_one_until_current_loads(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from services.common.wiring import load_serving_model
+    from tests.support.bad_versions import copy_version, corrupt_file, make_current, restore_file
+
+    good = quick_store.current()
+    assert good is not None
+    copy_version(quick_store, good, tmp_path / "store", "v1", newer_by=0)
+    copy_version(quick_store, good, tmp_path / "store", "v2", newer_by=1)
+    copy_version(quick_store, good, tmp_path / "store", "v3", newer_by=2)
+    store = ModelStore(tmp_path / "store")
+    original = corrupt_file(store, "v3", "ranker/ranker.onnx")
+    corrupt_file(store, "v2", "two_tower/user_tower.onnx")  # the newest but one is bad too
+    make_current(store, "v3")
+    metrics = VersionMetrics("versions_fallback_test")
+    retired: list[str] = []
+    versions: ModelVersions[ServingModel] = ModelVersions(
+        store,
+        load_serving_model,
+        metrics,
+        retry_refused_seconds=0.0,
+        grace_seconds=0,
+        on_retire=retired.append,
+    )
+    assert await versions.refresh() is True
+    assert versions.get().version == "v1"  # v3 and v2 refused: the newest that verifies
+    assert versions.fallback_from == "v3"
+    assert metrics.fallback._value.get() == 1
+    assert await versions.refresh() is False  # still broken: keeps serving v1
+
+    restore_file(store, "v3", "ranker/ranker.onnx", original)
+    assert await versions.refresh() is True  # CURRENT became loadable: switched to it
+    assert versions.get().version == "v3"
+    assert fallback_of(versions) is None
+    assert metrics.fallback._value.get() == 0
+    versions._expire_previous()
+    assert retired == ["v1"]
+    labels = {sample.labels["version"] for sample in next(iter(metrics.loaded.collect())).samples}
+    assert labels == {"v3"}  # the retired version's series are gone
+
+
+async def test_a_serving_process_keeps_its_version_and_flags_a_bad_current(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from services.common.wiring import load_serving_model
+    from tests.support.bad_versions import copy_version, make_current, poison_ranker
+
+    good = quick_store.current()
+    assert good is not None
+    copy_version(quick_store, good, tmp_path / "store", "v1", newer_by=0)
+    copy_version(quick_store, good, tmp_path / "store", "v2", newer_by=1)
+    store = ModelStore(tmp_path / "store")
+    poison_ranker(store, "v2")  # checksums fine, NaN model: the probe refuses it
+    make_current(store, "v1")
+    metrics = VersionMetrics("versions_flag_test")
+    versions: ModelVersions[ServingModel] = ModelVersions(store, load_serving_model, metrics)
+    assert await versions.refresh() is True
+    make_current(store, "v2")
+    assert await versions.refresh() is False
+    assert versions.get().version == "v1"
+    assert versions.fallback_from == "v2"
+    assert metrics.fallback._value.get() == 1
+
+
+def fallback_of(versions: ModelVersions[ServingModel]) -> str | None:
+    return versions.fallback_from  # read afresh (an attribute assert would narrow it for good)
+
+
+async def test_a_fallback_without_pushed_features_says_so(quick_store: ModelStore, tmp_path: Path) -> None:
+    from services.common.wiring import load_serving_model
+    from tests.support.bad_versions import copy_version, corrupt_file, make_current
+
+    good = quick_store.current()
+    assert good is not None
+    copy_version(quick_store, good, tmp_path / "store", "v1", newer_by=0)
+    copy_version(quick_store, good, tmp_path / "store", "v2", newer_by=1)
+    store = ModelStore(tmp_path / "store")
+    corrupt_file(store, "v2", "ranker/ranker.onnx")
+    make_current(store, "v2")
+
+    async def nothing_pushed(version: str) -> bool:
+        return False
+
+    lost: list[str] = []
+
+    async def on_lost(loaded: Loaded[ServingModel]) -> None:
+        lost.append(loaded.version)
+
+    versions: ModelVersions[ServingModel] = ModelVersions(
+        store,
+        load_serving_model,
+        VersionMetrics("versions_unpushed_test"),
+        ready_check=nothing_pushed,
+        snapshot_check=nothing_pushed,
+        on_snapshot_lost=on_lost,
+    )
+    assert await versions.refresh() is True  # serving beats NOT_SERVING, even without features
+    assert versions.get().version == "v1"
+    assert versions.snapshot_ready is False  # answers flagged feature_snapshot_missing at once
+    assert await versions.check_snapshot() is False
+    assert lost == ["v1"]  # and its features get pushed, as after a lost snapshot

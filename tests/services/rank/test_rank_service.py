@@ -628,3 +628,68 @@ async def test_the_history_recall_passes_on_scores_exactly_as_reading_the_featur
         )
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "history.liked" in (raised.value.details() or "")
+
+
+# -- fail safe -------------------------------------------------------------------------------
+async def test_a_rank_started_on_a_nan_current_serves_the_previous_version(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from tests.support.bad_versions import copy_version, make_current, poison_ranker
+
+    good = quick_store.current()
+    assert good is not None
+    copy_version(quick_store, good, tmp_path / "store", good, newer_by=0)
+    copy_version(quick_store, good, tmp_path / "store", "nan-ranker", newer_by=1)
+    store = ModelStore(tmp_path / "store")
+    poison_ranker(store, "nan-ranker")
+    make_current(store, "nan-ranker")
+    running = await start(store.path)  # waits for SERVING
+    try:
+        response = await running.stub.Rank(
+            rank_pb2.RankRequest(user_id="196", item_indexes=[1, 2]), timeout=5
+        )
+        assert response.model_version == good
+        assert np.isfinite(response.scores).all()
+        assert running.app.versions.fallback_from == "nan-ranker"
+    finally:
+        await running.stop()
+
+
+async def test_non_finite_scores_at_serving_are_unavailable_not_internal(
+    rank: Running, tmp_path: Path
+) -> None:
+    """A model that passed its probe but gives NaN on real inputs: the call fails as an outage
+    (the gateway falls back to pre-rank), never INTERNAL."""
+    from recsys.onnx_models import OnnxModel
+    from tests.support.bad_versions import copy_version, poison_ranker
+
+    model = rank.model
+    copy_version(ModelStore(rank.app.store.path), model.version, tmp_path / "copy", "nan", newer_by=0)
+    poison_ranker(ModelStore(tmp_path / "copy"), "nan")
+    original = model.ranker
+    model.ranker = OnnxModel(tmp_path / "copy" / "nan" / RANKER)
+    try:
+        with pytest.raises(aio.AioRpcError) as raised:
+            await rank.stub.Rank(rank_pb2.RankRequest(user_id="196", item_indexes=[1, 2]), timeout=5)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "non-finite scores" in (raised.value.details() or "")
+    finally:
+        model.ranker = original
+
+
+async def test_scoring_without_the_feature_store_says_so(rank: Running) -> None:
+    class Down:
+        async def user_state(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("redis is down")
+
+    engine = rank.app.engine
+    features = engine._features
+    engine._features = Down()  # type: ignore[assignment]
+    try:
+        response = await rank.stub.Rank(rank_pb2.RankRequest(user_id="196", item_indexes=[1, 2]), timeout=5)
+    finally:
+        engine._features = features
+    assert list(response.degraded_reasons) == ["feature_store_unavailable"]
+    assert len(response.scores) == 2
+    healthy = await rank.stub.Rank(rank_pb2.RankRequest(user_id="196", item_indexes=[1, 2]), timeout=5)
+    assert list(healthy.degraded_reasons) == []
