@@ -313,6 +313,8 @@ class RecommendResponse(_message.Message):
           prerank_nonfinite_scores
                                rank gave no answer and pre-rank's scores were not finite either:
                                recall's merged order.
+          nonfinite_scores     the scores reaching rerank were not all finite (whatever produced
+                               them): reranked in their order with made-up decreasing scores.
           rank:feature_store_unavailable
                                rank read the user's state itself (recall sent none) and the
                                feature store did not answer in time: scored from the version's

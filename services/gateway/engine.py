@@ -452,6 +452,7 @@ class GatewayEngine:
             # Whatever produced them (recall's merge, a cache entry), the selectors refuse
             # non-finite rewards: keep the order, replace the scores by a decreasing ramp.
             ranked.scores = np.linspace(1.0, 0.0, num=len(ranked), dtype=np.float32)
+            request.degraded.append("nonfinite_scores")
         catalogue = model.core.catalogue
         positions = request.scene.selector().select(
             ranked.items,
