@@ -212,7 +212,7 @@ async def test_http_request_ids_never_reach_headers_raw(stack: Stack) -> None:
 async def test_http_body_size_and_slow_bodies_are_bounded(stack: Stack) -> None:
     port = http_port(stack)
     huge = b'{"user_id": "' + b"x" * (2 * 1024**2) + b'"}'
-    answer = await asyncio.to_thread(raw_http, port, post("/v1/recommend", huge))
+    answer = await asyncio.to_thread(raw_http, port, post("/v1/recommend", huge), 1.5)
     assert answer.startswith(b"HTTP/1.1 413")
     stack.gateway_app.http._read_timeout = 0.3
     try:
