@@ -90,16 +90,19 @@ class Stack:
 async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **gateway: Any) -> Stack:
     # Generous deadlines: these tests compare answers, which a channel cut off by a busy CI
     # machine would change (deadlines have their own tests in the recall and gateway suites).
+    # Likewise a fixed, generous concurrency limit: admission control has its own tests.
+    generous: dict[str, Any] = {"min_in_flight": 64, "initial_in_flight": 64}
     recall_settings = RecallSettings(
         store=str(store.path),
         port=0,
         metrics_port=None,
         channel_timeout_ms=2000,
         feature_store_timeout_ms=2000,
+        **generous,
     )
     recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
     await recall.start()
-    rank_settings = RankSettings(store=str(store.path), port=0, metrics_port=None)
+    rank_settings = RankSettings(store=str(store.path), port=0, metrics_port=None, **generous)
     rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
     await rank.start()
     scenes = tmp / "scenes.json"
@@ -116,6 +119,11 @@ async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **ga
         default_deadline_ms=10_000,
         recall_timeout_ms=4000,
         rank_timeout_ms=4000,
+        **(
+            {**generous, "initial_in_flight": gateway.get("max_in_flight", 64)}
+            if "min_in_flight" not in gateway
+            else {}
+        ),
         **gateway,
     )
     app = GatewayApp(settings, features=features)

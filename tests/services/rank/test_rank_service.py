@@ -44,7 +44,9 @@ class Running:
 
 
 async def start(store: str | Path, *, wait: bool = True, **settings: Any) -> Running:
-    settings = {"poll_seconds": 0.2, **settings}
+    # A fixed limit above these tests' 50 callers: they test batching and swaps, and on a busy
+    # machine the adaptive limit would queue or shed them (admission has its own tests).
+    settings = {"poll_seconds": 0.2, "min_in_flight": 64, "initial_in_flight": 64, **settings}
     app = RankApp(RankSettings(store=str(store), port=0, metrics_port=None, **settings))
     host = GrpcHost(app, app.settings)
     await host.start()
