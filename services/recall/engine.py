@@ -43,6 +43,31 @@ COLD_START_CHANNELS = ("geo", "popular")
 
 
 @dataclass(frozen=True)
+class ChannelKind:
+    """How the engine runs a channel, declared once per channel instead of branching on names
+    along the request path:
+    - `on_loop`: a feature-store read, awaited on the event loop (cache); otherwise CPU work
+      (numpy, onnxruntime, hnswlib) in the channel threads;
+    - `from_model`: the model version provides it (skipped when the version lacks it);
+    - `needs_state`: it reads the user's feature-store state (skipped without it);
+    - `first`: started before the other thread channels (the longest one);
+    - `embeds`: it computes the user embedding (the user tower), which recall returns."""
+
+    on_loop: bool = False
+    from_model: bool = True
+    needs_state: bool = False
+    first: bool = False
+    embeds: bool = False
+
+
+CHANNEL_KINDS: Mapping[str, ChannelKind] = {
+    "two_tower": ChannelKind(first=True, embeds=True),  # ONNX user tower + ANN: the longest
+    "cache": ChannelKind(on_loop=True, from_model=False, needs_state=True),
+}
+THREAD_CHANNEL = ChannelKind()
+
+
+@dataclass(frozen=True)
 class RecallLimits:
     max_quota: int = 1000
     max_candidates: int = 1000
@@ -183,11 +208,12 @@ class RecallEngine:
         runnable: list[str] = []
         for name in ALL_CHANNELS:
             quota = quotas.get(name, 0)
-            if name not in model.channels and name != "cache":
+            kind = CHANNEL_KINDS.get(name, THREAD_CHANNEL)
+            if kind.from_model and name not in model.channels:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="not supported by this model version")
             elif quota <= 0:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="quota 0")
-            elif name == "cache" and state is None:
+            elif kind.needs_state and state is None:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="feature store unavailable")
             else:
                 runnable.append(name)
@@ -196,19 +222,22 @@ class RecallEngine:
         now_monotonic = time.monotonic()
         stop_at = {name: now_monotonic + min(limits.timeout_for(name), remaining) for name in runnable}
         wait = max((stop - now_monotonic for stop in stop_at.values()), default=0.0)
-        cpu = [name for name in runnable if name != "cache"]
-        # two_tower first: it is the longest (ONNX + ANN), so it starts while the others run.
-        queue = deque(sorted(cpu, key=lambda name: name != "two_tower"))
+        cpu = [name for name in runnable if not CHANNEL_KINDS.get(name, THREAD_CHANNEL).on_loop]
+        # The longest first, so that it runs while the others do.
+        queue = deque(sorted(cpu, key=lambda name: not CHANNEL_KINDS.get(name, THREAD_CHANNEL).first))
         jobs: list[asyncio.Future[None]] = [
             loop.run_in_executor(
                 self._executor, self._run_worker, queue, model, user_query, quotas, results, stop_at
             )
             for _ in range(min(limits.workers, len(cpu)))
         ]
-        if "cache" in runnable:
-            jobs.append(
-                asyncio.ensure_future(self._cache(model, query, user_query, state, quotas, results, stop_at))
-            )
+        for name in runnable:
+            if CHANNEL_KINDS.get(name, THREAD_CHANNEL).on_loop:  # the cache: the only loop channel
+                jobs.append(
+                    asyncio.ensure_future(
+                        self._cache(model, query, user_query, state, quotas, results, stop_at)
+                    )
+                )
         try:
             if jobs:
                 await asyncio.wait(jobs, timeout=wait)
@@ -368,8 +397,8 @@ class RecallEngine:
                     time.sleep(delay)
                 fetch = self._fetch(quotas[name])
                 vector: FloatArray | None = None
-                if name == "two_tower":
-                    candidates, vector = self._two_tower(model, query, fetch)
+                if CHANNEL_KINDS.get(name, THREAD_CHANNEL).embeds:
+                    candidates, vector = self._embedding_source(model, name, query, fetch)
                 else:
                     candidates = model.sources[name].candidates(query, fetch)
                 late = time.monotonic() > stop_at[name]
@@ -426,10 +455,13 @@ class RecallEngine:
             )
 
     @staticmethod
-    def _two_tower(model: ServingModel, query: UserQuery, fetch: int) -> tuple[Candidates, FloatArray]:
+    def _embedding_source(
+        model: ServingModel, name: str, query: UserQuery, fetch: int
+    ) -> tuple[Candidates, FloatArray]:
+        """A channel searching by the user embedding: the user tower first, then its source."""
         vector = model.user_embeddings([model.user_inputs(query)])[0]
         if not np.isfinite(vector).all():
             # The channel fails (reported, the others answer); the vector never reaches rank.
             raise ModelOutputInvalid(f"version {model.version}: the user tower gave a non-finite embedding")
         with_vector = dataclasses.replace(query, embedding=vector)
-        return model.sources["two_tower"].candidates(with_vector, fetch), vector
+        return model.sources[name].candidates(with_vector, fetch), vector
