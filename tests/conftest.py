@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +89,24 @@ def quick_store(quick_candidate: Any, tmp_path_factory: pytest.TempPathFactory) 
     path = tmp_path_factory.mktemp("quick-store")
     publish(quick_candidate, path)
     return ModelStore(path)
+
+
+# -- one private Redis Cluster per test run (3 masters + 3 replicas on loopback) -------------
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A real Redis Cluster started once per run and stopped at its end. Without
+    redis-server the tests that need it skip locally but fail in CI (CI=true), where a
+    silent skip would hide that the cluster was never tested."""
+    from tests.support.redis_cluster import PrivateRedisCluster, cluster_tools_missing
+
+    missing = cluster_tools_missing()
+    if missing is not None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Redis Cluster tests cannot run in CI: {missing}")
+        pytest.skip(f"Redis Cluster tests need a local redis-server: {missing}")
+    cluster = PrivateRedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -362,10 +362,12 @@ class RedisFeatureStore:
         return deleted
 
     async def _unlink(self, keys: Sequence[bytes]) -> int:
-        # One UNLINK per key: in a cluster the keys of a version live in every slot.
+        # One UNLINK per key: in a cluster the keys of a version live in every slot (the
+        # cluster pipeline sends each node its own). A raw command, because a cluster
+        # pipeline's `unlink` is a coroutine of its own that queues nothing.
         pipeline = self._writes.pipeline(transaction=False)
         for key in keys:
-            pipeline.unlink(key)
+            pipeline.execute_command("UNLINK", key)
         return sum(int(count) for count in await pipeline.execute())
 
     # --- reads ----------------------------------------------------------------------------------
@@ -384,7 +386,9 @@ class RedisFeatureStore:
             pipeline.get(self.keys.snapshot(version, user))
             if live_limit > 0:  # LRANGE key -0 -1 would be the whole list
                 pipeline.lrange(self.keys.live(user), -live_limit, -1)
-            pipeline.mget([self.keys.seen(user, slice_id) for slice_id in window])
+            # As a raw command: redis-py refuses `pipeline.mget` in cluster mode (it cannot know
+            # the keys share a slot); these do, through the user's hash tag.
+            pipeline.execute_command("MGET", *[self.keys.seen(user, slice_id) for slice_id in window])
             pipeline.hgetall(self.keys.cache(user))
         replies = await self._call("user_state", self.read_timeout, pipeline.execute(raise_on_error=False))
         states = []

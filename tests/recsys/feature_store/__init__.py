@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from recsys.artifacts import (
     AuthorIndex,
@@ -19,6 +20,7 @@ from recsys.artifacts import (
     UserBase,
     UserHistory,
 )
+from recsys.feature_store.redis_store import parse_redis_url
 from recsys.neighbors import PAD, NeighborTable
 
 Interaction = tuple[int, int, float]  # item index, unix time, rating
@@ -104,10 +106,15 @@ def unique_prefix() -> str:
 
 
 async def delete_prefix(prefix: str, url: str = REDIS_URL) -> int:
-    """Delete every key under `prefix` (only those: never a FLUSHDB)."""
-    client = Redis.from_url(url)
+    """Delete every key under `prefix` (only those: never a FLUSHDB). A cluster URL is
+    scanned on every master, and each key deleted on its own (they live in many slots)."""
+    target, cluster = parse_redis_url(url)
+    client: Redis | RedisCluster = RedisCluster.from_url(target) if cluster else Redis.from_url(target)
     try:
         keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1_000)]
-        return int(await client.delete(*keys)) if keys else 0
+        deleted = 0
+        for key in keys:
+            deleted += int(await client.delete(key))
+        return deleted
     finally:
         await client.aclose()

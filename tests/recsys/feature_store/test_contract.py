@@ -1,5 +1,6 @@
 """The feature store contract: one behaviour suite run against every implementation
-(in-process, and Redis on the real server with a key prefix of its own)."""
+(in-process, Redis on the real server with a key prefix of its own, and a real three-master
+Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class Harness:
     publish: Callable[[str, CoreArtifacts], Awaitable[object]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         memory = InProcessFeatureStore(policy=POLICY)
@@ -51,8 +52,10 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         yield Harness(memory, add)
         await memory.close()
         return
+    # The cluster: one per test run (tests/conftest.py), every user's keys in a slot of their own.
+    url = request.getfixturevalue("redis_cluster").url if request.param == "cluster" else REDIS_URL
     prefix = unique_prefix()
-    redis = RedisFeatureStore(REDIS_URL, prefix, policy=POLICY, read_timeout=1.0, write_timeout=1.0)
+    redis = RedisFeatureStore(url, prefix, policy=POLICY, read_timeout=1.0, write_timeout=1.0)
 
     async def push(version: str, core: CoreArtifacts) -> None:
         await push_core(redis, version, core, batch=2)
@@ -61,7 +64,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         yield Harness(redis, push)
     finally:
         await redis.close()
-        await delete_prefix(prefix)
+        await delete_prefix(prefix, url)
 
 
 def event(item: str, time: float, kind: str = "click", value: float = 1.0) -> LiveEvent:

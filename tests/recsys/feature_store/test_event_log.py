@@ -1,4 +1,4 @@
-"""The durable event log: one suite for the CSV file and the Redis stream."""
+"""The durable event log: one suite for the CSV file and the Redis stream (single Redis and\nCluster)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,20 @@ from recsys.feature_store.redis_store import RedisFeatureStore
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", "redis", "cluster"])
 async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventLog]:
     if request.param == "file":
         yield FileEventLog(tmp_path / "events" / "events.csv")
         return
+    # In a cluster the stream is one key, so one slot: its order is the order of appends.
+    url = request.getfixturevalue("redis_cluster").url if request.param == "cluster" else REDIS_URL
     prefix = unique_prefix()
-    store = RedisFeatureStore(REDIS_URL, prefix, read_timeout=1.0, write_timeout=1.0)
+    store = RedisFeatureStore(url, prefix, read_timeout=1.0, write_timeout=1.0)
     try:
         yield RedisEventLog(store)
     finally:
         await store.close()
-        await delete_prefix(prefix)
+        await delete_prefix(prefix, url)
 
 
 def logged(index: int, kind: str = "click", user: str = "u1") -> LoggedEvent:

@@ -1,0 +1,191 @@
+"""A private Redis Cluster on loopback: three masters and three replicas, each a real
+`redis-server --cluster-enabled yes` on free ports, joined by `redis-cli --cluster create`.
+Everything lives under one temporary directory and nothing is persisted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from tests.support.stack import free_ports
+
+MASTERS = 3
+# Short, so that a killed master's replica is promoted within about a second (Redis's default
+# is 15 s); the manual failover a test triggers does not wait for it.
+NODE_TIMEOUT_MS = 1_000
+
+
+def cluster_tools_missing() -> str | None:
+    """Why a cluster cannot be started here (None when it can)."""
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not on PATH" if missing else None
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    bus_port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2.0)
+
+
+class PrivateRedisCluster:
+    """Started by `start()`, stopped by `close()`. `url` is what the feature store takes."""
+
+    def __init__(self, masters: int = MASTERS) -> None:
+        self._root = Path(tempfile.mkdtemp(prefix="recsys-test-cluster-"))
+        ports = free_ports(4 * masters)  # a client port and a bus port per node
+        self.nodes = [
+            ClusterNode(ports[2 * index], ports[2 * index + 1], self._root / str(ports[2 * index]))
+            for index in range(2 * masters)
+        ]
+        self.masters = masters
+        self.url = f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.directory.mkdir(parents=True, exist_ok=True)
+            self._spawn(node)
+        for node in self.nodes:
+            self._wait_pong(node)
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(node.address for node in self.nodes),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout.decode()}")
+        self.wait_ok()
+
+    def _spawn(self, node: ClusterNode) -> None:
+        node.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(node.port),
+                "--cluster-port",
+                str(node.bus_port),  # not port + 10000, which may be taken or past 65535
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node.directory / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(NODE_TIMEOUT_MS),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(node.directory),
+                "--logfile",
+                str(node.directory / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _wait_pong(self, node: ClusterNode, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                with node.client() as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                assert node.process is not None
+                if time.monotonic() > deadline or node.process.poll() is not None:
+                    raise
+                time.sleep(0.02)
+
+    def wait_ok(self, seconds: float = 20.0) -> None:
+        """Until every running node reports `cluster_state:ok` and sees the same masters."""
+        deadline = time.monotonic() + seconds
+        while True:
+            states = []
+            for node in self.running_nodes():
+                try:
+                    with node.client() as client:
+                        info = client.execute_command("CLUSTER", "INFO")
+                except redis.RedisError:
+                    states.append(False)
+                    continue
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                states.append("cluster_state:ok" in text)
+            if states and all(states):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster under {self._root} is not ok after {seconds} s")
+            time.sleep(0.05)
+
+    def running_nodes(self) -> list[ClusterNode]:
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
+    def roles(self) -> dict[int, str]:
+        """Each running node's port → `master` or `slave`, as the node itself says."""
+        roles = {}
+        for node in self.running_nodes():
+            with node.client() as client:
+                role = client.execute_command("ROLE")
+            roles[node.port] = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        return roles
+
+    def replica_of(self, master: ClusterNode) -> ClusterNode:
+        with master.client() as client:
+            info = client.info("replication")
+        ports = {
+            int(info[key]["port"]) for key in info if key.startswith("slave") and isinstance(info[key], dict)
+        }
+        (replica,) = [node for node in self.running_nodes() if node.port in ports]
+        return replica
+
+    def master_nodes(self) -> list[ClusterNode]:
+        return [node for node in self.running_nodes() if self.roles()[node.port] == "master"]
+
+    def manual_failover(self, master: ClusterNode, seconds: float = 10.0) -> ClusterNode:
+        """`CLUSTER FAILOVER` on `master`'s replica; returns it once it is master and the
+        cluster is ok again."""
+        replica = self.replica_of(master)
+        with replica.client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + seconds
+        while self.roles().get(replica.port) != "master":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replica.address} did not take over from {master.address}")
+            time.sleep(0.01)
+        self.wait_ok(seconds)
+        return replica
+
+    def kill(self, node: ClusterNode) -> None:
+        """SIGKILL, as a crashed host would die (no goodbye to the other nodes)."""
+        if node.process is not None and node.process.poll() is None:
+            node.process.kill()
+            node.process.wait(10)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            self.kill(node)
+        shutil.rmtree(self._root, ignore_errors=True)
