@@ -58,7 +58,15 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsys.feature_store.base import (
     FeatureStoreUnavailable,
@@ -85,6 +93,13 @@ _UNLINK_BATCH = 500
 
 Client = Redis | RedisCluster
 T = TypeVar("T")
+
+# Errors after which a cluster client's slot map may be stale: a node died or a failover is
+# under way. MaxConnectionsError is a ConnectionError but says only that our pool is full.
+_TOPOLOGY_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
+# At most one slot-map refresh per client this often while a node stays unreachable, so a dead
+# master does not turn every call into CLUSTER SLOTS on the others.
+CLUSTER_REFRESH_INTERVAL = 0.1
 
 # KEYS[1]: cache hash. ARGV: limit, now, max_age, max_uses.
 _TAKE_CACHE = """
@@ -251,6 +266,9 @@ class RedisFeatureStore:
         self._writes = _client(target, self.cluster, write_timeout, connection_timeout, max_connections)
         self._background: set[asyncio.Future[Any]] = set()
         self.abandoned_calls = 0  # calls whose caller stopped waiting before Redis answered
+        self.topology_refreshes = 0  # cluster slot maps re-read after a node failed
+        self._refreshing: dict[int, asyncio.Task[None]] = {}
+        self._last_refresh: dict[int, float] = {}
         self._take_cache = self._writes.register_script(_TAKE_CACHE)
         self._put_cache = self._writes.register_script(_PUT_CACHE)
         self._release_lock = self._writes.register_script(_RELEASE_LOCK)
@@ -284,6 +302,7 @@ class RedisFeatureStore:
                 f"redis at {self.url}: {operation}: no answer within {budget * 1000:.0f} ms"
             ) from None
         except (RedisError, OSError) as error:
+            self.note_failure(error)
             raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
         finally:
             if not task.done():
@@ -293,8 +312,45 @@ class RedisFeatureStore:
 
     def _finished_in_background(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller was told already
+        if not task.cancelled() and (error := task.exception()) is not None:  # the caller was told already
+            self.note_failure(error)
+
+    def note_failure(self, error: BaseException) -> None:
+        """After a node failure, re-read the cluster's slot map in the background.
+
+        redis-py re-initialises a cluster client only when a single command meets a
+        connection error; a pipeline (every `user_state`, every write of events) that meets
+        one just raises, and the client keeps sending that node's slots to a dead address
+        even after its replica took over, since a dead node answers no MOVED. So the store
+        refreshes the map itself, off the call's budget: the call that met the failure is
+        answered at once (the services serve around it) and the calls after the refresh
+        go to the new master. Refreshes are single-flight per client and at most one per
+        `CLUSTER_REFRESH_INTERVAL` while a node stays down."""
+        if (
+            not self.cluster
+            or isinstance(error, MaxConnectionsError)
+            or not isinstance(error, _TOPOLOGY_ERRORS)
+        ):
+            return
+        loop = asyncio.get_running_loop()
+        for client in (self._reads, self._writes):
+            assert isinstance(client, RedisCluster)
+            key = id(client)
+            running = self._refreshing.get(key)
+            if running is not None and not running.done():
+                continue
+            if loop.time() - self._last_refresh.get(key, -math.inf) < CLUSTER_REFRESH_INTERVAL:
+                continue
+            self._last_refresh[key] = loop.time()
+            self._refreshing[key] = loop.create_task(self._refresh(client))
+
+    async def _refresh(self, client: RedisCluster) -> None:
+        try:
+            await client.nodes_manager.initialize()
+            self.topology_refreshes += 1
+        except (RedisError, RedisClusterException, OSError) as error:
+            # Every node unreachable for now; the next failure tries again.
+            logger.warning("redis cluster at %s: refreshing the slot map failed: %s", self.url, error)
 
     # --- version snapshots ---------------------------------------------------------------------
     async def snapshot_ready(self, version: str) -> bool:
@@ -413,6 +469,7 @@ class RedisFeatureStore:
     ) -> UserState:
         for name, reply in (("snapshot", snapshot), ("live history", live)):
             if isinstance(reply, Exception):
+                self.note_failure(reply)
                 raise FeatureStoreUnavailable(f"redis at {self.url}: reading the {name} of a user: {reply}")
         try:
             unpacked = Snapshot.empty() if snapshot is None else Snapshot.unpack(snapshot)
@@ -554,7 +611,7 @@ class RedisFeatureStore:
         ]
 
     async def close(self) -> None:
-        for task in list(self._background):
+        for task in [*self._background, *self._refreshing.values()]:
             task.cancel()
         for client in (self._reads, self._writes):
             with contextlib.suppress(RedisError, OSError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from tests.support.stack import free_ports
 
@@ -184,6 +185,24 @@ class PrivateRedisCluster:
         if node.process is not None and node.process.poll() is None:
             node.process.kill()
             node.process.wait(10)
+
+    def restart(self, node: ClusterNode) -> None:
+        """Start a killed node again with its cluster configuration: it rejoins as a replica
+        of the node that took its slots, and the cluster is ok again."""
+        self._spawn(node)
+        self._wait_pong(node)
+        self.wait_ok()
+
+    def master_of(self, key: str) -> ClusterNode:
+        """The node serving `key`'s slot now."""
+        slot = key_slot(key.encode())
+        for node in self.running_nodes():
+            with node.client() as client:
+                for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        (owner,) = [other for other in self.nodes if other.port == int(master[1])]
+                        return owner
+        raise LookupError(f"no node serves slot {slot}")
 
     def close(self) -> None:
         for node in self.nodes:
