@@ -63,6 +63,7 @@ from redis.exceptions import (
     MaxConnectionsError,
     RedisClusterException,
     RedisError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -96,7 +97,17 @@ T = TypeVar("T")
 
 # Errors after which a cluster client's slot map may be stale: a node died or a failover is
 # under way. MaxConnectionsError is a ConnectionError but says only that our pool is full.
-_TOPOLOGY_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
+_TOPOLOGY_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    OSError,
+)
+# What a failing Redis raises: redis-py's cluster errors about slots (SlotNotCoveredError, "no
+# targets") derive from RedisClusterException, which is not a RedisError.
+_FAILURES = (RedisError, RedisClusterException, OSError)
 # At most one slot-map refresh per client this often while a node stays unreachable, so a dead
 # master does not turn every call into CLUSTER SLOTS on the others.
 CLUSTER_REFRESH_INTERVAL = 0.1
@@ -281,7 +292,7 @@ class RedisFeatureStore:
         """Turn Redis failures into FeatureStoreUnavailable (for unbounded admin work)."""
         try:
             yield
-        except (RedisError, OSError) as error:
+        except _FAILURES as error:
             raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
 
     async def _call(self, operation: str, budget: float, command: Awaitable[T]) -> T:
@@ -301,7 +312,7 @@ class RedisFeatureStore:
             raise FeatureStoreUnavailable(
                 f"redis at {self.url}: {operation}: no answer within {budget * 1000:.0f} ms"
             ) from None
-        except (RedisError, OSError) as error:
+        except _FAILURES as error:
             self.note_failure(error)
             raise FeatureStoreUnavailable(f"redis at {self.url}: {operation}: {error}") from error
         finally:
@@ -348,7 +359,7 @@ class RedisFeatureStore:
         try:
             await client.nodes_manager.initialize()
             self.topology_refreshes += 1
-        except (RedisError, RedisClusterException, OSError) as error:
+        except _FAILURES as error:
             # Every node unreachable for now; the next failure tries again.
             logger.warning("redis cluster at %s: refreshing the slot map failed: %s", self.url, error)
 
