@@ -46,6 +46,8 @@ USERS = [str(user) for user in range(1, 944)]
 class Calls:
     def __init__(self) -> None:
         self.records: list[tuple[float, float, str, str]] = []  # start, seconds, method, outcome
+        self.details: list[str] = []  # what each failed ReportEvents said
+        self.began = time.monotonic()
 
     def add(self, started: float, method: str, outcome: str) -> None:
         self.records.append((started, time.monotonic() - started, method, outcome))
@@ -76,6 +78,7 @@ async def caller(stub: Any, until: float, calls: Calls, seed: int) -> None:
             await stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=[event]), timeout=2)
         except aio.AioRpcError as error:
             calls.add(started, "ReportEvents", f"failed:{error.code().name}")
+            calls.details.append(f"{started - calls.began:.3f} s: {error.details()}")
         else:
             calls.add(started, "ReportEvents", "ok")
 
@@ -132,6 +135,8 @@ def summary(calls: Calls, switched_at: float, switch_seconds: float, mode: str) 
         "hit_outside_window": sum(
             hit(outcome) for start, _, _, outcome in records if not switched_at <= start <= window_end
         ),
+        "failed_details": calls.details[:5],
+        "switched_after_seconds": round(switched_at - calls.began, 3),
         "seen_by_clients_seconds": round(max((start - switched_at for start in hits), default=0.0), 3),
         "recommend_before": latency(
             [s for start, s, method, _ in records if method == "Recommend" and start < switched_at]
@@ -177,9 +182,6 @@ async def main() -> None:
                 print(json.dumps(await measure(args, cluster, up.ports["gateway"], mode)), flush=True)
         finally:
             up.stop()
-            for line in up.stderr:
-                if line.startswith("[gateway]") and ("Error" in line or "error" in line or "File" in line):
-                    print(line, file=sys.stderr)
     finally:
         cluster.close()
 

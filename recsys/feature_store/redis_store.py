@@ -682,7 +682,12 @@ def _client(
         "max_connections": max_connections,
     }
     if cluster:
-        return RedisCluster.from_url(url, **options)
+        # reinitialize_steps=0: redis-py's default answers every fifth MOVED by closing every
+        # connection of the client, in-flight calls' included, which during a failover fails
+        # calls of other users on healthy masters. Each MOVED patches its slot instead (one
+        # more round trip per slot, within the call); a dead node makes the store re-read
+        # the whole map (`RedisFeatureStore.note_failure`).
+        return RedisCluster.from_url(url, reinitialize_steps=0, **options)
     # Blocking: past `max_connections` a call waits (within its budget) for a connection to
     # come back instead of opening one more.
     pool = BlockingConnectionPool.from_url(url, timeout=budget, **options)
