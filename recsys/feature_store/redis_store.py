@@ -28,8 +28,12 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
   `user_state` (GET + LRANGE + MGET + HGETALL) is one pipeline to one node. No command spans
   users except the event-id SETs, which a cluster pipeline splits by slot.
 
-Cluster mode (`redis+cluster://…` or `?cluster=1`) uses `redis.asyncio.cluster.RedisCluster`.
-It is written for, but not tested against, a real cluster (tests run on a single Redis).
+Cluster mode (`redis+cluster://…` or `?cluster=1`) uses `redis.asyncio.cluster.RedisCluster`
+and is tested against a real three-master cluster (tests/support/redis_cluster.py): the
+contract suite, a stack, a planned failover under load and a killed master. Pipelines are
+never transactions there; multi-key commands (MGET of a user's slices, UNLINK) go as raw
+commands, which redis-py's cluster pipeline routes by slot. MOVED is followed by redis-py
+within the call; a node failure makes the store re-read the slot map (`note_failure`).
 
 Every call has one timeout, its budget: reads `read_timeout` (50 ms by default; the services
 set their feature-store budget here), writes `write_timeout`, with no retries (the caller's

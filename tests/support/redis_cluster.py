@@ -79,6 +79,8 @@ class PrivateRedisCluster:
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout.decode()}")
         self.wait_ok()
+        for master in self.master_nodes():
+            self.wait_in_sync(self.replica_of(master))
 
     def _spawn(self, node: ClusterNode) -> None:
         node.process = subprocess.Popen(
@@ -96,6 +98,10 @@ class PrivateRedisCluster:
                 str(node.directory / "nodes.conf"),
                 "--cluster-node-timeout",
                 str(NODE_TIMEOUT_MS),
+                # Redis waits 5 s for more replicas before a diskless full sync; here each
+                # master has one, and the tests start once it is in sync.
+                "--repl-diskless-sync-delay",
+                "0",
                 "--save",
                 "",
                 "--appendonly",
@@ -154,14 +160,22 @@ class PrivateRedisCluster:
             roles[node.port] = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
         return roles
 
-    def replica_of(self, master: ClusterNode) -> ClusterNode:
-        with master.client() as client:
-            info = client.info("replication")
-        ports = {
-            int(info[key]["port"]) for key in info if key.startswith("slave") and isinstance(info[key], dict)
-        }
-        (replica,) = [node for node in self.running_nodes() if node.port in ports]
-        return replica
+    def replica_of(self, master: ClusterNode, seconds: float = 10.0) -> ClusterNode:
+        """`master`'s replica (waiting for it to connect, as right after the cluster forms)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with master.client() as client:
+                info = client.info("replication")
+            replicas = [
+                value for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)
+            ]
+            ports = {int(replica["port"]) for replica in replicas}
+            found = [node for node in self.running_nodes() if node.port in ports]
+            if len(found) == 1:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{master.address} has {len(found)} replicas, expected one")
+            time.sleep(0.02)
 
     def master_nodes(self) -> list[ClusterNode]:
         return [node for node in self.running_nodes() if self.roles()[node.port] == "master"]
@@ -170,6 +184,9 @@ class PrivateRedisCluster:
         """`CLUSTER FAILOVER` on `master`'s replica; returns it once it is master and the
         cluster is ok again."""
         replica = self.replica_of(master)
+        # As an operator would: only a replica in sync takes over without a long pause (the
+        # master holds writes back until the replica has caught up).
+        self.wait_in_sync(replica, seconds)
         with replica.client() as client:
             client.execute_command("CLUSTER", "FAILOVER")
         deadline = time.monotonic() + seconds
@@ -179,6 +196,18 @@ class PrivateRedisCluster:
             time.sleep(0.01)
         self.wait_ok(seconds)
         return replica
+
+    def wait_in_sync(self, replica: ClusterNode, seconds: float = 10.0) -> None:
+        """Until `replica`'s link to its master is up and no full sync is running."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with replica.client() as client:
+                info = client.info("replication")
+            if info.get("master_link_status") == "up" and not info.get("master_sync_in_progress"):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica {replica.address} not in sync after {seconds} s")
+            time.sleep(0.02)
 
     def kill(self, node: ClusterNode) -> None:
         """SIGKILL, as a crashed host would die (no goodbye to the other nodes)."""
@@ -192,6 +221,12 @@ class PrivateRedisCluster:
         self._spawn(node)
         self._wait_pong(node)
         self.wait_ok()
+        deadline = time.monotonic() + 20
+        while self.roles().get(node.port) != "slave":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node.address} did not rejoin as a replica")
+            time.sleep(0.02)
+        self.wait_in_sync(node)
 
     def master_of(self, key: str) -> ClusterNode:
         """The node serving `key`'s slot now."""
