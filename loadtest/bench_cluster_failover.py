@@ -168,6 +168,7 @@ async def main() -> None:
     parser.add_argument("--callers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--modes", default="failover,kill")
+    parser.add_argument("--log", type=Path, help="write the services' logs here")
     args = parser.parse_args()
     cluster = PrivateRedisCluster()
     cluster.start()
@@ -182,6 +183,8 @@ async def main() -> None:
                 print(json.dumps(await measure(args, cluster, up.ports["gateway"], mode)), flush=True)
         finally:
             up.stop()
+            if args.log is not None:
+                args.log.write_text("\n".join(up.stderr) + "\n")
     finally:
         cluster.close()
 

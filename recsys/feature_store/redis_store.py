@@ -108,10 +108,18 @@ _TOPOLOGY_ERRORS = (
     TryAgainError,
     SlotNotCoveredError,
     OSError,
+    RuntimeError,
+    AttributeError,
 )
 # What a failing Redis raises: redis-py's cluster errors about slots (SlotNotCoveredError, "no
-# targets") derive from RedisClusterException, which is not a RedisError.
-_FAILURES = (RedisError, RedisClusterException, OSError)
+# targets") derive from RedisClusterException, which is not a RedisError; and under uvloop a
+# write to a connection the dead peer has just closed raises RuntimeError ("unable to perform
+# operation on <TCPTransport closed=True>"), which redis-py passes on as it is, as it does
+# AttributeError when a connection is disconnected by another task while a command is being
+# written on it ("'NoneType' object has no attribute 'writelines'"); both seen while a
+# cluster master was killed under load. Inside a command only redis-py's code runs, so
+# these are the dependency failing, not a bug of ours to surface as INTERNAL.
+_FAILURES = (RedisError, RedisClusterException, OSError, RuntimeError, AttributeError)
 # At most one slot-map refresh per client this often while a node stays unreachable, so a dead
 # master does not turn every call into CLUSTER SLOTS on the others.
 CLUSTER_REFRESH_INTERVAL = 0.1
