@@ -150,8 +150,9 @@ async def test_a_master_fails_over_under_load_with_no_failed_call(
     print(
         f"\ncluster failover under load: {record.calls} calls, 0 failed; failover "
         f"{failover_seconds * 1000:.0f} ms (CLUSTER FAILOVER → replica is master and cluster ok); "
-        f"degraded answers {sum(record.degraded.values())} {dict(record.degraded)}, "
-        f"the last {max(degraded_after, default=0.0) * 1000:.0f} ms after the failover began; "
+        f"degraded answers {len(record.degraded_times)} ({len(degraded_after)} after the failover "
+        f"began, the last {max(degraded_after, default=0.0) * 1000:.0f} ms after it), reasons "
+        f"{dict(record.degraded)}; "
         f"Recommend max latency before {max(before) * 1000:.0f} ms, around the failover "
         f"{max(during, default=0.0) * 1000:.0f} ms"
     )
