@@ -287,6 +287,10 @@ class RedisFeatureStore:
         # waits for a free connection at most as long as its calls' budget.
         self._reads = _client(target, self.cluster, read_timeout, connection_timeout, max_connections)
         self._writes = _client(target, self.cluster, write_timeout, connection_timeout, max_connections)
+        self.connection_timeout = connection_timeout
+        self._cluster_known = not self.cluster
+        self._cluster_learning = asyncio.Lock()
+        self._cluster_unknown_since = -math.inf  # when learning the cluster last failed
         self._background: set[asyncio.Future[Any]] = set()
         self.abandoned_calls = 0  # calls whose caller stopped waiting before Redis answered
         self.topology_refreshes = 0  # cluster slot maps re-read after a node failed
@@ -317,6 +321,13 @@ class RedisFeatureStore:
         and its connection goes back to the pool; the pool is bounded and waiting for a
         connection is bounded by the budget too, so a slow Redis costs at most
         `max_connections` connections and calls beyond them fail fast."""
+        if not self._cluster_known:
+            try:
+                await self._learn_cluster()
+            except BaseException:
+                if asyncio.iscoroutine(command):
+                    command.close()  # never sent
+                raise
         task = asyncio.ensure_future(command)
         try:
             return await asyncio.wait_for(asyncio.shield(task), budget)
@@ -332,6 +343,36 @@ class RedisFeatureStore:
                 self.abandoned_calls += 1
                 self._background.add(task)
                 task.add_done_callback(self._finished_in_background)
+
+    async def _learn_cluster(self) -> None:
+        """Before the first call to a cluster: learn its nodes and slots (CLUSTER SLOTS, and
+        COMMAND for routing, a reply of several hundred kilobytes), bounded by
+        `connection_timeout` rather than the call's budget, which it does not fit (a 30 ms
+        read failed every process's first call, and the version watcher's first check with
+        it, delaying SERVING by a poll). Once per store; when it fails, calls go on within
+        their budgets (redis-py then learns the cluster itself) and it is tried again after
+        a second, so a cluster that is down at start does not hold every call for a second."""
+        loop = asyncio.get_running_loop()
+        async with self._cluster_learning:
+            if self._cluster_known or loop.time() - self._cluster_unknown_since < 1.0:
+                return
+            try:
+                async with asyncio.timeout(self.connection_timeout):
+                    for client in (self._reads, self._writes):
+                        assert isinstance(client, RedisCluster)
+                        await client.initialize()
+            except TimeoutError:
+                self._cluster_unknown_since = loop.time()
+                raise FeatureStoreUnavailable(
+                    f"redis at {self.url}: learning the cluster's slots: "
+                    f"no answer within {self.connection_timeout * 1000:.0f} ms"
+                ) from None
+            except _FAILURES as error:
+                self._cluster_unknown_since = loop.time()
+                raise FeatureStoreUnavailable(
+                    f"redis at {self.url}: learning the cluster's slots: {error}"
+                ) from error
+            self._cluster_known = True
 
     def _finished_in_background(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)

@@ -31,6 +31,19 @@ async def store(redis_cluster: PrivateRedisCluster) -> AsyncIterator[RedisFeatur
 
 
 async def test_a_users_keys_share_a_slot_and_a_version_spans_the_masters(
+    redis_cluster: PrivateRedisCluster,
+) -> None:
+    # Budgets of a second: this is about where keys go, not about time (60 users in a read).
+    prefix = unique_prefix()
+    store = RedisFeatureStore(redis_cluster.url, prefix, read_timeout=1.0, write_timeout=1.0)
+    try:
+        await _keys_share_a_slot_and_a_version_spans_the_masters(store, redis_cluster)
+    finally:
+        await store.close()
+        await delete_prefix(prefix, redis_cluster.url)
+
+
+async def _keys_share_a_slot_and_a_version_spans_the_masters(
     store: RedisFeatureStore, redis_cluster: PrivateRedisCluster
 ) -> None:
     keys = store.keys
@@ -107,3 +120,16 @@ async def test_the_store_follows_a_killed_master_to_its_replica(
         f"each answered within {slowest * 1000:.0f} ms), then served by the promoted replica; "
         f"writes again after {written * 1000:.0f} ms"
     )
+
+
+async def test_the_first_call_learns_the_cluster_outside_its_budget(
+    redis_cluster: PrivateRedisCluster,
+) -> None:
+    """Learning the slots (CLUSTER SLOTS and COMMAND, 16–20 ms per client here) does not fit a
+    read budget of tens of milliseconds; before, every process's first call failed."""
+    store = RedisFeatureStore(redis_cluster.url, unique_prefix(), read_timeout=0.01)
+    try:
+        assert not await store.snapshot_ready("v1")  # no FeatureStoreUnavailable
+        assert (await store.user_state("v1", "alice", now=NOW)).live_events == ()
+    finally:
+        await store.close()
