@@ -47,7 +47,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     add_server_arguments(gateway)
     gateway.add_argument("--store", help="model store PATH or file://PATH (default ./store)")
-    gateway.add_argument("--http-port", dest="http_port", type=int, help="HTTP/JSON port (default 8080)")
+    gateway.add_argument(
+        "--http-port", dest="http_port", type=int, help="HTTP/JSON port (default 8080; -1: no HTTP)"
+    )
     gateway.add_argument(
         "--recall-addr", dest="recall_addr", help="recall host:port (default 127.0.0.1:50052)"
     )
@@ -88,4 +90,10 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     from services.gateway.app import SPEC
     from services.gateway.settings import GatewaySettings
 
-    return serve(SPEC, settings_from_args(GatewaySettings, args))
+    no_http = args.http_port is not None and args.http_port < 0  # -1 asks for no HTTP port at all
+    if no_http:
+        args.http_port = None
+    settings = settings_from_args(GatewaySettings, args)
+    if no_http:
+        settings = settings.model_copy(update={"http_port": None})
+    return serve(SPEC, settings)

@@ -247,7 +247,8 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             f"127.0.0.1:{args.recall_port}",
             "--rank-addr",
             f"127.0.0.1:{args.rank_port}",
-            *(["--http-port", str(args.http_port)] if args.http_port >= 0 else []),
+            "--http-port",
+            str(args.http_port),  # -1: none (leaving it out would mean the default, 8080)
             *scenes,
             *(["--experiments", str(args.experiments)] if args.experiments else []),
             *(["--blocklist", str(args.blocklist)] if args.blocklist else []),
