@@ -53,7 +53,7 @@ loadtest: $(BIN)/python
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,loadtest]'
 	$(BIN)/python loadtest/run_loadtest.py
 
-# Renders the dev and prod overlays into build/k8s/ and validates every object against the
-# Kubernetes schemas (no cluster, no kubectl needed).
+# Renders the dev and prod overlays with `kubectl kustomize` into build/k8s/ and validates
+# every object against the Kubernetes schemas bundled in kubernetes-validate (no cluster).
 k8s: install
-	$(BIN)/python deploy/k8s/render.py --validate --out build/k8s deploy/k8s/overlays/dev deploy/k8s/overlays/prod
+	$(BIN)/python deploy/k8s/manifests.py --validate --out build/k8s deploy/k8s/overlays/dev deploy/k8s/overlays/prod

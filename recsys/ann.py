@@ -3,6 +3,8 @@ vectors, i.e. cosine) and an exact reference used to measure the index's recall.
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import hnswlib
@@ -10,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray
+
+log = logging.getLogger("recsys.models")
 
 
 class HnswIndex:
@@ -65,6 +69,41 @@ class HnswIndex:
         labels, _ = self._index.knn_query(np.asarray(vectors, dtype=np.float32), k=k)
         result: npt.NDArray[np.int64] = labels.astype(np.int64)
         return result
+
+
+class DeferredHnswIndex(HnswIndex):
+    """An index read from its file on first use. For a process that holds a version but
+    never searches it (the gateway): the index, the largest array of a big catalogue, is then
+    never in its memory."""
+
+    def __init__(self, path: Path, dim: int, ef: int = 200) -> None:  # nothing read yet
+        self._path, self._dim, self._deferred_ef = path, dim, ef
+        self._loaded_index: HnswIndex | None = None
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> HnswIndex:
+        with self._lock:
+            if self._loaded_index is None:
+                log.warning("loading a deferred ANN index on first use", extra={"path": str(self._path)})
+                self._loaded_index = HnswIndex.load(self._path, self._dim, self._deferred_ef)
+            return self._loaded_index
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded_index is not None
+
+    def save(self, path: Path) -> None:
+        self._loaded().save(path)
+
+    @property
+    def size(self) -> int:
+        return self._loaded().size
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        return self._loaded().search(vector, k)
+
+    def search_many(self, vectors: FloatArray, k: int) -> npt.NDArray[np.int64]:
+        return self._loaded().search_many(vectors, k)
 
 
 class ExactIndex:

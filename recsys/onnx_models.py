@@ -5,6 +5,8 @@ and several threads per session would only fight over the same cores."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from recsys.features import Inputs
+
+log = logging.getLogger("recsys.models")
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -42,3 +46,33 @@ class OnnxModel:
         feed = {name: inputs[name] for name in self.input_names}
         outputs = self.session.run(list(self.output_names), feed)
         return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}
+
+
+class DeferredOnnxModel(OnnxModel):
+    """An OnnxModel whose session is created on first use. For a process that holds a
+    version but never runs this model (the gateway and the user tower, the ranker): the
+    session's memory is never spent. Everything an OnnxModel has is reached through the
+    loaded one, so a caller cannot tell the difference except in memory and first latency."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:  # no session yet: see _loaded
+        self._path = path
+        self._threads = threads
+        self._model: OnnxModel | None = None
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> OnnxModel:
+        with self._lock:
+            if self._model is None:
+                log.warning("loading a deferred ONNX model on first use", extra={"path": str(self._path)})
+                self._model = OnnxModel(self._path, self._threads)
+            return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not found normally: the session and the input and output names.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loaded(), name)

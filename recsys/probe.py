@@ -68,6 +68,13 @@ def _check_embeddings(name: str, vectors: npt.NDArray[Any]) -> None:
         raise ModelProbeError(f"{name}: {int(zero.sum())} of {len(values)} embeddings have a zero norm")
 
 
+def check_item_embeddings(model: ServingModel) -> None:
+    """The stored item embeddings feed the ANN index, pre-rank and rerank: all of them, not a
+    sample (a zero vector for one item is enough to make it unreachable or always first). The
+    part of the probe a process that runs none of the models (the gateway) needs."""
+    _check_embeddings("two_tower/item_embeddings.npy", model.item_embeddings)
+
+
 def _check_probabilities(name: str, values: npt.NDArray[Any]) -> None:
     probabilities = np.asarray(values, dtype=np.float64)
     if not np.isfinite(probabilities).all():
@@ -95,9 +102,7 @@ class ModelProbe:
         item tower (which serving does not load) be probed too."""
         core = model.core
         checked: list[str] = []
-        # The stored item embeddings feed the ANN index and pre-rank: all of them, not a sample
-        # (a zero vector for one item is enough to make it unreachable or always first).
-        _check_embeddings("two_tower/item_embeddings.npy", model.item_embeddings)
+        check_item_embeddings(model)
         checked.append("item embeddings")
 
         items = np.append(_spread(core.catalogue.n_items, self._items - 1), -1)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from recsys.ann import HnswIndex
+from recsys.ann import DeferredHnswIndex, HnswIndex
 from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core
 from recsys.errors import NotReady
 from recsys.features import (
@@ -28,7 +28,7 @@ from recsys.features import (
     ranker_inputs,
     tower_inputs,
 )
-from recsys.onnx_models import OnnxModel
+from recsys.onnx_models import DeferredOnnxModel, OnnxModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.query import UserQuery, build_query
 from recsys.stages.sources import (
@@ -64,10 +64,17 @@ class ServingModel:
     capabilities: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, version_dir: Path, version: str | None = None) -> ServingModel:
+    def load(
+        cls, version_dir: Path, version: str | None = None, *, defer_models: bool = False
+    ) -> ServingModel:
+        """A version from its directory, arrays memory-mapped. `defer_models`: the user
+        tower, the ranker and the ANN index are read on first use only, for a process that
+        serves from the arrays alone (the gateway)."""
         spec = FeatureSpec.from_json(json.loads((version_dir / FEATURE_SPEC).read_text()))
         defaults = Defaults(**json.loads((version_dir / DEFAULTS).read_text()))
         embeddings = np.load(version_dir / ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+        onnx = DeferredOnnxModel if defer_models else OnnxModel
+        index = DeferredHnswIndex if defer_models else HnswIndex.load
         manifest = (
             json.loads((version_dir / "manifest.json").read_text())
             if (version_dir / "manifest.json").exists()
@@ -77,10 +84,10 @@ class ServingModel:
             version=version or version_dir.name,
             spec=spec,
             core=load_core(version_dir),
-            user_tower=OnnxModel(version_dir / USER_TOWER),
+            user_tower=onnx(version_dir / USER_TOWER),
             item_embeddings=embeddings,
-            index=HnswIndex.load(version_dir / ANN_INDEX, dim=int(embeddings.shape[1])),
-            ranker=OnnxModel(version_dir / RANKER) if (version_dir / RANKER).exists() else None,
+            index=index(version_dir / ANN_INDEX, dim=int(embeddings.shape[1])),
+            ranker=onnx(version_dir / RANKER) if (version_dir / RANKER).exists() else None,
             defaults=defaults,
             capabilities=manifest.get("capabilities", {}),
         )

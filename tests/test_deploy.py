@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from types import ModuleType
 from typing import Any
 
@@ -47,7 +48,11 @@ def _load(path: Path, name: str) -> ModuleType:
     return module
 
 
-render: Any = _load(K8S / "render.py", "recsys_deploy_render")
+render: Any = _load(K8S / "manifests.py", "recsys_deploy_manifests")
+# kustomize renders the overlays; without kubectl there is nothing to check them with.
+pytestmark = pytest.mark.skipif(
+    render.kubectl() is None, reason="kubectl is not installed (kubectl >= 1.27 carries kustomize v5)"
+)
 
 
 @functools.cache
@@ -67,14 +72,19 @@ def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
-def settings_map(objects: list[dict[str, Any]]) -> dict[str, str]:
+def generated(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The ConfigMap kustomize generated as `name` (with its content-hash suffix)."""
     found = [
         obj
         for obj in objects
-        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("recsys-settings-")
+        if obj["kind"] == "ConfigMap" and re.fullmatch(rf"{name}-[a-z0-9]{{10}}", obj["metadata"]["name"])
     ]
-    assert len(found) == 1
-    data: dict[str, str] = found[0]["data"]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def settings_map(objects: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = generated(objects, "recsys-settings")["data"]
     return data
 
 
@@ -99,33 +109,64 @@ def test_overlay_renders_and_validates_against_the_kubernetes_schemas(overlay):
     assert not any(render.is_custom_resource(obj) for obj in objects)
 
 
-def test_validation_is_strict_about_unknown_fields_and_types():
+def test_validation_is_strict_about_unknown_fields_types_and_kinds():
     unknown_field = one(rendered("prod"), "Deployment", "gateway")
     unknown_field["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["path"] = "/healthz"
     wrong_type = one(rendered("prod"), "Deployment", "gateway")
     wrong_type["spec"]["revisionHistoryLimit"] = "five"
-    problems = render.validate([unknown_field, wrong_type])
-    assert len(problems) == 2, problems
+    # A misspelt kind has no schema: reported, not skipped as if it were a custom resource.
+    unknown_kind = {"apiVersion": "apps/v1", "kind": "Deployement", "metadata": {"name": "x"}, "spec": {}}
+    problems = render.validate([unknown_field, wrong_type, unknown_kind])
+    assert len(problems) == 3, problems
     assert "readinessProbe.grpc" in problems[0]
     assert "'path' was unexpected" in problems[0]
     assert "spec.revisionHistoryLimit" in problems[1]
+    assert problems[2].startswith("Deployement/x")
+
+
+def test_kustomize_errors_are_reported_with_its_message(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(render.RenderError, match=r"missing\.yaml"):
+        render.render(tmp_path)
+
+
+def test_make_k8s_writes_validated_overlays(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(K8S / "manifests.py"), "--validate", "--out", str(tmp_path)]
+        + [str(K8S / "overlays" / overlay) for overlay in OVERLAYS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0 problems" in result.stderr
+    for overlay in OVERLAYS:
+        written = [obj for obj in yaml.safe_load_all((tmp_path / f"{overlay}.yaml").read_text()) if obj]
+        assert sorted(o["metadata"]["name"] for o in written) == sorted(
+            o["metadata"]["name"] for o in rendered(overlay)
+        )
 
 
 def test_optional_components_render_on_top_of_prod(tmp_path):
     components = sorted(path for path in (K8S / "components").iterdir() if path.is_dir())
     assert {path.name for path in components} == {"loadgen", "redis", "servicemonitor"}
-    (tmp_path / "kustomization.yaml").write_text(
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "everything"
+    overlay.mkdir()
+    # kustomize accepts only relative paths below or beside the kustomization.
+    (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "namespace": "recsys",  # as when the components are listed in prod's own file
-                "resources": [str(K8S / "overlays" / "prod")],
-                "components": [str(path) for path in components],
+                "resources": ["../prod"],
+                "components": [f"../../components/{path.name}" for path in components],
             }
         )
     )
-    objects = render.render(tmp_path)
+    objects = render.render(overlay)
     assert render.validate(objects) == []  # the ServiceMonitor (a custom resource) is skipped
     monitor = one(objects, "ServiceMonitor", "recsys")
     assert monitor["metadata"]["namespace"] == "recsys"
@@ -139,67 +180,18 @@ def test_optional_components_render_on_top_of_prod(tmp_path):
         if service["kind"] == "Service"
         and all(service["metadata"]["labels"].get(label) in values for label, values in wanted.items())
     ]
-    assert {service["metadata"]["name"] for service in scraped} == set(SERVICES)
-    for service in scraped:
-        assert "metrics" in {port["name"] for port in service["spec"]["ports"]}
+    with_metrics = [s for s in scraped if "metrics" in {port["name"] for port in s["spec"]["ports"]}]
+    # The headless Services match the selector too but have no metrics port: no double scrape.
+    assert {service["metadata"]["name"] for service in with_metrics} == set(SERVICES)
+    assert {service["metadata"]["name"] for service in scraped} - set(SERVICES) == {
+        "recall-headless",
+        "rank-headless",
+    }
     redis = one(objects, "StatefulSet", "redis")
     assert redis["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {
         "name": "recsys-redis",
         "key": "password",
     }
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_kubectl_kustomize_renders_the_same_objects(overlay):
-    """The in-repo renderer is a stand-in for kustomize: where kubectl exists, they agree."""
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-
-    def keyed(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects}
-
-    theirs = keyed([obj for obj in yaml.safe_load_all(result.stdout) if obj])
-    ours = keyed(rendered(overlay))
-    assert sorted(ours) == sorted(theirs)
-    for name, obj in ours.items():
-        assert obj == theirs[name], name
-
-
-def test_renderer_refuses_features_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
-    with pytest.raises(render.RenderError, match="namePrefix"):
-        render.render(tmp_path)
-
-
-def test_strategic_merge_merges_named_lists_and_replaces_others():
-    original = {
-        "containers": [{"name": "a", "image": "x", "args": ["1", "2"]}, {"name": "b", "image": "y"}],
-        "tolerations": [{"key": "k"}],
-        "keep": 1,
-        "drop": 2,
-    }
-    patch = {"containers": [{"name": "b", "image": "z"}, {"name": "c"}], "tolerations": [], "drop": None}
-    assert render.strategic_merge(original, patch) == {
-        "containers": [
-            {"name": "a", "image": "x", "args": ["1", "2"]},
-            {"name": "b", "image": "z"},
-            {"name": "c"},
-        ],
-        "tolerations": [],
-        "keep": 1,
-    }
-
-
-def test_kustomize_hash_suffix_matches_kustomize():
-    # `kubectl kustomize` (kustomize v5.5) names {A: b} foo-b9t2424hkf.
-    assert render.kustomize_hash({"metadata": {"name": "foo"}, "data": {"A": "b"}}) == "b9t2424hkf"
 
 
 # -- what the manifests promise -------------------------------------------------------------
@@ -217,8 +209,116 @@ def test_every_pod_is_locked_down_and_sized(overlay):
                 assert security["readOnlyRootFilesystem"] is True, where
                 assert security["allowPrivilegeEscalation"] is False, where
                 assert security["capabilities"] == {"drop": ["ALL"]}, where
-                for bound in ("requests", "limits"):
-                    assert {"cpu", "memory"} <= set(container["resources"][bound]), where
+                assert {"cpu", "memory"} <= set(container["resources"]["requests"]), where
+                assert "memory" in container["resources"]["limits"], where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_request_a_core_per_worker_and_are_never_throttled(overlay):
+    objects = rendered(overlay)
+    settings = settings_map(objects)
+    autoscalers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    for name, (prefix, _) in SERVICES.items():
+        container = one_container(one(objects, "Deployment", name)["spec"]["template"]["spec"], name)
+        resources = container["resources"]
+        assert "cpu" not in resources["limits"], name  # a CFS quota would throttle a busy process
+        if overlay == "prod":  # dev asks for less so that the stack fits a laptop
+            assert _cores(resources["requests"]["cpu"]) == int(settings[f"{prefix}_WORKERS"]), name
+            # Utilisation is relative to the request: 60 % of one core, below saturation.
+            target = autoscalers[name]["spec"]["metrics"][0]["resource"]["target"]
+            assert target == {"type": "Utilization", "averageUtilization": 60}, name
+        assert _mebibytes(resources["limits"]["memory"]) >= _mebibytes(resources["requests"]["memory"])
+
+
+def _cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_targets_headless_services_so_calls_spread_over_pods(overlay):
+    objects = rendered(overlay)
+    settings = settings_map(objects)
+    for name, setting in (("recall", "RECSYS_GATEWAY_RECALL_ADDR"), ("rank", "RECSYS_GATEWAY_RANK_ADDR")):
+        port = int(settings[f"{SERVICES[name][0]}_PORT"])
+        # dns:/// makes gRPC resolve every A record; round_robin then calls each pod in turn.
+        assert settings[setting] == f"dns:///{name}-headless:{port}"
+        headless = one(objects, "Service", f"{name}-headless")
+        assert headless["spec"]["clusterIP"] == "None"
+        assert not headless["spec"].get("publishNotReadyAddresses", False)  # a loading pod gets no calls
+        selector = one(objects, "Deployment", name)["spec"]["selector"]["matchLabels"]
+        assert headless["spec"]["selector"] == selector
+        assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(port, "grpc")]
+    from services.common.settings import ClientSettings
+
+    assert ClientSettings().load_balancing == "round_robin"
+    assert ClientSettings().health_checking is True  # round_robin skips pods not SERVING
+    assert not [key for key in settings if key.startswith("RECSYS_GATEWAY_CLIENT")]
+
+
+# Which service reads which configuration file, and the setting that names it.
+CONFIG_READERS = {
+    "gateway": {"scenes": "SCENES_FILE", "experiments": "EXPERIMENTS_FILE", "blocklist": "BLOCKLIST_FILE"},
+    "rank": {"scenes": "SCENES_FILE"},
+    "recall": {"blocklist": "BLOCKLIST_FILE"},
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scenes_experiments_and_blocklist_are_mounted_where_the_settings_point(overlay):
+    from recsys.blocklist import Blocklist
+    from recsys.scenes import ExperimentConfig, load_scenes
+    from recsys.serving_model import ALL_CHANNELS
+
+    objects = rendered(overlay)
+    settings = settings_map(objects)
+    maps = {}
+    for config in ("scenes", "experiments", "blocklist"):
+        # Not hash-suffixed: an edit must reach the mounted files in place, not roll the pods.
+        maps[config] = one(objects, "ConfigMap", f"recsys-{config}")
+    for name, configs in CONFIG_READERS.items():
+        pod = one(objects, "Deployment", name)["spec"]["template"]["spec"]
+        container = one_container(pod, name)
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for config, setting in configs.items():
+            path = Path(settings[f"{SERVICES[name][0]}_{setting}"])
+            mount = one_mount(container, path)
+            assert "subPath" not in mount  # subPath mounts are never updated by the kubelet
+            assert volumes[mount["name"]]["configMap"]["name"] == f"recsys-{config}"
+            assert path.name in maps[config]["data"], (name, config)
+    with TemporaryDirectory() as directory:
+        for data in maps.values():
+            for file_name, text in data["data"].items():
+                (Path(directory) / file_name).write_text(text)
+        scenes = load_scenes(Path(directory) / "scenes.json", channels=ALL_CHANNELS)
+        assert "default" in scenes
+        ExperimentConfig.load(Path(directory) / "experiments.json", scenes=scenes, channels=ALL_CHANNELS)
+        assert len(Blocklist.load(Path(directory) / "blocklist.txt")) == 0
+
+
+def one_mount(container: dict[str, Any], path: Path) -> dict[str, Any]:
+    mounts: list[dict[str, Any]] = [
+        m for m in container["volumeMounts"] if path.parent == Path(m["mountPath"])
+    ]
+    assert len(mounts) == 1, (container["name"], str(path))
+    return mounts[0]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_loads_its_model_from_a_local_copy(overlay):
+    objects = rendered(overlay)
+    settings = settings_map(objects)
+    for name, (prefix, _) in SERVICES.items():
+        pod = one(objects, "Deployment", name)["spec"]["template"]["spec"]
+        local = settings[f"{prefix}_LOCAL_MODEL_DIR"]
+        mounts = {m["mountPath"]: m for m in one_container(pod, name)["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts[local]["name"]], name
+        assert not mounts[local].get("readOnly", False), name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -253,8 +353,6 @@ def test_ports_probes_and_grace_match_the_services_settings(overlay):
         mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
         assert mounts["/models"]["readOnly"] is True
         assert settings[f"{prefix}_STORE"] == "/models"
-    assert settings["RECSYS_GATEWAY_RECALL_ADDR"] == f"recall:{settings['RECSYS_RECALL_PORT']}"
-    assert settings["RECSYS_GATEWAY_RANK_ADDR"] == f"rank:{settings['RECSYS_RANK_PORT']}"
 
 
 def one_container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:

@@ -90,6 +90,11 @@ class ServerSettings(TlsSettings):
         description="Clients are asked to reconnect (GOAWAY) after this long, so that a Service's "
         "new pods get connections too; unset: connections live forever.",
     )
+    local_model_dir: Path | None = Field(
+        None,
+        description="Copy each model version into this directory (node-local disk), verify and "
+        "load it from there instead of memory-mapping the store; unset: load from the store.",
+    )
     reflection: bool = True
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"

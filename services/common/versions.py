@@ -19,6 +19,9 @@ background, swap atomically, keep the previous one for a grace period.
   `snapshot_ready` False (the version's own data, flagged), as after a lost snapshot.
 - A version that can no longer serve (replaced, its grace over) has its `version` label
   series removed (and `on_retire` called), so a process's series do not grow with releases.
+- With a local copy directory (`LocalVersionCopies`), a version is copied there, its
+  checksums are verified on the copy, and it is loaded from the copy; copies of versions no
+  longer servable are deleted.
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from recsys.errors import NotReady, WrongModelVersion
 from recsys.feature_store import FeatureStoreUnavailable
 from recsys.store import ModelStore, StoreIntegrityError
+from recsys.store.layout import MANIFEST_FILE, Manifest, check_files, remove_version_directory
 from services.common.metrics import ServiceMetrics
 
 log = logging.getLogger("recsys.versions")
@@ -89,6 +96,64 @@ class VersionMetrics:
         )
 
 
+class LocalVersionCopies:
+    """Model versions copied to this process's own disk (a pod's emptyDir) and loaded from
+    there. Arrays are memory-mapped: mapped straight from a shared network volume, every page
+    fault on a call would go to the file server, and pruning a version there (another node's
+    build) can SIGBUS this process. A local copy is read once, verified, and is this process's
+    to delete. Workers of one pod share the directory: each copies into its own staging
+    directory and renames it into place, so a reader never sees half a copy."""
+
+    STAGING_PREFIX = ".copy-"
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = ModelStore(self.directory)
+
+    def copy(self, shared: ModelStore, version: str) -> None:
+        """Copy `version` from `shared` unless a verified copy is already here; raise
+        StoreIntegrityError when the copy does not match its manifest."""
+        target = self.directory / version
+        if target.is_dir():
+            try:  # left by an earlier container of this pod, or by another worker
+                check_files(target, self._manifest(target, version))
+                return
+            except (StoreIntegrityError, OSError, ValueError):
+                remove_version_directory(target)
+        staging = self.directory / f"{self.STAGING_PREFIX}{version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            shutil.copytree(shared.version_path(version), staging)
+            # The copy is what will be mapped, so the copy is what must match the checksums.
+            check_files(staging, self._manifest(staging, version))
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not target.is_dir():  # not another worker's copy that won the race
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _manifest(directory: Path, version: str) -> Manifest:
+        manifest = Manifest.from_json((directory / MANIFEST_FILE).read_bytes())
+        if manifest.version != version:
+            raise StoreIntegrityError(f"{directory}: its manifest describes {manifest.version!r}")
+        return manifest
+
+    def retire(self, keep: Collection[str]) -> list[str]:
+        """Delete the copies of every version not in `keep`; return their names. A process
+        still mapping one keeps its pages (an unlinked file lives on while mapped)."""
+        removed = []
+        for entry in sorted(self.directory.iterdir()):
+            if entry.name.startswith(".") or entry.name in keep or not entry.is_dir():
+                continue
+            remove_version_directory(entry)
+            removed.append(entry.name)
+        return removed
+
+
 @functools.cache
 def version_metrics(service: str) -> VersionMetrics:
     """One set per service and process (Prometheus refuses a metric registered twice)."""
@@ -115,8 +180,12 @@ class ModelVersions(Generic[ModelT]):
         on_snapshot_lost: Callable[[Loaded[ModelT]], Awaitable[None]] | None = None,
         on_retire: Callable[[str], None] | None = None,
         retry_refused_seconds: float = 60.0,
+        local_copies: LocalVersionCopies | None = None,
+        on_poll: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
+        self._local = local_copies
+        self._on_poll = on_poll  # more files to watch at each poll (scenes, experiments, ...)
         self._loader = loader
         self._metrics = metrics
         self._poll_seconds = poll_seconds
@@ -184,8 +253,15 @@ class ModelVersions(Generic[ModelT]):
                 await self.check_snapshot()
             except Exception:
                 log.exception("checking the current version's features failed")
-            if self._expire_previous() and self._on_servable is not None:
-                await self._on_servable(self.available())
+            if self._on_poll is not None:
+                try:
+                    await self._on_poll()
+                except Exception:
+                    log.exception("the poll's extra check failed")
+            if self._expire_previous():
+                await asyncio.to_thread(self._retire_copies)
+                if self._on_servable is not None:
+                    await self._on_servable(self.available())
             await asyncio.sleep(self._poll_seconds)
 
     async def check_snapshot(self) -> bool:
@@ -295,6 +371,7 @@ class ModelVersions(Generic[ModelT]):
             self._swap(Loaded(name, model, time.time()))
             self._marker = marker
             self._set_fallback(None)
+            await asyncio.to_thread(self._retire_copies)  # rmtree off the event loop
         if self._on_change is not None and self.current is not None:
             await self._on_change(self.current)
         if self._on_servable is not None:
@@ -359,6 +436,7 @@ class ModelVersions(Generic[ModelT]):
                 self.snapshot_ready = False
                 self._metrics.snapshot_ready.set(0)
             self._set_fallback(current_name)
+            await asyncio.to_thread(self._retire_copies)
             log.error(
                 "CURRENT names %s, which %s; serving the last good version %s%s",
                 current_name,
@@ -376,9 +454,23 @@ class ModelVersions(Generic[ModelT]):
         return False
 
     def _load(self, name: str) -> ModelT:
+        if self._local is not None:
+            self._local.copy(self._store, name)  # verified on the copy, always
+            return self._loader(self._local.store, name)
         if self._verify:
             self._store.verify(name)
         return self._loader(self._store, name)
+
+    def _retire_copies(self) -> None:
+        if self._local is None:
+            return
+        try:
+            removed = self._local.retire(set(self.available()))
+        except OSError as error:  # disk clutter must never stop serving
+            log.warning("could not delete retired model copies", extra={"error": repr(error)})
+            return
+        if removed:
+            log.info("deleted local copies of retired versions", extra={"versions": removed})
 
     def _swap(self, loaded: Loaded[ModelT]) -> None:
         old = self.current

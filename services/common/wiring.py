@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
+
 from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
 from recsys.probe import probe
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
+from services.common.metrics import ServiceMetrics
 from services.common.server import Readiness
-from services.common.versions import Loaded
+from services.common.versions import Loaded, LocalVersionCopies
+
+log = logging.getLogger("recsys.config")
+
+ConfigT = TypeVar("ConfigT")
 
 
 def feature_store_for(
@@ -49,3 +61,90 @@ async def version_loaded(
         features.add_version(loaded.version, loaded.model.core)
     if readiness is not None:
         await readiness.set_serving(True)
+
+
+def local_copies_for(directory: Path | None) -> LocalVersionCopies | None:
+    """Where a service copies its model versions before loading them (settings'
+    `local_model_dir`), or None to load straight from the store."""
+    return None if directory is None else LocalVersionCopies(directory)
+
+
+class ConfigMetrics:
+    def __init__(self, service: str) -> None:
+        metrics = ServiceMetrics(service)
+        self.reloads = metrics.counter(
+            "config_reloads_total",
+            "Changes of the scenes, experiments or blocklist files, by outcome "
+            "(applied; rejected: invalid, the previous configuration keeps serving).",
+            ("outcome",),
+        )
+        self.valid = metrics.gauge(
+            "config_files_valid",
+            "0 while the configuration files on disk are rejected (the previous ones serve).",
+            multiprocess_mode="livemin",
+        )
+
+
+@functools.cache
+def config_metrics(service: str) -> ConfigMetrics:
+    return ConfigMetrics(service)
+
+
+class ConfigReloader(Generic[ConfigT]):
+    """Configuration files (scenes, experiments, blocklist: ConfigMaps on Kubernetes) that
+    change while the service runs. `poll()` reads them; when their content differs from the
+    last seen, `parse` builds a new configuration from them and `apply` swaps it in. A file
+    that does not parse keeps the previous configuration serving, is logged and counted
+    once per distinct content, and is tried again when it changes. Content is compared, not
+    mtimes: the kubelet replaces a ConfigMap volume's files through a symlink swap, and an
+    editor may keep the mtime."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path | None],
+        parse: Callable[[], ConfigT],
+        apply: Callable[[ConfigT], None],
+        metrics: ConfigMetrics,
+    ) -> None:
+        self.paths = tuple(path for path in paths if path is not None)
+        self._parse = parse
+        self._apply = apply
+        self._metrics = metrics
+        self._seen = self._read()  # the files the service started with (parsed at start)
+        self._metrics.valid.set(1)
+
+    def _read(self) -> tuple[bytes | None, ...]:
+        contents: list[bytes | None] = []
+        for path in self.paths:
+            try:
+                contents.append(path.read_bytes())
+            except OSError:  # missing for a moment (being replaced) or unreadable: a change
+                contents.append(None)
+        return tuple(contents)
+
+    async def poll(self) -> bool:
+        """True when changed files were applied."""
+        if not self.paths:
+            return False
+        contents = await asyncio.to_thread(self._read)
+        if contents == self._seen:
+            return False
+        self._seen = contents
+        try:
+            config = await asyncio.to_thread(self._parse)
+        except (OSError, ValueError) as error:
+            self._metrics.reloads.labels("rejected").inc()
+            self._metrics.valid.set(0)
+            log.error(
+                "configuration files rejected, the previous configuration keeps serving: %s",
+                error,
+                extra={"files": [str(path) for path in self.paths], "error": str(error)},
+            )
+            return False
+        # On the event loop, with no await in between: a call sees the old configuration or
+        # the new one, never a mix.
+        self._apply(config)
+        self._metrics.reloads.labels("applied").inc()
+        self._metrics.valid.set(1)
+        log.info("configuration files reloaded", extra={"files": [str(path) for path in self.paths]})
+        return True

@@ -4,6 +4,8 @@ with circuit breakers, scenes and experiments, blocklist → engine, gRPC servic
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from grpc import aio
@@ -12,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys.blocklist import Blocklist
 from recsys.feature_store import FeatureStore, FeatureStoreUnavailable, InProcessFeatureStore
 from recsys.feature_store.event_log import event_log_for
+from recsys.probe import check_item_embeddings
 from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.store import ModelStore
@@ -21,7 +24,12 @@ from services.common.channels import create_channel
 from services.common.interceptor import CallGuard
 from services.common.server import Readiness, ServiceSpec, version_health_name
 from services.common.versions import ModelVersions, version_metrics
-from services.common.wiring import feature_store_for, load_serving_model
+from services.common.wiring import (
+    ConfigReloader,
+    config_metrics,
+    feature_store_for,
+    local_copies_for,
+)
 from services.gateway.clients import RankClient, RecallClient
 from services.gateway.downstream import Downstream
 from services.gateway.engine import GatewayEngine, GatewayLimits
@@ -52,6 +60,52 @@ def limits_from(settings: GatewaySettings) -> GatewayLimits:
         side_effect_queue=settings.side_effect_queue,
         side_effect_writers=settings.side_effect_writers,
     )
+
+
+def load_gateway_model(store: ModelStore, version: str) -> ServingModel:
+    """Only what the gateway uses: the catalogue (ids, titles, categories, authors: answers
+    and rerank), popularity and histories (the fallback), item embeddings (pre-rank without
+    rank, rerank's similarity) and the id lookups. The user tower, the ranker and the ANN
+    index are never loaded (recall and rank run them), and the pair tables, mapped, are never
+    read. No `warm()`: the feature tables, item digests and channel sources it builds, item by
+    item while holding the GIL, are recall's and rank's, not the gateway's."""
+    model = ServingModel.load(store.version_path(version), version=version, defer_models=True)
+    # Of the probe, what the gateway uses: recall and rank probe the models they run and
+    # refuse a version that fails, and the gateway switches only once both serve it.
+    check_item_embeddings(model)
+    # The two lookups every call uses, built here in the loading thread, not on a call.
+    _ = model.user_lookup, model.item_lookup
+    return model
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What the configuration files declare; re-read when they change (ConfigReloader)."""
+
+    scenes: Mapping[str, Scene]
+    experiments: ExperimentConfig
+    blocklist: Blocklist
+
+    @property
+    def arm_names(self) -> set[str]:
+        return {arm.name for experiment in self.experiments.experiments.values() for arm in experiment.arms}
+
+
+def load_config(settings: GatewaySettings) -> GatewayConfig:
+    """Scenes, experiments (checked against those scenes) and the blocklist from their files;
+    ValueError or OSError naming the file and field when one is invalid."""
+    scenes = (
+        load_scenes(settings.scenes_file, channels=ALL_CHANNELS)
+        if settings.scenes_file
+        else {"default": Scene(name="default")}
+    )
+    experiments = (
+        ExperimentConfig.load(settings.experiments_file, scenes=scenes, channels=ALL_CHANNELS)
+        if settings.experiments_file
+        else ExperimentConfig.empty()
+    )
+    blocklist = Blocklist.load(settings.blocklist_file) if settings.blocklist_file else Blocklist.of(())
+    return GatewayConfig(scenes, experiments, blocklist)
 
 
 def _link(name: str, settings: GatewaySettings, metrics: GatewayMetrics) -> Downstream:
@@ -91,12 +145,14 @@ class GatewayApp:
         metrics = gateway_metrics()
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
-            load_serving_model,
+            load_gateway_model,
             version_metrics("gateway"),
             poll_seconds=settings.poll_seconds,
+            local_copies=local_copies_for(settings.local_model_dir),
             grace_seconds=settings.version_grace_seconds,
             ready_check=self._servable_downstream,
             on_change=self._on_change,
+            on_poll=lambda: self.config.poll(),
         )
         # The clients set the request id themselves (no interceptor on the busiest path).
         self._recall_channel = create_channel(
@@ -105,17 +161,7 @@ class GatewayApp:
         self._rank_channel = create_channel(
             settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT, forward_request_id=False
         )
-        scenes = (
-            load_scenes(settings.scenes_file, channels=ALL_CHANNELS)
-            if settings.scenes_file
-            else {"default": Scene(name="default")}
-        )
-        experiments = (
-            ExperimentConfig.load(settings.experiments_file, scenes=scenes, channels=ALL_CHANNELS)
-            if settings.experiments_file
-            else ExperimentConfig.empty()
-        )
-        blocklist = Blocklist.load(settings.blocklist_file) if settings.blocklist_file else Blocklist.of(())
+        config = load_config(settings)
         self.engine = GatewayEngine(
             self.versions,
             self.features,
@@ -129,11 +175,17 @@ class GatewayApp:
                 _link("rank", settings, metrics),
                 settings.rank_timeout_ms / 1000,
             ),
-            scenes,
-            experiments,
-            blocklist,
+            config.scenes,
+            config.experiments,
+            config.blocklist,
             metrics,
             limits_from(settings),
+        )
+        self.config = ConfigReloader(
+            (settings.scenes_file, settings.experiments_file, settings.blocklist_file),
+            lambda: load_config(settings),
+            self._apply_config,
+            config_metrics("gateway"),
         )
         self.ingestor = EventIngestor(
             self.features,
@@ -141,8 +193,8 @@ class GatewayApp:
             metrics,
             known_item=self._known_item,
             dedupe_seconds=settings.event_dedupe_seconds,
-            scenes=scenes,
-            arms={arm.name for experiment in experiments.experiments.values() for arm in experiment.arms},
+            scenes=config.scenes,
+            arms=config.arm_names,
         )
         self._readiness: Readiness | None = None
         self.http = GatewayHttp(
@@ -175,6 +227,15 @@ class GatewayApp:
             if not await _serves(channel, version_health_name(service, version)):
                 return False
         return True
+
+    def _apply_config(self, config: GatewayConfig) -> None:
+        self.engine.scenes = dict(config.scenes)
+        self.engine.experiments = config.experiments
+        self.engine.blocklist = config.blocklist
+        # The engine keeps one blocklist filter per model version, built from the blocklist
+        # it had then: drop them so that the next call builds them from the new one.
+        self.engine._blocklist_filters = {}
+        self.ingestor.set_label_values(config.scenes, config.arm_names)
 
     def _known_item(self, item_id: str) -> bool:
         return item_id in self.versions.get().model.item_lookup

@@ -88,6 +88,11 @@ class EventIngestor:
         self._clock = clock
         # Metric labels take configured values only: a client inventing scene or arm names
         # must not create series (each costs memory in every scrape, forever).
+        self.set_label_values(scenes, arms)
+
+    def set_label_values(self, scenes: Collection[str], arms: Collection[str]) -> None:
+        """The scene and arm names the metrics may carry (others are counted as `other`):
+        the configured ones, set again when the configuration files are reloaded."""
         self._scenes = frozenset(scenes)
         self._arms = frozenset(arms)
 

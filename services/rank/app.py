@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,13 @@ from recsys.v1 import rank_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.snapshots import SnapshotRepair
 from services.common.versions import Loaded, ModelVersions, version_metrics
-from services.common.wiring import feature_store_for, version_loaded
+from services.common.wiring import (
+    ConfigReloader,
+    config_metrics,
+    feature_store_for,
+    local_copies_for,
+    version_loaded,
+)
 from services.rank.batcher import MicroBatcher
 from services.rank.engine import RankEngine, RankLimits
 from services.rank.metrics import rank_metrics
@@ -75,14 +80,17 @@ class RankApp:
         )
         self.versions: ModelVersions[ServingModel] = ModelVersions(
             self.store,
-            partial(load_model, self.scenes),
+            # The scenes at the time of the load: they may have been reloaded since start-up.
+            lambda store, version: load_model(self.scenes, store, version),
             version_metrics("rank"),
             poll_seconds=settings.poll_seconds,
+            local_copies=local_copies_for(settings.local_model_dir),
             grace_seconds=settings.version_grace_seconds,
             # A Redis-backed process switches only once the version's features are pushed.
             ready_check=None if in_process else self.features.snapshot_ready,
             on_change=self._on_change,
             on_servable=self._on_servable,
+            on_poll=lambda: self.config.poll(),
             snapshot_check=None if in_process else self.features.snapshot_ready,
             on_snapshot_lost=None if self.repair is None else self.repair.lost,
             on_retire=rank_metrics().retire,
@@ -98,7 +106,23 @@ class RankApp:
         self.engine = RankEngine(
             self.versions, self.features, self.batcher, rank_metrics(), self.scenes, limits_from(settings)
         )
+        self.config = ConfigReloader(
+            (settings.scenes_file,), self._parse_scenes, self._apply_scenes, config_metrics("rank")
+        )
         self._readiness: Readiness | None = None
+
+    def _parse_scenes(self) -> SceneFusions:
+        """The scenes file again, checked against every version being served: a fusion that
+        names a head the current model lacks is refused, as it would be at a load."""
+        scenes = SceneFusions.load(self.settings.scenes_file)
+        for loaded in (self.versions.current, self.versions.previous):
+            if loaded is not None:
+                scenes.check(loaded.model)
+        return scenes
+
+    def _apply_scenes(self, scenes: SceneFusions) -> None:
+        self.scenes = scenes
+        self.engine.scenes = scenes
 
     async def _on_change(self, loaded: Loaded[ServingModel]) -> None:
         await version_loaded(self.features, self._readiness, loaded)

@@ -148,7 +148,7 @@ class RankEngine:
         self._features = features
         self._batcher = batcher
         self._metrics = metrics
-        self._scenes = scenes or SceneFusions()
+        self.scenes = scenes or SceneFusions()
         self._hydrator = UserFeatureHydrator()
         self.limits = limits or RankLimits()
 
@@ -241,7 +241,7 @@ class RankEngine:
         configured here: the scene is then only a name."""
         override = query.fusion
         if override is None or override.method is None:
-            scene = self._scenes.fusion(query.scene, model)
+            scene = self.scenes.fusion(query.scene, model)
         else:
             scene = model.default_fusion()
         if override is None:

@@ -18,7 +18,7 @@ from recsys.v1 import recall_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.snapshots import SnapshotRepair
 from services.common.versions import Loaded, ModelVersions, version_metrics
-from services.common.wiring import feature_store_for, load_serving_model, version_loaded
+from services.common.wiring import feature_store_for, load_serving_model, local_copies_for, version_loaded
 from services.recall.engine import RecallEngine, RecallLimits
 from services.recall.metrics import recall_metrics
 from services.recall.servicer import RecallServicer
@@ -64,6 +64,7 @@ class RecallApp:
             load_serving_model,
             version_metrics("recall"),
             poll_seconds=settings.poll_seconds,
+            local_copies=local_copies_for(settings.local_model_dir),
             grace_seconds=settings.version_grace_seconds,
             # A Redis-backed process switches only once the version's features are pushed.
             ready_check=None if in_process else self.features.snapshot_ready,

@@ -1,4 +1,5 @@
-"""Client channels: request ids cross hops, retries for idempotent calls, TLS and mTLS."""
+"""Client channels: request ids cross hops, retries for idempotent calls, calls spread over
+every address a target resolves to, TLS and mTLS."""
 
 from __future__ import annotations
 
@@ -165,3 +166,22 @@ async def test_mutual_tls_requires_a_client_certificate(
     finally:
         await with_cert.close()
         await without_cert.close()
+
+
+async def test_a_target_resolving_to_several_pods_spreads_calls_over_all_of_them(
+    start_host: HostFactory,
+) -> None:
+    """What a headless Service gives the gateway: one name, every pod's address. Here the
+    addresses are listed (`ipv4:`) instead of resolved from DNS; the balancing is the same."""
+    pods = [await start_host() for _ in range(3)]
+    target = "ipv4:" + ",".join(pod.address for pod in pods)
+    channel = create_channel(target)
+    try:
+        stub = recall_pb2_grpc.RecallStub(channel)
+        for _ in range(60):
+            await stub.Recall(recall_pb2.RecallRequest(user_id="u"), timeout=5)
+    finally:
+        await channel.close()
+    calls = [pod.app.servicer.calls for pod in pods]
+    assert sum(calls) == 60
+    assert min(calls) >= 15, calls  # round_robin: about 20 each; pick_first would give 60, 0, 0

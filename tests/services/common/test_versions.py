@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from recsys.errors import NotReady, WrongModelVersion
 from recsys.feature_store import FeatureStoreUnavailable
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
-from services.common.versions import Loaded, ModelVersions, VersionMetrics
+from services.common.versions import Loaded, LocalVersionCopies, ModelVersions, VersionMetrics
+from services.common.wiring import load_serving_model
 
 METRICS = VersionMetrics("versions_test")
 
@@ -221,3 +225,78 @@ async def test_a_fallback_without_pushed_features_says_so(quick_store: ModelStor
     assert versions.snapshot_ready is False  # answers flagged feature_snapshot_missing at once
     assert await versions.check_snapshot() is False
     assert lost == ["v1"]  # and its features get pushed, as after a lost snapshot
+
+
+def _mapped_files() -> set[str]:
+    """Every file this process has memory-mapped (Linux)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
+
+async def test_versions_are_copied_verified_and_served_from_local_disk(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    from training.build import publish
+
+    store = ModelStore(tmp_path / "shared", create=True)
+    local = tmp_path / "local"
+    versions: ModelVersions[ServingModel] = ModelVersions(
+        store,
+        load_serving_model,
+        METRICS,
+        poll_seconds=0.05,
+        grace_seconds=0,
+        local_copies=LocalVersionCopies(local),
+    )
+    first = publish(quick_candidate, store.path).version
+    assert await versions.refresh() is True
+    model = versions.get().model
+    mapped = _mapped_files()
+    assert any(path.startswith(str(local / first)) for path in mapped)
+    assert not any(path.startswith(str(store.path)) for path in mapped)  # nothing from the share
+    assert (local / first / "manifest.json").is_file()
+
+    # What pruning on another node does to a shared file that is mapped: it goes away under
+    # the reader (truncated, then deleted). The copy is untouched, so serving is too.
+    embeddings = store.path / first / "two_tower" / "item_embeddings.npy"
+    with embeddings.open("r+b") as file:
+        file.truncate(0)
+    shutil.rmtree(store.path / first)
+    total = float(np.asarray(model.item_embeddings, dtype=np.float64).sum())
+    assert np.isfinite(total)
+    user = model.user_lookup["196"]
+    assert len(model.core.history.items.row(user)) > 0
+    assert versions.get().model.item_lookup  # still the one being served
+
+    second = publish(quick_candidate, store.path).version
+    await versions.start()
+    try:
+        for _ in range(200):  # the swap, then the previous version's copy retired (grace 0)
+            swapped = versions.current is not None and versions.current.version == second
+            if swapped and sorted(p.name for p in local.iterdir()) == [second]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await versions.stop()
+    assert versions.get().version == second
+    assert sorted(p.name for p in local.iterdir()) == [second]
+
+
+async def test_a_copy_that_does_not_match_its_manifest_is_refused(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    from training.build import publish
+
+    store = ModelStore(tmp_path / "shared", create=True)
+    local = tmp_path / "local"
+    versions: ModelVersions[ServingModel] = ModelVersions(
+        store, load, METRICS, local_copies=LocalVersionCopies(local)
+    )
+    name = publish(quick_candidate, store.path).version
+    corrupt = store.version_path(name) / "core" / "catalogue" / "item_ids.npy"
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    assert await versions.refresh() is False
+    assert versions.current is None
+    assert list(local.iterdir()) == []  # no half-verified copy left behind

@@ -558,3 +558,111 @@ async def test_the_http_edge_shares_the_grpc_admission_and_is_measured(
         assert admission.in_flight == 0
     finally:
         await stop_stack(running)
+
+
+async def test_changed_scenes_and_blocklist_are_applied_without_a_restart_and_bad_ones_refused(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from services.common.wiring import config_metrics
+
+    blocklist = tmp_path / "blocklist.txt"
+    # One id the catalogue does not have: a blocklist that is not empty, so the gateway builds
+    # (and keeps) its per-version filter from the first calls on.
+    blocklist.write_text("# nothing real blocked yet\nno-such-item\n")
+    running = await start_stack(
+        quick_store, tmp_path, InProcessFeatureStore(), poll_seconds=0.05, blocklist_file=blocklist
+    )
+    metrics = config_metrics("gateway")
+
+    def count(outcome: str) -> float:
+        value: float = metrics.reloads.labels(outcome)._value.get()
+        return value
+
+    async def eventually(check: Any) -> None:
+        async with asyncio.timeout(10):
+            while not await check():
+                await asyncio.sleep(0.05)
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await running.recommend("196", scene="fresh", dry_run=True)
+        assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        applied = count("applied")
+        scenes_file = running.tmp / "scenes.json"
+        scenes = json.loads(scenes_file.read_text())
+        scenes["scenes"]["fresh"] = {"rerank": {"method": "none"}, "count": {"default": 3, "max": 5}}
+        scenes_file.write_text(json.dumps(scenes))
+
+        async def fresh_served() -> bool:
+            try:
+                answer = await running.stub.Recommend(
+                    gateway_pb2.RecommendRequest(user_id="196", scene="fresh", count=4, dry_run=True),
+                    timeout=5,
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            return len(answer.items) == 4
+
+        await eventually(fresh_served)
+        assert count("applied") == applied + 1
+
+        # A file that does not parse: the running configuration stays, the refusal is counted.
+        rejected = count("rejected")
+        scenes_file.write_text('{"scenes": {"fresh": {"rerank": {"method": "bogus"}}}}')
+
+        async def refused_again(times: float) -> bool:
+            return count("rejected") == times
+
+        async def refused() -> bool:
+            return await refused_again(rejected + 1)
+
+        await eventually(refused)
+        assert metrics.valid._value.get() == 0
+        assert await fresh_served()
+        assert len((await running.recommend("196", dry_run=True)).items) == 10
+
+        # The files are read as one configuration: while the scenes file is bad, a blocklist
+        # change waits too. Fixed, both apply; the blocklist is the gateway's own filter (its
+        # backstop: recall has none configured here).
+        shown = [item.item_id for item in (await running.recommend("196", dry_run=True)).items]
+        blocklist.write_text("\n".join(shown[:3]) + "\n")
+        await eventually(lambda: refused_again(rejected + 2))
+        scenes_file.write_text(json.dumps(scenes))
+
+        async def blocked() -> bool:
+            answer = await running.recommend("196", dry_run=True)
+            return not {item.item_id for item in answer.items} & set(shown[:3])
+
+        await eventually(blocked)
+        assert metrics.valid._value.get() == 1
+        assert await fresh_served()
+        assert_slim(running.model)
+    finally:
+        await stop_stack(running)
+
+
+def assert_slim(model: ServingModel) -> None:
+    """The gateway's model after real calls: what recall and rank run was never loaded."""
+    from recsys.ann import DeferredHnswIndex
+    from recsys.onnx_models import DeferredOnnxModel
+
+    assert isinstance(model.user_tower, DeferredOnnxModel)
+    assert not model.user_tower.loaded
+    assert isinstance(model.index, DeferredHnswIndex)
+    assert not model.index.loaded
+    assert model.ranker is None or (isinstance(model.ranker, DeferredOnnxModel) and not model.ranker.loaded)
+    assert "item_digests" not in vars(model)  # no warm(): recall's per-item tables were not built
+    assert "user_lookup" in vars(model)  # the lookups every call uses were
+
+
+def test_deferred_models_load_on_first_use(quick_store: ModelStore) -> None:
+    from services.gateway.app import load_gateway_model
+
+    slim = load_gateway_model(quick_store, quick_store.current() or "")
+    full = ServingModel.load(quick_store.version_path(slim.version))
+    assert_slim(slim)
+    vector = np.asarray(full.item_embeddings[0], dtype=np.float32)
+    np.testing.assert_array_equal(slim.index.search(vector, 5)[0], full.index.search(vector, 5)[0])
+    assert slim.index.size == full.index.size
+    inputs = slim.user_inputs(slim.query(slim.user_lookup["196"]))
+    np.testing.assert_allclose(slim.user_embeddings([inputs]), full.user_embeddings([inputs]), rtol=1e-6)

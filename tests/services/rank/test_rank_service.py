@@ -695,3 +695,43 @@ async def test_scoring_without_the_feature_store_says_so(rank: Running) -> None:
     assert len(response.scores) == 2
     healthy = await rank.stub.Rank(rank_pb2.RankRequest(user_id="196", item_indexes=[1, 2]), timeout=5)
     assert list(healthy.degraded_reasons) == []
+
+
+async def test_a_changed_scenes_file_is_applied_without_a_restart_and_a_bad_one_refused(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    from services.common.wiring import config_metrics
+
+    scenes = tmp_path / "scenes.json"
+    scenes.write_text(json.dumps({"scenes": {"home": {"fusion": {"weights": {"like": 0.5}}}}}))
+    running = await start(quick_store.path, scenes_file=scenes, poll_seconds=0.05)
+    metrics = config_metrics("rank")
+
+    async def home_scores() -> np.ndarray:
+        answer = await running.stub.Rank(
+            rank_pb2.RankRequest(user_id="196", scene="home", item_indexes=items), timeout=5
+        )
+        tasks = task_scores(answer)
+        click, like = tasks["click"].astype(np.float64), tasks["like"].astype(np.float64)
+        return np.asarray(answer.scores) - click - like * weight  # 0 when `weight` is in force
+
+    try:
+        items = candidates(running.model, 2, 40).tolist()
+        weight = 0.5
+        np.testing.assert_allclose(await home_scores(), 0, atol=1e-5)
+        scenes.write_text(json.dumps({"scenes": {"home": {"fusion": {"weights": {"like": 3.0}}}}}))
+        weight = 3.0
+        async with asyncio.timeout(10):
+            while not np.allclose(await home_scores(), 0, atol=1e-5):
+                await asyncio.sleep(0.05)
+        # A head this model does not have: refused against the served version, 3.0 stays.
+        rejected = metrics.reloads.labels("rejected")._value.get()
+        scenes.write_text(json.dumps({"scenes": {"home": {"fusion": {"weights": {"share": 1.0}}}}}))
+        async with asyncio.timeout(10):
+            while metrics.reloads.labels("rejected")._value.get() == rejected:
+                await asyncio.sleep(0.05)
+        assert metrics.valid._value.get() == 0
+        np.testing.assert_allclose(await home_scores(), 0, atol=1e-5)
+        assert running.host.readiness.serving
+    finally:
+        await running.stop()
