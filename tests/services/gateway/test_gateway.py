@@ -605,6 +605,8 @@ async def test_changed_scenes_and_blocklist_are_applied_without_a_restart_and_ba
 
         await eventually(fresh_served)
         assert count("applied") == applied + 1
+        # Events of the new scene are counted under its name, not as `other`.
+        assert running.gateway_app.ingestor._scene_label("fresh") == "fresh"
 
         # A file that does not parse: the running configuration stays, the refusal is counted.
         rejected = count("rejected")
