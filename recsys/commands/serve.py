@@ -90,10 +90,4 @@ def _serve_gateway(args: argparse.Namespace) -> int:
     from services.gateway.app import SPEC
     from services.gateway.settings import GatewaySettings
 
-    no_http = args.http_port is not None and args.http_port < 0  # -1 asks for no HTTP port at all
-    if no_http:
-        args.http_port = None
-    settings = settings_from_args(GatewaySettings, args)
-    if no_http:
-        settings = settings.model_copy(update={"http_port": None})
-    return serve(SPEC, settings)
+    return serve(SPEC, settings_from_args(GatewaySettings, args))

@@ -256,8 +256,8 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     }
     for name in SERVICE_ORDER:
         commands[name] += ["--workers", str(_workers(args, name))]
-        if name in metrics:
-            commands[name] += ["--metrics-port", str(metrics[name])]
+        # -1: none (leaving the flag out would mean each service's default port)
+        commands[name] += ["--metrics-port", str(metrics.get(name, -1))]
     return commands
 
 

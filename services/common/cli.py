@@ -20,7 +20,10 @@ SettingsT = TypeVar("SettingsT", bound=ServerSettings)
 SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "host": ("--host", {"help": "address to bind (default 127.0.0.1; 0.0.0.0 in containers)"}),
     "port": ("--port", {"type": int, "help": "gRPC port (0 picks a free one)"}),
-    "metrics_port": ("--metrics-port", {"type": int, "help": "Prometheus /metrics port (0 picks one)"}),
+    "metrics_port": (
+        "--metrics-port",
+        {"type": int, "help": "Prometheus /metrics port (0 picks one, -1: none)"},
+    ),
     "workers": ("--workers", {"type": int, "help": "processes serving the one port (default 1)"}),
     "max_in_flight": (
         "--max-in-flight",
@@ -47,6 +50,10 @@ SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Ports a flag may switch off with -1 (their settings are `int | None`, None meaning none).
+OPTIONAL_PORTS = ("metrics_port", "http_port")
+
+
 class SettingsError(ValueError):
     """A setting has a bad value; the message names the flag or environment variable."""
 
@@ -64,6 +71,9 @@ def settings_from_args(settings_type: type[SettingsT], args: argparse.Namespace)
         for name in settings_type.model_fields
         if getattr(args, name, None) is not None
     }
+    for name in OPTIONAL_PORTS:  # -1 switches the port off (unset in the settings)
+        if overrides.get(name) == -1:
+            overrides[name] = None
     try:
         return settings_type(**overrides)
     except ValidationError as error:

@@ -68,3 +68,11 @@ def test_a_server_waits_for_load_balancers_by_default(monkeypatch: pytest.Monkey
     assert settings_from_args(ScriptedSettings, parse()).shutdown_delay_seconds == 5.0
     given = settings_from_args(ScriptedSettings, parse("--shutdown-delay-seconds", "0.5"))
     assert given.shutdown_delay_seconds == 0.5
+
+
+def test_minus_one_switches_an_optional_port_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SCRIPTED_METRICS_PORT", "9555")
+    assert settings_from_args(ScriptedSettings, parse()).metrics_port == 9555
+    assert settings_from_args(ScriptedSettings, parse("--metrics-port", "-1")).metrics_port is None
+    with pytest.raises(SettingsError, match="--metrics-port"):
+        settings_from_args(ScriptedSettings, parse("--metrics-port", "-2"))
