@@ -90,9 +90,11 @@ class AdaptiveLimit:
 
     @property
     def service_time(self) -> float:
-        """What a call admitted now should expect to need (the larger of the mean and the last
-        window's p90): a queued call is let go while it still has this much time left."""
-        return max(self.mean_latency, self._last_p90)
+        """What a call admitted now should be sure to have left: twice the larger of the mean
+        and the last window's p90. A queued call is let go (refused) once less remains, since
+        started later it would reach its dependencies with squeezed deadlines and end degraded
+        or past its deadline, work thrown away."""
+        return 2.0 * max(self.mean_latency, self._last_p90)
 
     @property
     def limit(self) -> int:
@@ -171,7 +173,9 @@ class Admission:
             self.policy.max_queue_seconds + service,
         )
         wait = self.expected_wait(len(self._queue) + 1)
-        if wait + service > budget:
+        # A quarter of headroom on the estimate: a call admitted to the queue that then runs out
+        # of time in it is refused late (after waiting), the costliest way to be refused.
+        if 1.25 * wait + service > budget:
             short = remaining is not None and remaining < self.policy.max_queue_seconds
             reason = "deadline" if short else "queue_full"
             raise Refused(

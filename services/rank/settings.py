@@ -15,8 +15,10 @@ class RankSettings(ServerSettings):
 
     port: int = Field(50053, ge=0, le=65535)
     metrics_port: int | None = Field(9103, ge=0, le=65535)
+    # Looser than the gateway's (60 ms): the gateway, the entry point, is where calls should
+    # queue; this limit protects the service from callers that do not limit themselves.
     latency_target_ms: float = Field(
-        40.0, gt=0, description="Admission: p90 latency above which the concurrency limit falls."
+        100.0, gt=0, description="Admission: p90 latency above which the concurrency limit falls."
     )
     store: str = Field("./store", description="Model store PATH or file://PATH.")
     redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
