@@ -13,8 +13,8 @@ spent on them is thrown away (goodput fell 6× past ~32 calls in flight). Here:
   reached most of it) adds one. The limit stays within [`min_limit`, `max_limit`]. So it falls
   when the process (or a dependency it waits on) slows down and rises again when it recovers.
 - **A short FIFO queue.** A call beyond the limit waits, in arrival order, but only when its
-  expected wait (its queue position × the interval measured between hand-overs while calls
-  queued) plus its expected service time (the larger of the mean and the recent p90)
+  expected wait (its queue position × the wait per place measured on the calls that got a
+  slot) plus its expected service time (the larger of the mean and the recent p90)
   fits in both its remaining deadline and `max_queue_seconds`; otherwise it is refused at once.
   A queued call whose time runs out before a slot frees is refused then, and a queued call
   whose caller goes away leaves the queue. A burst therefore queues briefly and
@@ -140,9 +140,11 @@ class Admission:
         self._clock = clock
         self.limiter = AdaptiveLimit(policy, clock)
         self.in_flight = 0
-        self._queue: deque[asyncio.Future[None]] = deque()
-        self._handover_interval: float | None = None  # EWMA seconds between hand-overs
-        self._last_handover: float | None = None  # while the queue has stayed non-empty
+        self._queue: deque[_Waiter] = deque()
+        # Seconds of waiting per place ahead in the queue, measured on the calls that got a
+        # slot (their wait ÷ their position when they joined): exactly what the estimate
+        # predicts, so it calibrates itself to however fast slots actually free.
+        self._per_place: float | None = None
 
     @property
     def limit(self) -> int:
@@ -153,13 +155,12 @@ class Admission:
         return len(self._queue)
 
     def expected_wait(self, position: int) -> float:
-        """Seconds until a call at `position` (1 = next) in the queue gets a slot: `position`
-        hand-overs at the interval measured between hand-overs while calls were queued (the
-        rate queued calls actually see), or, before any, what Little's law gives."""
-        interval = self._handover_interval
-        if interval is None:
-            interval = 1.0 / max(self.limiter.throughput, 1.0)
-        return position * interval
+        """Seconds until a call joining the queue at `position` (1 = next) gets a slot: the
+        measured wait per place, or, before any call has waited, what Little's law gives."""
+        per_place = self._per_place
+        if per_place is None:
+            per_place = 1.0 / max(self.limiter.throughput, 1.0)
+        return position * per_place
 
     async def acquire(self, remaining: float | None) -> None:
         """Take a slot now, or wait for one in the queue when the call's deadline (`remaining`
@@ -172,7 +173,8 @@ class Admission:
             self.policy.default_deadline if remaining is None else remaining,
             self.policy.max_queue_seconds + service,
         )
-        wait = self.expected_wait(len(self._queue) + 1)
+        position = len(self._queue) + 1
+        wait = self.expected_wait(position)
         # A quarter of headroom on the estimate: a call admitted to the queue that then runs out
         # of time in it is refused late (after waiting), the costliest way to be refused.
         if 1.25 * wait + service > budget:
@@ -183,10 +185,9 @@ class Admission:
                 f"server overloaded: {self.in_flight} calls in flight (limit {self.limit}),"
                 f" {len(self._queue)} queued, expected wait {wait * 1000:.0f} ms; retry later",
             )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._queue:  # a busy period starts: hand-over gaps from now on are service gaps
-            self._last_handover = self._clock()
-        self._queue.append(future)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), self._clock(), position)
+        future = waiter.future
+        self._queue.append(waiter)
         self.limiter.observe_load(self.in_flight, len(self._queue))
         try:
             # Given up while the call still has the time its work needs, so that a call let go
@@ -196,7 +197,9 @@ class Admission:
         except TimeoutError:
             if _granted(future):
                 return  # the slot came just as the time ran out: take it
-            self._forget(future)
+            self._forget(waiter)
+            # It waited all this time without a slot: the estimate was short by at least that.
+            self._calibrate((self._clock() - waiter.since) / waiter.position)
             raise Refused(
                 "queue_timeout",
                 f"server overloaded: no slot within {budget * 1000:.0f} ms (limit {self.limit}); retry later",
@@ -206,13 +209,19 @@ class Admission:
                 self.in_flight -= 1  # hand the slot just given on
                 self._hand_over()
             else:
-                self._forget(future)
+                self._forget(waiter)
             raise
 
-    def _forget(self, future: asyncio.Future[None]) -> None:
-        future.cancel()
+    def _forget(self, waiter: _Waiter) -> None:
+        waiter.future.cancel()
         with contextlib.suppress(ValueError):  # already taken off by release()
-            self._queue.remove(future)
+            self._queue.remove(waiter)
+
+    def _calibrate(self, per_place: float) -> None:
+        if self._per_place is None:
+            self._per_place = per_place
+        else:
+            self._per_place += 0.2 * (per_place - self._per_place)
 
     def _admit(self) -> None:
         self.in_flight += 1
@@ -226,20 +235,19 @@ class Admission:
 
     def _hand_over(self) -> None:
         while self._queue and self.in_flight < self.limit:
-            future = self._queue.popleft()
-            if future.done():  # timed out or its caller went away
+            waiter = self._queue.popleft()
+            if waiter.future.done():  # timed out or its caller went away
                 continue
             self._admit()
-            future.set_result(None)
-            now = self._clock()
-            if self._last_handover is not None:
-                gap = now - self._last_handover
-                if self._handover_interval is None:
-                    self._handover_interval = gap
-                else:
-                    self._handover_interval += 0.1 * (gap - self._handover_interval)
-            # The next gap measures the service rate only if calls keep waiting meanwhile.
-            self._last_handover = now if self._queue else None
+            waiter.future.set_result(None)
+            self._calibrate((self._clock() - waiter.since) / waiter.position)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[None]
+    since: float  # when it joined the queue
+    position: int  # its place when it joined (1 = next)
 
 
 def _granted(future: asyncio.Future[None]) -> bool:

@@ -3,7 +3,9 @@ circuit breaker that stops calling a dependency that keeps failing and probes it
 
 Failures are sorted here, once:
 - the dependency is down or broken (UNAVAILABLE, INTERNAL, UNKNOWN, CANCELLED, or a deadline
-  it missed although it had its full timeout) → `DownstreamError`, counted by the breaker;
+  it missed although it had its full timeout and has answered nothing for `alive_seconds`) →
+  `DownstreamError`, counted by the breaker; a dependency that keeps answering, only too late
+  for some calls, is saturated: those timeouts degrade their answers but open nothing;
 - the dependency is saturated and said so (RESOURCE_EXHAUSTED from its admission control) →
   `Overloaded`, which the gateway passes on to its caller as RESOURCE_EXHAUSTED: overload is
   not death, so the breaker does not count it, and a degraded answer would only hide it;
@@ -14,6 +16,7 @@ Failures are sorted here, once:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -52,11 +55,22 @@ class Downstream:
     """One dependency: calls it under a deadline and through its circuit breaker."""
 
     def __init__(
-        self, name: str, breaker: CircuitBreaker, on_outcome: Callable[[], None] = lambda: None
+        self,
+        name: str,
+        breaker: CircuitBreaker,
+        on_outcome: Callable[[], None] = lambda: None,
+        *,
+        alive_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.breaker = breaker
         self._on_outcome = on_outcome  # e.g. export the breaker's state as a metric
+        # A timeout counts against the dependency only if it has not answered anything for
+        # this long: one that keeps answering, just late, is saturated, not dead.
+        self.alive_seconds = alive_seconds
+        self._clock = clock
+        self._answered_at = -float("inf")
 
     async def call(
         self, invoke: Callable[[float], Awaitable[ResponseT]], budget: float, full: float | None = None
@@ -76,17 +90,22 @@ class Downstream:
         except aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._answered_at = self._clock()
                 self.breaker.record_success()  # it answered, and at once: alive, only busy
                 self._on_outcome()
                 raise Overloaded(f"{self.name} is overloaded; retry later") from error
-            squeezed = code is grpc.StatusCode.DEADLINE_EXCEEDED and full is not None and budget < full * 0.99
-            if code in UNHEALTHY and not squeezed:
-                self.breaker.record_failure()
-            elif not squeezed:
+            timeout = code is grpc.StatusCode.DEADLINE_EXCEEDED
+            squeezed = timeout and full is not None and budget < full * 0.99
+            saturated = timeout and self._clock() - self._answered_at < self.alive_seconds
+            if code not in UNHEALTHY:
+                self._answered_at = self._clock()
                 self.breaker.record_success()
+            elif not (squeezed or saturated):
+                self.breaker.record_failure()
             self._on_outcome()
             reason = "timeout" if code is grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower()
             raise DownstreamError(self.name, reason, code) from error
+        self._answered_at = self._clock()
         self.breaker.record_success()
         self._on_outcome()
         return response

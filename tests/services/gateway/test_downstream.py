@@ -74,3 +74,20 @@ async def test_a_dead_dependency_opens_the_breaker(start_host: HostFactory) -> N
             )
         assert raised.value.reason == "unavailable"
     assert _state(link) == BreakerState.OPEN
+
+
+async def test_timeouts_of_a_dependency_that_keeps_answering_open_nothing(start_host: HostFactory) -> None:
+    """Saturated, not dead: between its late answers it answers others in time."""
+    running = await start_host()
+    stub = recall_pb2_grpc.RecallStub(running.channel)
+    link = _link()
+
+    def call(user: str) -> object:
+        return lambda timeout: stub.Recall(recall_pb2.RecallRequest(user_id=user), timeout=timeout)
+
+    for _ in range(5):
+        await link.call(call("u"), 1.0)  # type: ignore[arg-type]
+        with pytest.raises(DownstreamError) as raised:
+            await link.call(call("sleep:0.2"), 0.05, 0.05)  # type: ignore[arg-type]
+        assert raised.value.reason == "timeout"
+    assert _state(link) == BreakerState.CLOSED
