@@ -94,6 +94,7 @@ class Tally:
     shed: list[float] = field(default_factory=list)  # latencies of RESOURCE_EXHAUSTED refusals
     errors: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    shed_by: dict[str, int] = field(default_factory=dict)  # gateway | downstream
 
     async def call(self, stub: gateway_pb2_grpc.RecommenderAsyncStub, user: str, deadline: float) -> None:
         request = gateway_pb2.RecommendRequest(user_id=user, count=COUNT, dry_run=True)
@@ -103,6 +104,9 @@ class Tally:
         except aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.shed.append(time.perf_counter() - started)
+                # The gateway's own admission, or a dependency's passed on ("recall is overloaded")
+                where = "gateway" if (error.details() or "").startswith("server overloaded") else "downstream"
+                self.shed_by[where] = self.shed_by.get(where, 0) + 1
             else:
                 name = error.code().name
                 self.errors[name] = self.errors.get(name, 0) + 1
@@ -129,6 +133,8 @@ class Tally:
             "degraded_share": self.degraded / answers if answers else 0.0,
             "shed": len(self.shed),
             "shed_p99_ms": float(np.percentile(shed, 99)) if shed.size else float("nan"),
+            "shed_p50_ms": float(np.percentile(shed, 50)) if shed.size else float("nan"),
+            "shed_by": dict(self.shed_by),
             "errors": dict(self.errors),
             "degraded_reasons": dict(self.reasons),
             "cpu_ms_per_full": {
@@ -206,6 +212,7 @@ def _format(row: dict[str, Any]) -> str:
         f"{row['mode']:<22} {row['full_rps']:>7.1f} {row['p50_ms']:>7.1f} {row['p99_ms']:>7.1f}"
         f" {row['degraded_share']:>8.1%} {row['shed']:>6} {row['shed_p99_ms']:>8.1f} {errors:>8}"
         f" {cpu['total']:>6.2f} = {cpu['gateway']:.2f}+{cpu['recall']:.2f}+{cpu['rank']:.2f}"
+        + (f"  shed by: {_top(row['shed_by'])}" if row["shed_by"] else "")
         + (f"  degraded by: {_top(row['degraded_reasons'])}" if row["degraded_reasons"] else "")
     )
 

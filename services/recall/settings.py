@@ -21,6 +21,8 @@ class RecallSettings(ServerSettings):
     latency_target_ms: float = Field(
         100.0, gt=0, description="Admission: p90 latency above which the concurrency limit falls."
     )
+    initial_in_flight: int = Field(64, ge=1, description="The adaptive limit's value at start-up.")
+    min_in_flight: int = Field(16, ge=1, description="The adaptive limit never falls below this.")
     store: str = Field("./store", description="Model store PATH or file://PATH.")
     redis: str | None = Field(None, description="redis://… for the shared feature store; unset: in-process.")
     redis_prefix: str = "recsys"
