@@ -35,6 +35,14 @@ class WrongModelVersion(RecsysError):
         self.available = available
 
 
+class Unauthenticated(RecsysError):
+    """The caller sent no credentials, or ones that do not verify (unknown key, bad or expired token)."""
+
+
+class PermissionDenied(RecsysError):
+    """The caller is known but may not do this (e.g. write events for another user)."""
+
+
 class UsageError(RecsysError):
     """A command-line mistake; the message names the flag (e.g. `--keep: must be at least 1`)."""
 

@@ -19,6 +19,7 @@ from grpc import aio
 from recsys.errors import NotReady, Overloaded, RecsysError
 from services.common import metrics
 from services.common.admission import Admission, AdmissionPolicy, Refused
+from services.common.auth import CallerAuth, caller_var, grpc_certificate_names
 from services.common.errors import code_label, safe_message, status_for
 from services.common.logs import new_request_id, request_id_var
 
@@ -37,6 +38,13 @@ def _request_id(metadata: Any) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= _MAX_REQUEST_ID:
             return value if value.isprintable() else new_request_id()
     return new_request_id()
+
+
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return None
 
 
 class _Undecodable:
@@ -142,8 +150,12 @@ class CallGuard(aio.ServerInterceptor):
         service: str,
         policy: AdmissionPolicy | int,
         admitted: Collection[str] = ALWAYS_ADMITTED,
+        auth: CallerAuth | None = None,
     ) -> None:
         self._service = service
+        # Caller authentication and the per-caller rate limit (the public edge only); the
+        # services in `admitted` (health, reflection) stay open to unauthenticated probes.
+        self.auth = auth
         if isinstance(policy, int):  # a fixed cap: no queue, the limit never moves
             policy = AdmissionPolicy(
                 initial_limit=policy, min_limit=policy, max_limit=policy, max_queue_seconds=0.0
@@ -277,6 +289,18 @@ class CallGuard(aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         _children(labels).started.inc()
         call = _Call(labels)
+        if guarded and self.auth is not None:
+            # Before admission: an unknown or over-limit caller never takes a slot.
+            try:
+                caller = self.auth.admit(
+                    _authorization(context.invocation_metadata()),
+                    grpc_certificate_names(context.auth_context()),
+                )
+            except RecsysError as error:
+                call.code = status_for(error)
+                self._record(call)
+                await context.abort(call.code, safe_message(str(error)))
+            caller_var.set(caller)
         if guarded:
             refusal = await self._admit(context)
             if refusal is not None:

@@ -134,7 +134,8 @@ class GrpcHost:
     def __init__(self, app: Application, settings: ServerSettings, *, reuse_port: bool = False) -> None:
         self.app = app
         self.settings = settings
-        self.guard = CallGuard(app.name, settings.admission_policy())
+        # An application serving a public API (the gateway) brings its caller authentication.
+        self.guard = CallGuard(app.name, settings.admission_policy(), auth=getattr(app, "caller_auth", None))
         # An application with another edge (the gateway's HTTP port) admits its calls through
         # the same limit and queue, so both edges share one view of the process's load.
         attach = getattr(app, "attach_guard", None)
@@ -262,7 +263,9 @@ def run_process(
     configure_logging(label, settings.log_format, settings.log_level)
     metrics_server = None
     if worker_index is None and settings.metrics_port is not None:
-        metrics_server = metrics.start_metrics_server(settings.metrics_host, settings.metrics_port)
+        metrics_server = metrics.start_metrics_server(
+            settings.metrics_host or settings.host, settings.metrics_port
+        )
         log.info("metrics listening", extra={"metrics_port": metrics_server.port})
 
     async def main() -> None:

@@ -45,6 +45,53 @@ class TlsSettings(BaseSettings):
         return self.tls_cert_file is not None
 
 
+class AuthSettings(BaseSettings):
+    """Caller authentication on a public API (the gateway; see `services.common.auth`). Off
+    by default: local mode and `make demo` take any caller."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    auth_required: bool = Field(False, description="Refuse calls without valid credentials (401).")
+    auth_api_keys_file: Path | None = Field(
+        None, description="JSON of sha256(key) → subject and scopes; never plaintext keys."
+    )
+    auth_jwt_key_file: Path | None = Field(
+        None, description="PEM public key (RS*/ES*/EdDSA) or shared secret (HS*) verifying JWTs."
+    )
+    auth_jwt_algorithms: str = Field("RS256", description="Comma-separated algorithms a JWT may use.")
+    auth_jwt_audience: str | None = None
+    auth_jwt_issuer: str | None = None
+    auth_jwt_leeway_seconds: float = Field(30.0, ge=0, description="Clock skew allowed on exp/nbf/iat.")
+    auth_certificates: bool = Field(
+        True, description="A verified client certificate (mTLS) identifies the caller (CN, else SAN)."
+    )
+    auth_service_certificates: str = Field(
+        "", description="Comma-separated certificate names granted the recsys:service scope."
+    )
+    rate_limit_per_second: float = Field(
+        100.0, ge=0, description="Per authenticated caller and process, on average; 0: no limit."
+    )
+    rate_limit_burst: int = Field(200, ge=1, description="Calls a caller may make at once after idling.")
+    rate_limit_callers: int = Field(10_000, ge=1, description="Callers tracked at most (idlest forgotten).")
+
+    @model_validator(mode="after")
+    def _auth(self) -> AuthSettings:
+        for name in ("auth_api_keys_file", "auth_jwt_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        if self.auth_jwt_key_file is not None:
+            if not self.auth_jwt_audience or not self.auth_jwt_issuer:
+                raise ValueError("auth_jwt_audience and auth_jwt_issuer must be set with auth_jwt_key_file")
+            families = {name.strip()[:2] for name in self.auth_jwt_algorithms.split(",") if name.strip()}
+            if not families:
+                raise ValueError("auth_jwt_algorithms: name at least one algorithm")
+            # A public key accepted as an HMAC secret lets anyone who has it sign tokens.
+            if "HS" in families and len(families) > 1:
+                raise ValueError("auth_jwt_algorithms: HS* (a shared secret) cannot mix with public-key ones")
+        return self
+
+
 class ServerSettings(TlsSettings):
     """What every gRPC server process needs. Subclasses set `env_prefix` and port defaults."""
 
@@ -55,7 +102,9 @@ class ServerSettings(TlsSettings):
     metrics_port: int | None = Field(
         9100, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one, unset disables."
     )
-    metrics_host: str = "0.0.0.0"
+    # Unset: the service's own `host`, so that a service bound to loopback does not publish its
+    # metrics (model versions, caller counts) on every interface.
+    metrics_host: str | None = Field(None, description="Address of /metrics; unset: the same as host.")
     workers: int = Field(1, ge=1, le=64, description="Processes serving the one port (SO_REUSEPORT).")
     max_in_flight: int = Field(
         256, ge=1, description="The most calls in flight per process the adaptive limit may allow."

@@ -98,7 +98,7 @@ class Supervisor:
             )
             if settings.metrics_port is not None:
                 metrics_server = start_metrics_server(
-                    settings.metrics_host, settings.metrics_port, aggregate=True
+                    settings.metrics_host or settings.host, settings.metrics_port, aggregate=True
                 )
                 log.info("metrics listening", extra={"metrics_port": metrics_server.port})
             self._watch(worker_settings)

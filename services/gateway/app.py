@@ -19,6 +19,7 @@ from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
+from services.common.auth import caller_auth_from, server_ssl_context
 from services.common.breaker import BreakerState, CircuitBreaker
 from services.common.channels import create_channel
 from services.common.interceptor import CallGuard
@@ -197,6 +198,9 @@ class GatewayApp:
             arms=config.arm_names,
         )
         self._readiness: Readiness | None = None
+        # One authenticator and one rate limiter for both ports: a caller's budget is the same
+        # whether it calls over gRPC or HTTP (GrpcHost hands it to the CallGuard).
+        self.caller_auth = caller_auth_from(settings, settings)
         self.http = GatewayHttp(
             self.engine,
             self.ingestor,
@@ -205,6 +209,7 @@ class GatewayApp:
             max_body_bytes=settings.http_max_body_bytes,
             read_timeout=settings.http_read_timeout_ms / 1000,
             idle_timeout=settings.http_idle_timeout_ms / 1000,
+            auth=self.caller_auth,
         )
 
     async def _servable_downstream(self, version: str) -> bool:
@@ -260,10 +265,17 @@ class GatewayApp:
         self._readiness = readiness
         await self.versions.start()
         if self.settings.http_port is not None:
+            # The same TLS as the gRPC port: with --tls-client-ca, HTTP requires client certificates too.
             await self.http.start(
-                self.settings.host, self.settings.http_port, reuse_port=self.settings.workers > 1
+                self.settings.host,
+                self.settings.http_port,
+                reuse_port=self.settings.workers > 1,
+                ssl_context=server_ssl_context(self.settings),
             )
-            log.info("HTTP listening", extra={"http_port": self.http.port})
+            log.info(
+                "HTTP listening",
+                extra={"http_port": self.http.port, "tls": self.settings.tls_enabled},
+            )
 
     async def stop(self) -> None:
         await self.http.stop()

@@ -6,7 +6,8 @@ validation and the same engine; JSON field names are the proto's.
     POST /v1/events      {"events": [{"user_id": "196", "item_id": "50", "type": "EVENT_TYPE_CLICK"}]}
     GET  /healthz        200 when serving, 503 otherwise
 
-Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, FAILED_PRECONDITION → 412,
+Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, UNAUTHENTICATED → 401,
+PERMISSION_DENIED → 403, FAILED_PRECONDITION → 412,
 RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
 `{"error": {"code": "INVALID_ARGUMENT", "message": "count: must be in [1, 100], got 0"}}`.
 
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +38,7 @@ from google.protobuf.message import Message
 from recsys.errors import RecsysError
 from recsys.limits import valid_request_id
 from recsys.v1 import gateway_pb2
+from services.common.auth import CallerAuth, caller_var, ssl_certificate_names
 from services.common.errors import safe_message, status_for
 from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
@@ -71,6 +74,8 @@ _server_log.addFilter(_OncePerWindow())
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.FAILED_PRECONDITION: 412,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
@@ -117,14 +122,18 @@ class GatewayHttp:
         max_body_bytes: int = 1024**2,
         read_timeout: float = 5.0,
         idle_timeout: float = 30.0,
+        auth: CallerAuth | None = None,
     ) -> None:
+        self._auth = auth
         self._engine = engine
         self._ingestor = ingestor
         self._max_events = max_events
         self._serving = serving
         self._read_timeout = read_timeout
         self._idle_timeout = idle_timeout
-        self.app = web.Application(middlewares=[self._measured, self._errors], client_max_size=max_body_bytes)
+        self.app = web.Application(
+            middlewares=[self._measured, self._errors, self._authenticated], client_max_size=max_body_bytes
+        )
         self.app.router.add_post("/v1/recommend", self._recommend)
         self.app.router.add_get("/v1/recommend", self._recommend)
         self.app.router.add_post("/v1/events", self._events)
@@ -137,14 +146,16 @@ class GatewayHttp:
         # HTTP carries no deadline: the admission policy's default applies.
         return self.guard.slot(None) if self.guard is not None else contextlib.nullcontext()
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         # aiohttp's keep-alive timer also runs from the moment a connection opens, so it closes
         # connections that never complete a request (its default is an hour).
         self._runner = web.AppRunner(
             self.app, access_log=None, keepalive_timeout=self._idle_timeout, logger=_server_log
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
         await site.start()
         server = site._server  # aiohttp exposes the bound port only through the server's sockets
         sockets = getattr(server, "sockets", None) or []
@@ -184,12 +195,26 @@ class GatewayHttp:
             return await handler(request)
         except RecsysError as error:
             code = status_for(error)
-            return _error(_HTTP_STATUS.get(code, 500), code.name, str(error))
+            response = _error(_HTTP_STATUS.get(code, 500), code.name, str(error))
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="recsys"'
+            return response
         except web.HTTPException:
             raise
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _error(500, "INTERNAL", f"internal error (request id {request_id})")
+
+    @web.middleware
+    async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The gRPC port's authentication and rate limit (one `CallerAuth` for both);
+        /healthz stays open for probes. Errors become 401/429 in `_errors`."""
+        if self._auth is None or request.path == "/healthz":
+            return await handler(request)
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        caller = self._auth.admit(request.headers.get("Authorization"), ssl_certificate_names(peercert))
+        caller_var.set(caller)
+        return await handler(request)
 
     async def _body(self, request: web.Request, message: Message) -> None:
         """Fill `message` from the JSON body (POST) or the query string (GET)."""

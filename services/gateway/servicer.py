@@ -10,6 +10,7 @@ from grpc import aio
 from recsys.errors import InvalidArgument
 from recsys.limits import ID_CHARS, check_request, first_problem, valid_request_id
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.auth import authorize_user
 from services.common.logs import request_id_var
 from services.gateway.engine import GatewayEngine, RecommendQuery, RecommendResult
 from services.gateway.events import EventIngestor, EventsOutcome, IncomingEvent
@@ -36,6 +37,10 @@ def recommend_query(request: gateway_pb2.RecommendRequest, time_remaining: float
         # It is echoed in headers and trailing metadata, where CR, LF or NUL would break the
         # answer after its side effects happened.
         raise InvalidArgument("request_id", f"must be 1 to {ID_CHARS} printable ASCII characters")
+    # Recommending for another user is refused like writing their events: an answer that is
+    # not a dry run records exposures (it changes what that user is shown next), and any
+    # answer discloses what their history says about them.
+    authorize_user(request.user_id, "user_id")
     when = request.context.request_time
     return RecommendQuery(
         user_id=request.user_id,
@@ -146,4 +151,8 @@ async def report_events(
     check_request(request, skip=_EACH_EVENT)
     if len(request.events) > max_events:
         raise InvalidArgument("events", f"at most {max_events} per call, got {len(request.events)}")
+    # The whole call is refused (not one event rejected): a caller writing for someone else is
+    # misconfigured or hostile, and a partial accept would hide that.
+    for index, event in enumerate(request.events):
+        authorize_user(event.user_id, f"events[{index}].user_id")
     return events_response(await ingestor.ingest(incoming_events(request.events)))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ClientSettings, ServerSettings
+from services.common.settings import AuthSettings, ClientSettings, ServerSettings
 
 
-class GatewaySettings(ServerSettings):
+class GatewaySettings(ServerSettings, AuthSettings):
+    """The gateway is the public edge: it alone takes `auth_*` and `rate_limit_*` (recall and
+    rank are reached only by the gateway, over mTLS where that matters)."""
+
     model_config = SettingsConfigDict(env_prefix="RECSYS_GATEWAY_", frozen=True, extra="ignore")
 
     port: int = Field(50051, ge=0, le=65535)
@@ -61,4 +64,19 @@ class GatewaySettings(ServerSettings):
         2000, ge=1, description="Answers whose exposure/cache writes may wait; more are dropped and counted."
     )
     side_effect_writers: int = Field(4, ge=1, description="Tasks writing exposures and cache entries.")
+    # The recall and rank channels: RECSYS_GATEWAY_CLIENT='{"tls": true, "tls_ca_file": …}'
+    # or the --downstream-tls-* flags (internal mTLS).
     client: ClientSettings = Field(default_factory=ClientSettings)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> GatewaySettings:
+        if self.auth_required and not (
+            self.auth_api_keys_file
+            or self.auth_jwt_key_file
+            or (self.auth_certificates and self.tls_client_ca_file)
+        ):
+            raise ValueError(
+                "auth_required: set auth_api_keys_file, auth_jwt_key_file or tls_client_ca_file "
+                "(no caller could authenticate otherwise)"
+            )
+        return self
