@@ -12,9 +12,10 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from recsys.errors import RecsysError
+from recsys.errors import RecsysError, UsageError
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 
@@ -25,6 +26,45 @@ class GatewayError(RecsysError):
 
 def default_addr() -> str:
     return os.environ.get("RECSYS_GATEWAY_ADDR", DEFAULT_ADDR)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, *, token: bool = True) -> None:
+    """How a command reaches a gateway (or any service) that serves TLS or mTLS, and the
+    bearer token it sends when the gateway requires callers to authenticate."""
+    group = parser.add_argument_group("TLS and authentication")
+    group.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) verifying the server; enables TLS")
+    group.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mTLS")
+    group.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mTLS")
+    group.add_argument("--tls-server-name", help="name to check in the server's certificate")
+    if token:
+        # A token on the command line is visible in `ps`; the environment variable is not.
+        group.add_argument(
+            "--token",
+            default=os.environ.get("RECSYS_TOKEN"),
+            help="bearer token: an API key or a JWT (default $RECSYS_TOKEN)",
+        )
+
+
+def open_channel(addr: str, args: argparse.Namespace) -> Any:
+    """A blocking grpc channel to `addr`: TLS when --tls-ca (or a client certificate) is given."""
+    import grpc
+
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key: give both or neither")
+    if ca is None and cert is None:
+        return grpc.insecure_channel(addr)
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes() if ca else None,
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None,
+        )
+    except OSError as error:
+        raise UsageError(f"--tls-*: {error}") from None
+    server_name = getattr(args, "tls_server_name", None)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(addr, credentials, options=options)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,6 +83,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--addr", default=default_addr(), help=f"gateway host:port (default {DEFAULT_ADDR})"
     )
     recommend.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_tls_arguments(recommend)
     recommend.set_defaults(handler=run_recommend)
 
     event = commands.add_parser(
@@ -62,18 +103,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     event.add_argument("--json", action="store_true")
     event.add_argument("--addr", default=default_addr())
     event.add_argument("--timeout", type=float, default=5.0)
+    add_tls_arguments(event)
     event.set_defaults(handler=run_report_event)
 
 
-def _call(addr: str, method: str, request: Any, timeout: float) -> Any:
+def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     import grpc
 
     from recsys.v1 import gateway_pb2_grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    addr = args.addr
+    metadata = (("authorization", f"Bearer {args.token}"),) if getattr(args, "token", None) else None
+    with open_channel(addr, args) as channel:
         stub = gateway_pb2_grpc.RecommenderStub(channel)
         try:
-            return getattr(stub, method)(request, timeout=timeout)
+            return getattr(stub, method)(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
             details = error.details() if hasattr(error, "details") else str(error)
@@ -104,7 +148,7 @@ def run_recommend(args: argparse.Namespace) -> int:
         debug=args.debug_trace,
         request_id=f"cli-{uuid.uuid4().hex[:12]}",
     )
-    response = _call(args.addr, "Recommend", request, args.timeout)
+    response = _call(args, "Recommend", request)
     if args.json:
         print(_as_json(response))
         return 0
@@ -148,7 +192,7 @@ def run_report_event(args: argparse.Namespace) -> int:
         scene=args.scene,
     )
     event.time.FromNanoseconds(time.time_ns())
-    response = _call(args.addr, "ReportEvents", gateway_pb2.ReportEventsRequest(events=[event]), args.timeout)
+    response = _call(args, "ReportEvents", gateway_pb2.ReportEventsRequest(events=[event]))
     if args.json:
         print(_as_json(response))
     elif response.rejections:

@@ -63,6 +63,48 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     gateway.add_argument(
         "--event-log", dest="event_log", help="event log file without Redis (default events.csv)"
     )
+    auth = gateway.add_argument_group("callers (off unless --auth-required; see docs/operations.md)")
+    auth.add_argument(
+        "--auth-required",
+        dest="auth_required",
+        action="store_const",
+        const=True,
+        help="callers must authenticate",
+    )
+    auth.add_argument("--auth-api-keys", dest="auth_api_keys_file", help="API keys file (sha256 of each key)")
+    auth.add_argument("--auth-jwt-key", dest="auth_jwt_key_file", help="PEM public key or HS secret for JWTs")
+    auth.add_argument(
+        "--auth-jwt-algorithms", dest="auth_jwt_algorithms", help="comma-separated (default RS256)"
+    )
+    auth.add_argument("--auth-jwt-audience", dest="auth_jwt_audience", help="the `aud` a JWT must carry")
+    auth.add_argument("--auth-jwt-issuer", dest="auth_jwt_issuer", help="the `iss` a JWT must carry")
+    auth.add_argument(
+        "--auth-service-certificates",
+        dest="auth_service_certificates",
+        help="comma-separated client certificate names with the recsys:service scope",
+    )
+    auth.add_argument(
+        "--rate-limit-per-second",
+        dest="rate_limit_per_second",
+        type=float,
+        help="per caller (default 100; 0: off)",
+    )
+    auth.add_argument(
+        "--rate-limit-burst", dest="rate_limit_burst", type=int, help="per caller (default 200)"
+    )
+    hops = gateway.add_argument_group("calls to recall and rank (internal mTLS)")
+    hops.add_argument(
+        "--downstream-tls-ca", dest="downstream_tls_ca_file", help="CA verifying recall and rank"
+    )
+    hops.add_argument(
+        "--downstream-tls-cert", dest="downstream_tls_cert_file", help="the gateway's client certificate"
+    )
+    hops.add_argument("--downstream-tls-key", dest="downstream_tls_key_file", help="its private key")
+    hops.add_argument(
+        "--downstream-tls-server-name",
+        dest="downstream_tls_server_name",
+        help="name checked in their certificates",
+    )
     gateway.set_defaults(handler=_serve_gateway, command="serve gateway")
 
 
@@ -85,9 +127,35 @@ def _serve_rank(args: argparse.Namespace) -> int:
 
 
 def _serve_gateway(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from recsys.errors import UsageError
     from services.common.cli import settings_from_args
+    from services.common.settings import ClientSettings
     from services.common.workers import serve
     from services.gateway.app import SPEC
     from services.gateway.settings import GatewaySettings
 
-    return serve(SPEC, settings_from_args(GatewaySettings, args))
+    settings = settings_from_args(GatewaySettings, args)
+    # The --downstream-tls-* flags fill the nested client settings (RECSYS_GATEWAY_CLIENT as JSON
+    # is the environment's way); given any of them, the channels to recall and rank use TLS.
+    hops = {
+        name: getattr(args, f"downstream_{name}")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name")
+        if getattr(args, f"downstream_{name}", None) is not None
+    }
+    if hops:
+        try:
+            client = ClientSettings(**{**settings.client.model_dump(), **hops, "tls": True})
+        except ValidationError as error:
+            problems = [
+                f"--downstream-{_flag_name(item['loc'][0] if item['loc'] else 'tls')}: {item['msg']}"
+                for item in error.errors()
+            ]
+            raise UsageError("; ".join(problems)) from None
+        settings = settings.model_copy(update={"client": client})
+    return serve(SPEC, settings)
+
+
+def _flag_name(setting: object) -> str:
+    return str(setting).removesuffix("_file").replace("_", "-")
