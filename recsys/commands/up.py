@@ -73,6 +73,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds the gateway reports NOT_SERVING before refusing calls on stop (default 1)",
     )
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    tls = parser.add_argument_group(
+        "TLS (off by default; with --tls-client-ca every hop is mTLS, the HTTP port included)"
+    )
+    tls.add_argument("--tls-cert", type=Path, help="every service's server certificate (PEM)")
+    tls.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--tls-client-ca", type=Path, help="CA for client certificates: require them (mTLS)")
+    tls.add_argument("--tls-ca", type=Path, help="CA verifying the services (the gateway's calls, readiness)")
+    tls.add_argument(
+        "--tls-client-cert", type=Path, help="certificate the gateway and readiness check present"
+    )
+    tls.add_argument("--tls-client-key", type=Path, help="its private key")
+    tls.add_argument(
+        "--tls-server-name", help="name checked in the services' certificates (default: the address)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -86,6 +100,7 @@ def _check(args: argparse.Namespace) -> None:
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
             raise UsageError(f"--{flag.replace('_', '-')}: expected 0–65535, got {port}")
+    _check_tls(args)
     if not args.shutdown_delay >= 0:
         raise UsageError(f"--shutdown-delay: expected seconds >= 0, got {args.shutdown_delay}")
     for flag in ("workers", "recall_workers", "rank_workers", "gateway_workers"):
@@ -94,6 +109,49 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')}: expected 1–64, got {workers}")
         if workers not in (None, 1) and not args.redis:
             raise UsageError(f"--{flag.replace('_', '-')}: needs --redis (one process runs all three)")
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key: give both or neither")
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        raise UsageError("--tls-client-cert and --tls-client-key: give both or neither")
+    if args.tls_cert is None:
+        if args.tls_client_ca is not None:
+            raise UsageError("--tls-client-ca: needs --tls-cert and --tls-key (mTLS is TLS first)")
+        return
+    if args.tls_ca is None:
+        raise UsageError("--tls-ca: needed with --tls-cert, to verify the services' certificates")
+    if args.tls_client_ca is not None and args.tls_client_cert is None:
+        raise UsageError("--tls-client-cert: needed with --tls-client-ca (the gateway's calls need one)")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise UsageError(f"--{flag.replace('_', '-')}: {path} is not a readable file")
+
+
+def _server_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """Every service's TLS settings from the flags (nothing without --tls-cert)."""
+    if args.tls_cert is None:
+        return {}
+    return {
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+    }
+
+
+def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The gateway's channels to recall and rank (ClientSettings fields)."""
+    if args.tls_cert is None:
+        return {}
+    return {
+        "tls": True,
+        "tls_ca_file": args.tls_ca,
+        "tls_cert_file": args.tls_client_cert,
+        "tls_key_file": args.tls_client_key,
+        "tls_server_name": args.tls_server_name,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +171,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
     from recsys.feature_store import InProcessFeatureStore
     from services.common import metrics
     from services.common.server import GrpcHost
+    from services.common.settings import ClientSettings
     from services.gateway.app import GatewayApp
     from services.gateway.settings import GatewaySettings
     from services.rank.app import RankApp
@@ -136,6 +195,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             metrics_port=None,
             shutdown_delay_seconds=0.0,
             blocklist_file=args.blocklist,
+            **_server_tls(args),
         )
         recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
         hosts.append(recall)
@@ -146,6 +206,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             metrics_port=None,
             scenes_file=args.scenes,
             shutdown_delay_seconds=0.0,
+            **_server_tls(args),
         )
         rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
         hosts.append(rank)
@@ -162,6 +223,8 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             experiments_file=args.experiments,
             blocklist_file=args.blocklist,
             shutdown_delay_seconds=args.shutdown_delay,
+            client=ClientSettings(**_client_tls(args)),
+            **_server_tls(args),
         )
         gateway_app = GatewayApp(gateway_settings, features=features)
         gateway = GrpcHost(gateway_app, gateway_settings)
@@ -178,7 +241,9 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.05)
         lines = {
             "gateway": f"127.0.0.1:{gateway.port}",
-            "http": f"http://127.0.0.1:{gateway_app.http.port}" if gateway_app.http.port else "off",
+            "http": f"{_scheme(args)}://127.0.0.1:{gateway_app.http.port}"
+            if gateway_app.http.port
+            else "off",
             "recall": f"127.0.0.1:{recall.port}",
             "rank": f"127.0.0.1:{rank.port}",
             "metrics": f"http://127.0.0.1:{metrics_server.port}/metrics" if metrics_server else "off",
@@ -194,6 +259,10 @@ async def _run_embedded(args: argparse.Namespace) -> None:
         await features.close()
         if metrics_server is not None:
             metrics_server.close()
+
+
+def _scheme(args: argparse.Namespace) -> str:
+    return "https" if args.tls_cert is not None else "http"
 
 
 def _announce(lines: dict[str, str]) -> None:
@@ -254,7 +323,30 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             *(["--blocklist", str(args.blocklist)] if args.blocklist else []),
         ],
     }
+    tls = [
+        argument
+        for flag, value in (
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+            ("--tls-client-ca", args.tls_client_ca),
+        )
+        if value is not None
+        for argument in (flag, str(value))
+    ]
+    hops = [
+        argument
+        for flag, value in (
+            ("--downstream-tls-ca", args.tls_ca),
+            ("--downstream-tls-cert", args.tls_client_cert),
+            ("--downstream-tls-key", args.tls_client_key),
+            ("--downstream-tls-server-name", args.tls_server_name),
+        )
+        if value is not None and args.tls_cert is not None
+        for argument in (flag, str(value))
+    ]
+    commands["gateway"] += hops
     for name in SERVICE_ORDER:
+        commands[name] += tls
         commands[name] += ["--workers", str(_workers(args, name))]
         # -1: none (leaving the flag out would mean each service's default port)
         commands[name] += ["--metrics-port", str(metrics.get(name, -1))]
@@ -266,8 +358,16 @@ class ServiceChild:
     (prefixed with the service's name) and its last line kept, so that a failure can be
     reported in one line saying why."""
 
-    def __init__(self, name: str, command: list[str], addr: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        addr: str,
+        env: dict[str, str],
+        readiness: argparse.Namespace | None = None,
+    ) -> None:
         self.name = name
+        self.readiness = readiness  # the TLS flags its health checks use (None: plaintext)
         self.command = command
         self.addr = addr
         self.env = env
@@ -362,7 +462,7 @@ class StackSupervisor:
                     raise UsageError(
                         f"{name} failed during start-up (exit status {status}), not retried: {child.reason()}"
                     )
-                if _serving(child.addr):
+                if _serving(child.addr, child.readiness):
                     child.serving = True
                     waiting.discard(name)
             if time.monotonic() > deadline:
@@ -381,7 +481,7 @@ class StackSupervisor:
             return
         status = child.exit_status()
         if status is None:
-            if not child.serving and _serving(child.addr):
+            if not child.serving and _serving(child.addr, child.readiness):
                 child.serving = True
                 print(
                     f"{child.name} SERVING again (restart {child.restarts}, pid {child.pid})",
@@ -426,7 +526,7 @@ def _run_processes(args: argparse.Namespace) -> int:
         env[f"RECSYS_{service.upper()}_SHUTDOWN_DELAY_SECONDS"] = str(delay)
     ports = {"recall": args.recall_port, "rank": args.rank_port, "gateway": args.gateway_port}
     children = {
-        name: ServiceChild(name, command, f"127.0.0.1:{ports[name]}", env)
+        name: ServiceChild(name, command, f"127.0.0.1:{ports[name]}", env, readiness=args)
         for name, command in service_commands(args).items()
     }
     supervisor = StackSupervisor(children)
@@ -442,7 +542,7 @@ def _run_processes(args: argparse.Namespace) -> int:
         _announce(
             {
                 "gateway": f"127.0.0.1:{args.gateway_port}",
-                "http": f"http://127.0.0.1:{args.http_port}" if args.http_port >= 0 else "off",
+                "http": f"{_scheme(args)}://127.0.0.1:{args.http_port}" if args.http_port >= 0 else "off",
                 "recall": f"127.0.0.1:{args.recall_port}",
                 "rank": f"127.0.0.1:{args.rank_port}",
                 "redis": args.redis,
@@ -458,11 +558,22 @@ def _run_processes(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
 
 
-def _serving(addr: str) -> bool:
+def _serving(addr: str, tls: argparse.Namespace | None = None) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(addr) as channel:
+    from recsys.commands.client import open_channel
+
+    # Health stays open to unauthenticated callers, but over mTLS it still needs a certificate.
+    flags = argparse.Namespace()
+    if tls is not None and tls.tls_cert is not None:
+        flags = argparse.Namespace(
+            tls_ca=tls.tls_ca,
+            tls_cert=tls.tls_client_cert,
+            tls_key=tls.tls_client_key,
+            tls_server_name=tls.tls_server_name,
+        )
+    with open_channel(addr, flags) as channel:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=1.0

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -16,7 +18,9 @@ import pytest
 from grpc import aio
 
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from services.common.auth import hash_api_key
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
+from tests.support.certificates import TestCa
 from tests.support.stack import UpProcess, serving, start_up
 
 pytestmark = pytest.mark.slow
@@ -117,3 +121,77 @@ def test_a_service_failing_to_start_is_reported_in_one_line_and_not_retried(
     assert "not retried" in errors[0]
     assert "could not bind" in errors[0]
     assert sum("restarting" in line for line in up.stderr) == 0
+
+
+def recsys_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_up_redis_runs_every_hop_over_mtls_with_auth_and_the_cli_reaches_it(
+    quick_store: Any, tmp_path: Path, redis_prefix: str, stacks: list[UpProcess]
+) -> None:
+    ca = TestCa(tmp_path)
+    server, hop, cli = ca.issue("server", server=True), ca.issue("up-client"), ca.issue("cli")
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"sha256": hash_api_key("key-196"), "subject": "196"}]}))
+    tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(ca.cert)]
+    tls += ["--tls-ca", str(ca.cert), "--tls-client-cert", str(hop.cert), "--tls-client-key", str(hop.key)]
+    env = {"RECSYS_GATEWAY_AUTH_REQUIRED": "true", "RECSYS_GATEWAY_AUTH_API_KEYS_FILE": str(keys)}
+    up = start_up(quick_store.path, REDIS_URL, redis_prefix, *tls, env=env)
+    stacks.append(up)
+    # `up`'s readiness check reached every service over mTLS, and the gateway recall and rank.
+    await asyncio.to_thread(up.wait_serving)
+    addr = f"127.0.0.1:{up.ports['gateway']}"
+    client = [
+        "--addr",
+        addr,
+        "--tls-ca",
+        str(ca.cert),
+        "--tls-cert",
+        str(cli.cert),
+        "--tls-key",
+        str(cli.key),
+    ]
+    answer = await asyncio.to_thread(
+        recsys_cli,
+        "recommend",
+        "--user",
+        "196",
+        "--count",
+        "3",
+        "--dry-run",
+        "--json",
+        "--token",
+        "key-196",
+        *client,
+    )
+    assert answer.returncode == 0, answer.stderr
+    body = json.loads(answer.stdout)
+    assert len(body["items"]) == 3
+    assert "degraded_reasons" not in body  # recall and rank answered over mTLS
+    # The certificate alone names the caller "cli", which may not act for user 196.
+    refused = await asyncio.to_thread(recsys_cli, "recommend", "--user", "196", "--dry-run", *client)
+    assert refused.returncode != 0
+    assert "PERMISSION_DENIED" in refused.stderr
+    # No client certificate: the gateway's port does not serve it at all.
+    anonymous = await asyncio.to_thread(
+        recsys_cli,
+        "recommend",
+        "--user",
+        "196",
+        "--token",
+        "key-196",
+        "--addr",
+        addr,
+        "--tls-ca",
+        str(ca.cert),
+    )
+    assert anonymous.returncode != 0
+    assert "UNAVAILABLE" in anonymous.stderr
+    assert not await serving(up.ports["recall"])  # plaintext health is refused too
