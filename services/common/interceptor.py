@@ -1,5 +1,6 @@
-"""One server interceptor around every handler: request id, admission control (an adaptive
-concurrency limit with a short deadline-aware queue, `services.common.admission`), error
+"""One server interceptor around every handler: request id, caller authentication and the
+per-caller rate limit when the application brings them (`services.common.auth`), admission
+control (an adaptive concurrency limit with a short deadline-aware queue, `services.common.admission`), error
 mapping, metrics and draining. Servicers stay thin: they translate protobuf and raise domain errors.
 """
 
