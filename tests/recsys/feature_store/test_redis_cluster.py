@@ -111,7 +111,9 @@ async def test_the_store_follows_a_killed_master_to_its_replica(
         written = time.monotonic() - killed
         assert (await store.user_state("v1", user, now=NOW)).live_events == (sent, later)
         assert failed_reads > 0  # the outage was real
-        assert slowest < 0.2  # each failed read was answered within its budget, not hung
+        # Each read was answered, not hung: a hang would last at least the 1 s connection
+        # timeout. Not tighter: on a busy 2-core machine a 50 ms read can take a few times that.
+        assert slowest < 0.5
         assert store.topology_refreshes > 0
     finally:
         redis_cluster.restart(master)  # as a replica now: the next tests get a full cluster
