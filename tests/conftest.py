@@ -13,7 +13,10 @@ from grpc import aio
 
 from services.common.server import GrpcHost
 from services.common.settings import ServerSettings
+from tests.recsys.feature_store import delete_prefix, unique_prefix
+from tests.support.redis_server import PrivateRedis
 from tests.support.scripted_service import ScriptedApp
+from tests.support.stack import UpProcess
 
 # A server's default shutdown delay (5 s, for load balancers) would add 5 s to every server a
 # test stops; tests that exercise the delay set it themselves. Set before any settings object
@@ -110,3 +113,29 @@ def redis_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of the test's own; its keys are deleted afterwards."""
+    name = unique_prefix()
+    yield name
+    await delete_prefix(name)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own on a free loopback port (to stall, restart or empty)."""
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def stacks() -> Iterator[list[UpProcess]]:
+    """`recsys up` processes a test starts (append them); all stopped afterwards."""
+    started: list[UpProcess] = []
+    yield started
+    for up in started:
+        up.stop()

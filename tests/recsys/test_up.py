@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -19,28 +18,13 @@ from grpc import aio
 
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.auth import hash_api_key
-from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
+from tests.recsys.feature_store import REDIS_URL
 from tests.support.certificates import TestCa
 from tests.support.stack import UpProcess, serving, start_up
 
 pytestmark = pytest.mark.slow
 
 SCENES = {"scenes": {"tiny": {"count": {"default": 3, "max": 5}}}}
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    yield name
-    await delete_prefix(name)
-
-
-@pytest.fixture
-def stacks() -> Iterator[list[UpProcess]]:
-    started: list[UpProcess] = []
-    yield started
-    for up in started:
-        up.stop()
 
 
 def alive(pid: int) -> bool:
@@ -56,11 +40,11 @@ def restarted(up: UpProcess) -> bool:
 
 
 async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_stops_clean(
-    quick_store: Any, tmp_path: Path, redis_prefix: str, stacks: list[UpProcess]
+    quick_store: Any, tmp_path: Path, prefix: str, stacks: list[UpProcess]
 ) -> None:
     scenes = tmp_path / "scenes.json"
     scenes.write_text(json.dumps(SCENES))
-    up = start_up(quick_store.path, REDIS_URL, redis_prefix, "--scenes", str(scenes))
+    up = start_up(quick_store.path, REDIS_URL, prefix, "--scenes", str(scenes))
     stacks.append(up)
     await asyncio.to_thread(up.wait_serving)
     pids = up.pids()
@@ -105,13 +89,13 @@ async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_sto
 
 
 def test_a_service_failing_to_start_is_reported_in_one_line_and_not_retried(
-    quick_store: Any, redis_prefix: str, stacks: list[UpProcess]
+    quick_store: Any, prefix: str, stacks: list[UpProcess]
 ) -> None:
     with closing(socket.socket()) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        up = start_up(quick_store.path, REDIS_URL, redis_prefix, "--rank-port", str(port))
+        up = start_up(quick_store.path, REDIS_URL, prefix, "--rank-port", str(port))
         stacks.append(up)
         assert up.process.wait(120) == 2
     up.close()
@@ -134,7 +118,7 @@ def recsys_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_up_redis_runs_every_hop_over_mtls_with_auth_and_the_cli_reaches_it(
-    quick_store: Any, tmp_path: Path, redis_prefix: str, stacks: list[UpProcess]
+    quick_store: Any, tmp_path: Path, prefix: str, stacks: list[UpProcess]
 ) -> None:
     ca = TestCa(tmp_path)
     server, hop, cli = ca.issue("server", server=True), ca.issue("up-client"), ca.issue("cli")
@@ -143,7 +127,7 @@ async def test_up_redis_runs_every_hop_over_mtls_with_auth_and_the_cli_reaches_i
     tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(ca.cert)]
     tls += ["--tls-ca", str(ca.cert), "--tls-client-cert", str(hop.cert), "--tls-client-key", str(hop.key)]
     env = {"RECSYS_GATEWAY_AUTH_REQUIRED": "true", "RECSYS_GATEWAY_AUTH_API_KEYS_FILE": str(keys)}
-    up = start_up(quick_store.path, REDIS_URL, redis_prefix, *tls, env=env)
+    up = start_up(quick_store.path, REDIS_URL, prefix, *tls, env=env)
     stacks.append(up)
     # `up`'s readiness check reached every service over mTLS, and the gateway recall and rank.
     await asyncio.to_thread(up.wait_serving)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -348,13 +348,7 @@ def test_push_features_of_a_missing_version_names_the_flag(tiny_store: tuple[Pat
     assert "--version" in one_line_error(result)
 
 
-# --- a slow Redis -------------------------------------------------------------------------------
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
+# --- a slow Redis (the private_redis fixture: tests/conftest.py) --------------------------------
 
 
 async def test_a_slow_redis_fails_calls_within_their_budget_without_a_reconnect_storm(

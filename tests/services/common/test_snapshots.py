@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,22 +21,6 @@ pytestmark = pytest.mark.slow
 
 POLL_SECONDS = 0.3
 KNOWN_USER = "196"  # has a history in MovieLens-100K
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def stacks() -> Iterator[list[UpProcess]]:
-    started: list[UpProcess] = []
-    yield started
-    for up in started:
-        up.stop()
 
 
 def scrape(port: int, name: str) -> dict[str, float]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,13 @@ from recsys.feature_store.push import PushProgress, push_core, push_features
 from recsys.feature_store.redis_store import RedisFeatureStore
 from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
+from tests.recsys.feature_store import REDIS_URL
 from tests.support.stack import UpProcess, start_up
 
 pytestmark = pytest.mark.slow
 
 POLL_SECONDS = 0.3
 USERS = ("196", "186", "22", "244", "166", "298", "115", "253")
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    yield name
-    await delete_prefix(name)
-
-
-@pytest.fixture
-def stacks() -> Iterator[list[UpProcess]]:
-    started: list[UpProcess] = []
-    yield started
-    for up in started:
-        up.stop()
 
 
 def recall_calls(metrics_port: int) -> dict[str, float]:
@@ -60,14 +44,14 @@ class FailedPush(RuntimeError):
 
 
 async def test_a_release_serves_one_version_end_to_end_with_no_fallback_and_no_doubled_calls(
-    quick_candidate: Any, tmp_path: Path, redis_prefix: str, stacks: list[UpProcess]
+    quick_candidate: Any, tmp_path: Path, prefix: str, stacks: list[UpProcess]
 ) -> None:
     from training.build import publish
 
     store = ModelStore(tmp_path / "store", create=True)
     first = publish(quick_candidate, store.path).version
     polls = {f"RECSYS_{name}_POLL_SECONDS": str(POLL_SECONDS) for name in ("RECALL", "RANK", "GATEWAY")}
-    up = start_up(store.path, REDIS_URL, redis_prefix, metrics=True, env=polls)
+    up = start_up(store.path, REDIS_URL, prefix, metrics=True, env=polls)
     stacks.append(up)
     await asyncio.to_thread(up.wait_serving)
     recall_metrics = up.ports["metrics"] + 1
@@ -98,7 +82,7 @@ async def test_a_release_serves_one_version_end_to_end_with_no_fallback_and_no_d
         def fail_after_first_batch(progress: PushProgress) -> None:
             raise FailedPush(f"push of {progress.version} failed after {progress.done} users")
 
-        redis = RedisFeatureStore(REDIS_URL, redis_prefix, read_timeout=5.0, write_timeout=5.0)
+        redis = RedisFeatureStore(REDIS_URL, prefix, read_timeout=5.0, write_timeout=5.0)
         try:
             with pytest.raises(FailedPush):
                 await push_core(
@@ -114,7 +98,7 @@ async def test_a_release_serves_one_version_end_to_end_with_no_fallback_and_no_d
         assert {answer.model_version for _, answer in answers} == {first}
 
         # 3. The push is run again and finishes: the tier switches.
-        await push_features(store.path, second, REDIS_URL, redis_prefix)
+        await push_features(store.path, second, REDIS_URL, prefix)
         pushed_at = time.monotonic()
         async with asyncio.timeout(60):
             while answers[-1][1].model_version != second:
