@@ -25,19 +25,12 @@ from recsys.feature_store.bloom import ExposureFilterConfig
 from recsys.feature_store.push import push_core, push_features
 from recsys.feature_store.redis_store import CACHE_ENTRY, RedisFeatureStore, parse_redis_url, redact_url
 from recsys.store import VersionWriter
-from tests.recsys.feature_store import REDIS_URL, delete_prefix, tiny_core, unique_prefix
+from tests.recsys.feature_store import REDIS_URL, tiny_core, unique_prefix
 from tests.support.redis_server import PrivateRedis
 
 NOW = 1_750_000_000.0
 POLICY = LiveDataPolicy(exposures=ExposureFilterConfig(capacity=100, error_rate=0.01))
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    yield name
-    await delete_prefix(name)
 
 
 @pytest.fixture
