@@ -7,6 +7,7 @@ serving. Unknown users and items map to token 0, the spec's default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,6 +48,13 @@ class FeatureSpec:
     liked_history_weight: float = 2.0  # a liked item counts this much in the pooled history
     default_token: int = 0
     cross_feature_names: tuple[str, ...] = CROSS_FEATURES
+    # The recall channels whose rank and score the ranker reads (`provenance_features`);
+    # empty for versions trained before provenance existed (their ranker has no such input).
+    provenance_channels: tuple[str, ...] = ()
+
+    @property
+    def provenance_width(self) -> int:
+        return provenance_width(self.provenance_channels)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,8 +71,15 @@ class FeatureSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
         values = {key: value for key, value in data.items() if key != "inputs"}
-        for key in ("user_stat_names", "item_stat_names", "heads", "cross_feature_names"):
-            values[key] = tuple(values[key])
+        for key in (
+            "user_stat_names",
+            "item_stat_names",
+            "heads",
+            "cross_feature_names",
+            "provenance_channels",
+        ):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     # -- the named inputs of each exported model ------------------------------------------
@@ -94,7 +109,79 @@ class FeatureSpec:
             # rows than the ranker sees, so the ranker starts from what retrieval learned.
             InputSpec("user_vector", "float32", (None, self.embedding_dim)),
             InputSpec("item_vector", "float32", (None, self.embedding_dim)),
+            *(
+                [InputSpec("provenance", "float32", (None, self.provenance_width))]
+                if self.provenance_channels
+                else []
+            ),
         ]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where each of one user's candidates came from, aligned with the candidates: recall's
+    merge output (`recsys.stages.merge.MergedCandidates.provenance`), carried from recall
+    through the gateway to rank."""
+
+    channel_names: tuple[str, ...]  # the columns of `ranks` and `scores`
+    ranks: npt.NDArray[np.int16]  # [n, C]: rank in the channel's list (0 = first), −1 absent
+    scores: FloatArray  # [n, C]: the channel's score / max |score| of its list, 0 absent
+    merge_scores: FloatArray  # [n]: the merge's score (higher first)
+
+    def __len__(self) -> int:
+        return int(self.merge_scores.shape[0])
+
+    def take(self, positions: npt.NDArray[Any]) -> Provenance:
+        return Provenance(
+            self.channel_names, self.ranks[positions], self.scores[positions], self.merge_scores[positions]
+        )
+
+    @classmethod
+    def absent(cls, n: int) -> Provenance:
+        """No recall answer to read (a direct rank call): every candidate found by nothing."""
+        return cls((), np.zeros((n, 0), np.int16), np.zeros((n, 0), np.float32), np.zeros(n, np.float32))
+
+
+def provenance_width(channels: Sequence[str]) -> int:
+    return 2 * (len(channels) + 1) + 1 if channels else 0
+
+
+def _rank_discount(ranks: npt.NDArray[Any]) -> FloatArray:
+    """1 / log2(2 + rank) (NDCG's discount: 1 for the first), 0 for −1 (absent)."""
+    ranks = np.asarray(ranks)
+    values = 1.0 / np.log2(2.0 + np.maximum(ranks, 0).astype(np.float32))
+    return np.where(ranks >= 0, values, 0.0).astype(np.float32)
+
+
+def provenance_features(channels: Sequence[str], provenance: Provenance) -> FloatArray:
+    """The ranker's `provenance` input for one user's candidates: for each of `channels` (the
+    version's, in the spec's order) the rank discount and the scaled score, then the same two
+    for the merge (its rank among these candidates by merge score), then the share of the
+    channels that found the candidate. A channel the provenance does not name is absent.
+    Training rows and the services call this one function on the same merge output."""
+    n = len(provenance)
+    features = np.zeros((n, provenance_width(channels)), np.float32)
+    if n == 0 or not channels:
+        return features
+    column = {name: index for index, name in enumerate(provenance.channel_names)}
+    found = np.zeros(n, np.float32)
+    for position, name in enumerate(channels):
+        index = column.get(name)
+        if index is None:
+            continue
+        ranks = provenance.ranks[:, index]
+        features[:, 2 * position] = _rank_discount(ranks)
+        features[:, 2 * position + 1] = np.where(ranks >= 0, provenance.scores[:, index], 0.0)
+        found += ranks >= 0
+    merge = np.asarray(provenance.merge_scores, dtype=np.float32)
+    order = np.argsort(-merge, kind="stable")
+    merge_rank = np.empty(n, np.int64)
+    merge_rank[order] = np.arange(n)
+    top = float(np.abs(merge).max())
+    features[:, 2 * len(channels)] = np.where(merge > 0, _rank_discount(merge_rank), 0.0)
+    features[:, 2 * len(channels) + 1] = merge / top if top > 0 else 0.0
+    features[:, -1] = found / len(channels)
+    return features
 
 
 def history_inputs(

@@ -25,6 +25,7 @@ ATTRIBUTE_BYTES = 256  # a context attribute's key or value, UTF-8
 DEFAULT_TEXT_CHARS = 1024  # any string field not listed below
 DEFAULT_LIST_ITEMS = 10_000  # any repeated or map field not listed below
 EMBEDDING_VALUES = 1024  # a user embedding (the models use 32 to 128)
+PROVENANCE_CELLS = 10_000 * 64  # candidates × channels of a provenance matrix
 
 TEXT_CHARS: dict[str, int] = {
     "recsys.v1.RequestContext.region": NAME_CHARS,
@@ -47,10 +48,15 @@ TEXT_CHARS: dict[str, int] = {
     "recsys.v1.Fusion.WeightsEntry.key": NAME_CHARS,
     "recsys.v1.Fusion.ExponentsEntry.key": NAME_CHARS,
     "recsys.v1.PreRankRequest.model_version": VERSION_CHARS,
+    "recsys.v1.Provenance.channels": NAME_CHARS,
 }
 TEXT_BYTES: dict[str, int] = {
     "recsys.v1.RequestContext.AttributesEntry.key": ATTRIBUTE_BYTES,
     "recsys.v1.RequestContext.AttributesEntry.value": ATTRIBUTE_BYTES,
+    # Provenance matrices: [candidates × channels] of int16 / float32; their sizes must also
+    # match the candidates (checked where they are decoded).
+    "recsys.v1.Provenance.ranks": 2 * PROVENANCE_CELLS,
+    "recsys.v1.Provenance.scores": 4 * PROVENANCE_CELLS,
 }
 LIST_ITEMS: dict[str, int] = {
     "recsys.v1.RequestContext.attributes": 32,
@@ -62,6 +68,8 @@ LIST_ITEMS: dict[str, int] = {
     "recsys.v1.RecallRequest.exclude_item_indexes": 100_000,
     "recsys.v1.RankRequest.item_indexes": 100_000,
     "recsys.v1.RankRequest.user_embedding": EMBEDDING_VALUES,
+    "recsys.v1.Provenance.channels": 64,
+    "recsys.v1.Provenance.merge_scores": 100_000,
     "recsys.v1.Fusion.weights": 16,
     "recsys.v1.Fusion.exponents": 16,
     "recsys.v1.PreRankRequest.item_indexes": 100_000,
@@ -160,7 +168,8 @@ def _value_problem(
         most = text_limit(field.full_name)
         return (path, f"at most {most} characters, got {len(value)}") if len(value) > most else None
     if isinstance(value, bytes):
-        return (path, f"at most {DEFAULT_TEXT_CHARS} bytes") if len(value) > DEFAULT_TEXT_CHARS else None
+        most = TEXT_BYTES.get(field.full_name, DEFAULT_TEXT_CHARS)
+        return (path, f"at most {most} bytes, got {len(value)}") if len(value) > most else None
     if isinstance(value, Message) and field.full_name not in skip:
         return _walk(value, f"{path}.", skip)
     return None

@@ -24,7 +24,9 @@ from recsys.features import (
     Inputs,
     ItemFeatures,
     PairScores,
+    Provenance,
     UserFeatures,
+    provenance_features,
     ranker_inputs,
     tower_inputs,
 )
@@ -191,23 +193,51 @@ class ServingModel:
         )
 
     def score(
-        self, user: Inputs, item_indexes: npt.NDArray[Any], user_embedding: FloatArray | None = None
+        self,
+        user: Inputs,
+        item_indexes: npt.NDArray[Any],
+        user_embedding: FloatArray | None = None,
+        provenance: Provenance | None = None,
     ) -> dict[str, FloatArray]:
         """Every head's probability for one user's candidates. Without a user embedding
-        (recall did not send one) the user tower computes it."""
+        (recall did not send one) the user tower computes it; without a provenance (no recall
+        answer) every candidate reads as found by no channel."""
         if self.ranker is None:
             raise NotReady(f"version {self.version} is retrieval-only: it has no ranker")
         if len(item_indexes) == 0:
             return {head: np.zeros(0, np.float32) for head in self.spec.heads}
         if user_embedding is None:
             user_embedding = self.user_embeddings([user])[0]
+        outputs = self.ranker.run(self.ranker_batch(user, item_indexes, user_embedding, provenance))
+        return {head: np.asarray(outputs[head], dtype=np.float32).reshape(-1) for head in self.spec.heads}
+
+    def ranker_batch(
+        self,
+        user: Inputs,
+        item_indexes: npt.NDArray[Any],
+        user_embedding: FloatArray | None,
+        provenance: Provenance | None = None,
+    ) -> Inputs:
+        """The ranker's inputs for one user's candidates: what `score` runs and what the
+        build trains on (training/examples.py `candidate_rows`), one assembly for both."""
         items = np.asarray(item_indexes)
         batch = ranker_inputs(user, self.item_features.inputs(items))
         batch.update(
-            self.cross_features.inputs(batch["history"], batch["history_weight"], items, user_embedding)
+            self.cross_features.inputs(
+                batch["history"], batch["history_weight"], items, user_embedding, one_user=True
+            )
         )
-        outputs = self.ranker.run(batch)
-        return {head: np.asarray(outputs[head], dtype=np.float32).reshape(-1) for head in self.spec.heads}
+        if self.spec.provenance_channels:
+            batch["provenance"] = self.provenance_inputs(provenance, items.shape[0])
+        return batch
+
+    def provenance_inputs(self, provenance: Provenance | None, n: int) -> FloatArray:
+        """The ranker's `provenance` input for one user's `n` candidates."""
+        if provenance is None:
+            provenance = Provenance.absent(n)
+        elif len(provenance) != n:
+            raise ValueError(f"provenance: {len(provenance)} rows for {n} candidates")
+        return provenance_features(self.spec.provenance_channels, provenance)
 
     def default_fusion(self) -> Fusion:
         return Fusion("weighted_sum", {head: 1.0 for head in self.spec.heads if head != "click"})

@@ -32,9 +32,19 @@ import numpy as np
 
 from recsys.ann import ExactIndex, HnswIndex, recall_at_k
 from recsys.artifacts import CoreArtifacts, Defaults, save_core
-from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate, run_channels, tune_merge
+from recsys.evaluation.evaluator import (
+    KS,
+    ChannelRun,
+    HeldOut,
+    ease_lists,
+    evaluate,
+    full_history,
+    merged_candidates,
+    run_channels,
+    tune_merge,
+)
 from recsys.evaluation.metrics import mean_metrics
-from recsys.features import CrossFeatures, FeatureSpec, ItemFeatures, PairScores
+from recsys.features import FeatureSpec, ItemFeatures
 from recsys.onnx_models import OnnxModel
 from recsys.probe import probe
 from recsys.serving_model import (
@@ -53,9 +63,9 @@ from recsys.store.writer import VersionWriter
 from training.core_builder import CoreConfig, build_core
 from training.data.raw import RawData
 from training.encode import Encoded, Interactions, Split, encode, holdout_split
-from training.examples import NegativeSampler, SequenceRows, ranker_rows, select, sequence_rows, user_rows
+from training.examples import NegativeSampler, SequenceRows, candidate_rows, select, sequence_rows, user_rows
 from training.export import Parity, check_parity, export_onnx
-from training.models.ranker import RankerConfig, build_ranker, train_ranker
+from training.models.ranker import RankerConfig, RankerTraining, build_ranker, train_ranker
 from training.models.two_tower import (
     TwoTowerConfig,
     build_two_tower,
@@ -189,7 +199,7 @@ class Trained:
     ann_recall_at_100: float
 
 
-def _train_models(
+def _train_towers(
     encoded: Encoded,
     train: Interactions,
     validation_rows: np.ndarray,
@@ -198,10 +208,8 @@ def _train_models(
     profile: BuildProfile,
     stages: Stages,
 ) -> Trained:
-    """Towers on the fit part; the ranker on the validation part (the next period), with
-    features from fit-part artifacts, exactly as it is served: features from the past,
-    labels from the future. (Cross features computed on the same period as the labels would
-    leak the label into the CF tables and teach the ranker to over-trust them.)"""
+    """The two towers on the fit part, exported with parity, and the item embeddings' ANN
+    index (the ranker comes later, on recall's candidates: `_train_ranker`)."""
     all_rows = sequence_rows(train, spec)
     in_validation = np.isin(all_rows.order, validation_rows)
     rows: SequenceRows = select(all_rows, ~in_validation)
@@ -237,7 +245,6 @@ def _train_models(
     all_items = items.inputs(np.arange(encoded.n_items), with_stats=False)
     # Embeddings come from the exported item tower: the path a new item takes later.
     item_model = OnnxModel(item_onnx, threads=2)
-    user_model = OnnxModel(user_onnx, threads=2)
     embeddings = np.concatenate(
         [
             item_model.run({name: value[start : start + 8192] for name, value in all_items.items()})[
@@ -255,48 +262,72 @@ def _train_models(
     k = min(100, encoded.n_items)
     ann_recall = recall_at_k(index.search_many(probe, k), ExactIndex(embeddings).search_many(probe, k))
     stages.note(f"ANN recall@{k} vs exact: {ann_recall:.4f}")
-    if profile.retrieval_only:
-        return Trained(user_onnx, item_onnx, None, embeddings, index, parity, losses, ann_recall)
+    return Trained(user_onnx, item_onnx, None, embeddings, index, parity, losses, ann_recall)
 
-    stages.start("ranker: train")
-    later = select(all_rows, in_validation)
-    later_users = user_rows(later, core_fit.users.regions, core_fit.statistics.user_stats)
-    later_embeddings = user_model.run(
-        {name: later_users[name] for name in ("user_id", "region", "history", "history_weight")}
-    )["user_embedding"]
-    cross = CrossFeatures(
-        PairScores(core_fit.itemcf.neighbors, core_fit.itemcf.scores),
-        PairScores(core_fit.swing.neighbors, core_fit.swing.scores),
-        embeddings,
-    )
+
+def _train_ranker(
+    fit_model: ServingModel,
+    run: ChannelRun,
+    weights: dict[str, float],
+    quotas: dict[str, int],
+    validation: Interactions,
+    train: Interactions,
+    n_items: int,
+    profile: BuildProfile,
+    stages: Stages,
+) -> tuple[bytes, Parity, RankerTraining, dict[str, int], RankerRowIndex]:
+    """The ranker on the validation period (the next period after the fit part), over the
+    candidates the served recall produces from fit-part artifacts with the version's merge
+    weights and quotas: features from the past, labels from the future, rows from exactly
+    the lists the services will ask it to order. (Cross features computed on the same period
+    as the labels would leak the label into the CF tables and teach the ranker to over-trust
+    them.)"""
+    spec, config = fit_model.spec, profile.ranker
+    stages.start("ranker: rows from recall's candidates")
+    merged = merged_candidates(run, weights, quotas, profile.candidate_budget)
+    merged_users = {
+        int(query.user_index): candidates.items for query, candidates in zip(run.queries, merged, strict=True)
+    }
     sampler = NegativeSampler(
-        train.user,
-        train.item,
-        encoded.n_items,
-        seed=profile.ranker.seed,
-        exponent=profile.ranker.negative_exponent,
+        train.user, train.item, n_items, seed=config.seed, exponent=config.negative_exponent
     )
-    inputs, labels = ranker_rows(
-        later, later_users, items, sampler, profile.ranker.negatives_per_positive, cross, later_embeddings
+    rows = candidate_rows(
+        fit_model,
+        run.queries,
+        [full_history(fit_model, query) for query in run.queries],
+        merged,
+        validation,
+        sampler,
+        max_negatives=config.candidate_negatives,
+        random_negatives=config.random_negatives,
+        seed=config.seed,
     )
-    labels = {head: labels[head] for head in spec.heads}
-    ranker = build_ranker(spec, profile.ranker)
-    losses["ranker"] = train_ranker(
+    counts = {
+        "users": rows.users,
+        "rows": int(rows.group.shape[0]),
+        "positives": int(rows.labels["click"].sum()),
+        "candidates_seen": rows.candidates,
+    }
+    stages.note(f"{counts['rows']:,} rows over {rows.users:,} users, {counts['positives']:,} positives")
+    labels = {head: rows.labels[head] for head in spec.heads}
+    stages.start("ranker: train")
+    ranker = build_ranker(spec, config)
+    training = train_ranker(
         ranker,
-        inputs,
+        rows.inputs,
         labels,
-        profile.ranker,
+        config,
+        group=rows.group,
         progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
     )
+    stages.note(f"held-out users' {training.metric} per epoch: {[round(v, 4) for v in training.validation]}")
     stages.start("ranker: export + parity")
     ranker_onnx = export_onnx(ranker, spec.ranker_inputs())
-    ranker_sample = np.random.default_rng(1).choice(
-        inputs["item_id"].shape[0], size=min(profile.parity_rows, inputs["item_id"].shape[0]), replace=False
-    )
-    parity["ranker"] = check_parity(
-        ranker, ranker_onnx, {name: value[ranker_sample] for name, value in inputs.items()}
-    )
-    return Trained(user_onnx, item_onnx, ranker_onnx, embeddings, index, parity, losses, ann_recall)
+    size = rows.inputs["item_id"].shape[0]
+    sample = np.random.default_rng(1).choice(size, size=min(profile.parity_rows, size), replace=False)
+    parity = check_parity(ranker, ranker_onnx, {name: value[sample] for name, value in rows.inputs.items()})
+    index = RankerRowIndex(rows.user, rows.item, rows.labels["click"], rows.from_recall, merged_users)
+    return ranker_onnx, parity, training, counts, index
 
 
 def _serving_model(
@@ -339,6 +370,17 @@ def _ranker_eval_rows(
     return user, item, {"click": click, "like": like}
 
 
+@dataclass(frozen=True)
+class RankerRowIndex:
+    """Which (user, item) pairs the ranker trained on, for the leakage test."""
+
+    user: np.ndarray
+    item: np.ndarray
+    click: np.ndarray
+    from_recall: np.ndarray  # one of recall's candidates for the user (else a random negative)
+    candidates: dict[int, np.ndarray]  # user → recall's merged candidates from the fit part
+
+
 @dataclass
 class Candidate:
     """A trained and evaluated version, not yet in any store."""
@@ -357,10 +399,17 @@ class Candidate:
     notes: list[str]
     stages: Stages
     channels: tuple[str, ...]
+    ranker_rows: RankerRowIndex | None = None  # what the ranker trained on (in memory only)
 
 
 def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool = False) -> Candidate:
-    """Everything but publishing: split, train, export with parity, evaluate."""
+    """Everything but publishing: split, train, export with parity, evaluate. `seed` sets the
+    split and every model's initialisation and sampling (offset from the profile's own)."""
+    profile = dataclasses.replace(
+        profile,
+        two_tower=dataclasses.replace(profile.two_tower, seed=profile.two_tower.seed + seed),
+        ranker=dataclasses.replace(profile.ranker, seed=profile.ranker.seed + seed),
+    )
     stages = Stages(quiet)
     notes = list(raw.report.summary_lines())
     stages.start("encode + split")
@@ -382,7 +431,7 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
 
     stages.start("core artifacts (fit part)")
     core_fit = build_core(fit, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
-    trained = _train_models(encoded, train, inner.test, core_fit, spec, profile, stages)
+    trained = _train_towers(encoded, train, inner.test, core_fit, spec, profile, stages)
 
     stages.start("tune merge on validation")
     validation_heldout = HeldOut.from_pairs(validation.user, validation.item)
@@ -391,6 +440,10 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     fit_model = _serving_model(
         "fit", spec, core_fit, trained, Defaults(candidate_budget=profile.candidate_budget)
     )
+    if not profile.retrieval_only:
+        # The ranker reads where each candidate came from: the channels this version serves.
+        spec = dataclasses.replace(spec, provenance_channels=fit_model.channels)
+        fit_model = dataclasses.replace(fit_model, spec=spec)
     run = run_channels(fit_model, validation_heldout)
     weights, quotas, validation_recall = tune_merge(run, validation_heldout, profile.candidate_budget)
     defaults = Defaults(weights, quotas, recent_items=20, candidate_budget=profile.candidate_budget)
@@ -398,6 +451,19 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     stages.note(
         f"quotas {quotas}; validation merged recall@{profile.candidate_budget} {validation_recall:.4f}"
     )
+    ranker_training: RankerTraining | None = None
+    ranker_counts: dict[str, int] = {}
+    ranker_rows: RankerRowIndex | None = None
+    if not profile.retrieval_only:
+        ranker_onnx, ranker_parity, ranker_training, ranker_counts, ranker_rows = _train_ranker(
+            fit_model, run, weights, quotas, validation, train, encoded.n_items, profile, stages
+        )
+        trained = dataclasses.replace(
+            trained,
+            ranker=ranker_onnx,
+            parity={**trained.parity, "ranker": ranker_parity},
+            losses={**trained.losses, "ranker": ranker_training.losses},
+        )
     ease_l2: float | None = None
     if profile.ease and encoded.n_items <= EASE_MAX_ITEMS:
         stages.start("tune EASE on validation")
@@ -427,6 +493,13 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     metrics = evaluate(served, heldout, ease_lists=ease, ranker_rows=ranker_eval)
     metrics["ann"] = {"recall@100_vs_exact": round(trained.ann_recall_at_100, 5)}
     metrics["validation"] = {"merged_recall": round(validation_recall, 5), "ease_l2": ease_l2}
+    if ranker_training is not None:
+        metrics["validation"]["ranker"] = {
+            "metric": ranker_training.metric,
+            "best": round(ranker_training.best, 5),
+            "per_epoch": [round(value, 5) for value in ranker_training.validation],
+            "rows": ranker_counts,
+        }
     metrics["parity"] = {name: value.to_json() for name, value in trained.parity.items()}
     stages.finish()
     training_config = {
@@ -459,6 +532,7 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         notes,
         stages,
         served.channels,
+        ranker_rows,
     )
 
 

@@ -1,18 +1,23 @@
-"""Training rows for the towers and the ranker, built vectorised from interactions.
+"""Training rows for the towers and the ranker.
 
-A row's user features use only what the user did *before* that interaction (its history
-window), as the services will see it; negatives for the ranker are items drawn by
-popularity (count^0.75) that the user never consumed in the training part."""
+A tower row's user features use only what the user did *before* that interaction (its
+history window), as the services will see it, built vectorised. The ranker's rows are
+recall's own candidates for each user at the fit/validation boundary (`candidate_rows`),
+assembled by the serving code, plus a few unconsumed items drawn by popularity."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import Int64Array, IntArray
-from recsys.features import CrossFeatures, FeatureSpec, Inputs, ItemFeatures, history_matrix
+from recsys.features import FeatureSpec, Inputs, Provenance, history_matrix
+from recsys.serving_model import ServingModel
+from recsys.stages.merge import MergedCandidates
+from recsys.stages.query import UserQuery
 from training.encode import Interactions
 
 
@@ -101,30 +106,6 @@ class NegativeSampler:
         return np.asarray(self._consumed[position] == keys)
 
 
-def ranker_rows(
-    rows: SequenceRows,
-    users: Inputs,
-    items: ItemFeatures,
-    sampler: NegativeSampler,
-    negatives: int,
-    cross: CrossFeatures,
-    user_embeddings: npt.NDArray[np.float32],
-) -> tuple[Inputs, dict[str, npt.NDArray[np.bool_]]]:
-    """Positives (each interaction) and `negatives` sampled items per positive, sharing the
-    positive's user features (`user_embeddings[r]`: the user tower on row r's inputs).
-    Labels: click (consumed), like (consumed and liked)."""
-    negative_rows, negative_items = sampler.sample(rows.user, negatives)
-    source = np.concatenate([np.arange(rows.user.shape[0]), negative_rows])
-    item = np.concatenate([rows.item.astype(np.int64), negative_items])
-    inputs = {name: value[source] for name, value in users.items()}
-    inputs.update(items.inputs(item))
-    inputs.update(cross.inputs(inputs["history"], inputs["history_weight"], item, user_embeddings[source]))
-    positive = np.zeros(source.shape[0], dtype=bool)
-    positive[: rows.user.shape[0]] = True
-    liked = positive & np.concatenate([rows.liked, np.zeros(negative_rows.shape[0], bool)])
-    return inputs, {"click": positive, "like": liked}
-
-
 def select(rows: SequenceRows, mask: npt.NDArray[np.bool_]) -> SequenceRows:
     return SequenceRows(
         rows.order[mask],
@@ -133,4 +114,109 @@ def select(rows: SequenceRows, mask: npt.NDArray[np.bool_]) -> SequenceRows:
         rows.liked[mask],
         rows.history[mask],
         rows.history_weight[mask],
+    )
+
+
+@dataclass(frozen=True)
+class CandidateRows:
+    """Ranker training rows from recall's own candidates: one list per user, rows of a user
+    contiguous (`group` numbers the lists, for the list-wise loss)."""
+
+    inputs: Inputs
+    labels: dict[str, npt.NDArray[np.bool_]]
+    group: Int64Array
+    user: Int64Array  # each row's user index
+    item: Int64Array  # each row's item index
+    from_recall: npt.NDArray[np.bool_]  # the row is one of recall's candidates (else random)
+    users: int  # lists kept (users with at least one positive among their candidates)
+    candidates: int  # candidates seen before negatives were subsampled
+
+
+def candidate_rows(
+    model: ServingModel,
+    queries: Sequence[UserQuery],
+    histories: Sequence[tuple[IntArray, npt.NDArray[np.bool_]]],
+    merged: Sequence[MergedCandidates],
+    later: Interactions,
+    sampler: NegativeSampler,
+    *,
+    max_negatives: int,
+    random_negatives: int,
+    seed: int,
+) -> CandidateRows:
+    """For each user, the merged candidates recall produced from the fit period (`merged[i]`
+    for `queries[i]`, with `histories[i]` the user's stored history): positives are the
+    candidates consumed in the `later` period, negatives the other candidates (at most
+    `max_negatives`, a seeded sample) plus `random_negatives` popularity-sampled unconsumed
+    items recall did not return (provenance absent), so the ranker still orders an item that
+    reaches it another way. Users without a positive among their candidates are left out:
+    their list teaches the list-wise loss nothing. The inputs are `ServingModel.ranker_batch`,
+    the assembly the services score with. No interaction after `later` is read."""
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((later.item, later.user))
+    users, items, liked = later.user[order], later.item[order], later.liked[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], users.shape[0]]
+    span = {int(users[s]): (int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
+    extra_rows, extra_items = sampler.sample(
+        np.asarray([query.user_index for query in queries], dtype=np.int64), random_negatives
+    )
+    extra_by_position = np.split(extra_items, np.searchsorted(extra_rows, np.arange(1, len(queries))))
+    parts: list[Inputs] = []
+    clicks: list[npt.NDArray[np.bool_]] = []
+    likes: list[npt.NDArray[np.bool_]] = []
+    row_users: list[Int64Array] = []
+    items_of_rows: list[Int64Array] = []
+    from_recall: list[npt.NDArray[np.bool_]] = []
+    seen = 0
+    for position, (query, (history_items, history_liked), candidates) in enumerate(
+        zip(queries, histories, merged, strict=True)
+    ):
+        if query.user_index not in span or len(candidates) == 0:
+            continue
+        start, end = span[query.user_index]
+        seen += len(candidates)
+        click = np.isin(candidates.items, items[start:end])
+        if not click.any():
+            continue
+        negatives = np.flatnonzero(~click)
+        if negatives.shape[0] > max_negatives:
+            negatives = np.sort(rng.choice(negatives, size=max_negatives, replace=False))
+        keep = np.sort(np.concatenate([np.flatnonzero(click), negatives]))
+        chosen = candidates.take(keep)
+        provenance = chosen.provenance()
+        extra = extra_by_position[position]
+        extra = extra[~np.isin(extra, candidates.items)]
+        row_items = np.concatenate([chosen.items.astype(np.int64), extra.astype(np.int64)])
+        provenance = Provenance(
+            provenance.channel_names,
+            np.vstack([provenance.ranks, np.full((extra.shape[0], provenance.ranks.shape[1]), -1, np.int16)]),
+            np.vstack(
+                [provenance.scores, np.zeros((extra.shape[0], provenance.scores.shape[1]), np.float32)]
+            ),
+            np.concatenate([provenance.merge_scores, np.zeros(extra.shape[0], np.float32)]),
+        )
+        user = model.user_inputs(query, history_items, history_liked)
+        parts.append(model.ranker_batch(user, row_items, query.embedding, provenance))
+        user_liked = items[start:end][liked[start:end]]
+        clicks.append(np.isin(row_items, items[start:end]))
+        likes.append(np.isin(row_items, user_liked))
+        row_users.append(np.full(row_items.shape[0], query.user_index, np.int64))
+        items_of_rows.append(row_items)
+        from_recall.append(np.arange(row_items.shape[0]) < chosen.items.shape[0])
+    if not parts:
+        raise ValueError("no user has a positive among recall's candidates: nothing to train the ranker on")
+    sizes = np.asarray([part["item_id"].shape[0] for part in parts])
+    inputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    group = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+    labels = {"click": np.concatenate(clicks), "like": np.concatenate(likes)}
+    return CandidateRows(
+        inputs,
+        labels,
+        group,
+        np.concatenate(row_users),
+        np.concatenate(items_of_rows),
+        np.concatenate(from_recall),
+        len(parts),
+        seen,
     )

@@ -80,10 +80,38 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
     lines += [f"- popularity: NDCG@10 {metrics['baselines']['popular']['ndcg@10']:.4f}"]
     if "ease" in metrics["baselines"]:
         lines += [f"- EASE: NDCG@10 {metrics['baselines']['ease']['ndcg@10']:.4f}"]
+    served = metrics.get("served")
+    if served:
+        scene = served["scene"]
+        lines += [
+            "",
+            f"## As served (scene `{scene['name']}`: {scene['recall_candidates']} recalled → "
+            f"pre-rank {scene['prerank_keep']} → ranker → {scene['rerank']} θ={scene['theta']} → top 10)",
+            "",
+            "| list | NDCG@10 | recall@10 | intra-list similarity | distinct categories | distinct authors |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in ("ranker_top10", "reranked_top10"):
+            values = served[name]
+            cells = [
+                f"{values.get(key, float('nan')):.4f}"
+                for key in (
+                    "ndcg@10",
+                    "recall@10",
+                    "intra_list_similarity",
+                    "distinct_categories",
+                    "distinct_authors",
+                )
+            ]
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
     if "ranker" in metrics:
         lines += ["", "## Ranker", ""] + [
-            f"- AUC {head}: {value:.4f}" for head, value in metrics["ranker"]["auc"].items()
+            f"- AUC {head} (held-out positives vs popularity-sampled negatives): {value:.4f}"
+            for head, value in metrics["ranker"].get("auc", {}).items()
         ]
+        for name, value in metrics["ranker"].get("auc_candidates", {}).items():
+            if value is not None:
+                lines.append(f"- AUC {name} on recall's candidates (the served task): {value:.4f}")
     if "ann" in metrics:  # measured while building; `recsys evaluate` does not repeat it
         lines += [
             "",

@@ -2,8 +2,9 @@
 
 Protocol: relevant items = all of a user's held-out items; every method ranks the full
 catalogue minus the user's training items; recall@K = hits / min(K, |held-out|). Channels
-are evaluated alone, merged (the merged list truncated to the same K), and as the whole
-pipeline (merged recall → ranker → top 10), side by side with popularity and EASE.
+are evaluated alone, merged (the merged list truncated to the same K), as the whole
+pipeline (merged recall → ranker → top 10), and as served (a scene's recall → pre-rank →
+ranker → rerank → top 10, with diversity), side by side with popularity and EASE.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from recsys.artifacts import CoreArtifacts, IntArray
+from recsys.artifacts import CoreArtifacts, FloatArray, IntArray
+from recsys.evaluation.diversity import distinct_categories, intra_list_diversity
 from recsys.evaluation.metrics import auc, mean_metrics, ndcg_at_k, recall_at_k
+from recsys.scenes import DEFAULT_SCENE, Scene
 from recsys.serving_model import ServingModel
-from recsys.stages.merge import WeightedMerge
+from recsys.stages.merge import MergedCandidates, WeightedMerge
+from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import UserQuery, liked_mask
 from recsys.stages.sources import Candidates, NeighborSource
 
@@ -88,7 +92,7 @@ def run_channels(
     names = model.channels if channels is None else tuple(channels)
     if "two_tower" in names:
         embeddings = model.user_embeddings(
-            [model.user_inputs(query, *_full(model, query)) for query in queries]
+            [model.user_inputs(query, *full_history(model, query)) for query in queries]
         )
         queries = [
             dataclasses.replace(query, embedding=vector)
@@ -98,8 +102,8 @@ def run_channels(
     return ChannelRun(queries, lists)
 
 
-def _full(model: ServingModel, query: UserQuery) -> tuple[IntArray, npt.NDArray[np.bool_]]:
-    """The user's whole stored history (the towers read their own window of it)."""
+def full_history(model: ServingModel, query: UserQuery) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    """The user's whole stored history (the towers and the ranker read their own window)."""
     if query.user_index < 0:
         return query.recent_items, query.recent_liked
     return _tail(model, query.user_index, model.spec.history_length)
@@ -111,16 +115,23 @@ def _tail(model: ServingModel, user: int, limit: int) -> tuple[IntArray, npt.NDA
     return items, liked_mask(model.core.like_threshold, ratings)
 
 
-def merged_lists(
+def merged_candidates(
     run: ChannelRun, weights: Mapping[str, float], quotas: Mapping[str, int], budget: int
-) -> list[IntArray]:
+) -> list[MergedCandidates]:
+    """Each user's merged recall (with provenance), as the recall service merges it."""
     names = tuple(run.lists)
     merge = WeightedMerge(names, weights)
     result = []
     for position in range(len(run.queries)):
         per_channel = {name: _cut(run.lists[name][position], quotas.get(name, budget)) for name in names}
-        result.append(merge.merge(per_channel, budget).items)
+        result.append(merge.merge(per_channel, budget))
     return result
+
+
+def merged_lists(
+    run: ChannelRun, weights: Mapping[str, float], quotas: Mapping[str, int], budget: int
+) -> list[IntArray]:
+    return [merged.items for merged in merged_candidates(run, weights, quotas, budget)]
 
 
 def _cut(candidates: Candidates, quota: int) -> Candidates:
@@ -188,22 +199,117 @@ def tune_merge(
     return weights, quotas, best
 
 
+def ranked_candidates(
+    model: ServingModel, run: ChannelRun, candidates: list[MergedCandidates]
+) -> list[tuple[MergedCandidates, dict[str, FloatArray]]]:
+    """Each user's candidates with the ranker's task scores, as the rank service scores them."""
+    result = []
+    for query, merged in zip(run.queries, candidates, strict=True):
+        if len(merged) == 0:
+            result.append((merged, {head: np.zeros(0, np.float32) for head in model.spec.heads}))
+            continue
+        inputs = model.user_inputs(query, *full_history(model, query))
+        result.append((merged, model.score(inputs, merged.items, query.embedding, merged.provenance())))
+    return result
+
+
 def pipeline_lists(
-    model: ServingModel, run: ChannelRun, candidates: list[IntArray], top: int = 10
+    model: ServingModel,
+    ranked: list[tuple[MergedCandidates, dict[str, FloatArray]]],
+    top: int = 10,
 ) -> list[IntArray]:
     """Merged recall → ranker (fused with the default fusion) → the top `top` items."""
     fusion = model.default_fusion()
     result = []
-    for query, items in zip(run.queries, candidates, strict=True):
-        if items.shape[0] == 0:
-            result.append(items)
+    for merged, task_scores in ranked:
+        if len(merged) == 0:
+            result.append(merged.items)
             continue
-        history_items, history_liked = _full(model, query)
-        inputs = model.user_inputs(query, history_items, history_liked)
-        scores = fusion.fuse(model.score(inputs, items, query.embedding))
-        order = np.argsort(-scores, kind="stable")[:top]
-        result.append(items[order])
+        order = np.argsort(-fusion.fuse(task_scores), kind="stable")[:top]
+        result.append(merged.items[order])
     return result
+
+
+def candidate_auc(
+    ranked: list[tuple[MergedCandidates, dict[str, FloatArray]]], relevant: list[IntArray]
+) -> dict[str, float]:
+    """The ranker on the served task: its click AUC over recall's candidates (held-out items
+    among them positive), pooled over users and averaged per user (users with a positive
+    and a negative among their candidates)."""
+    scores, labels, per_user = [], [], []
+    for (merged, task_scores), items in zip(ranked, relevant, strict=True):
+        if len(merged) == 0:
+            continue
+        label = np.isin(merged.items, items)
+        scores.append(task_scores["click"])
+        labels.append(label)
+        if 0 < label.sum() < label.shape[0]:
+            per_user.append(auc(task_scores["click"], label))
+    if not scores:
+        return {"click": float("nan"), "click_per_user": float("nan")}
+    pooled = auc(np.concatenate(scores), np.concatenate(labels))
+    return {"click": pooled, "click_per_user": float(np.mean(per_user)) if per_user else float("nan")}
+
+
+def served_lists(
+    model: ServingModel, run: ChannelRun, scene: Scene, top: int = 10
+) -> tuple[list[IntArray], list[IntArray]]:
+    """The served path of `scene`, as the services run it: merged recall of
+    `scene.recall_candidates` → pre-rank to `scene.prerank_keep` (by the user embedding) →
+    ranker with the scene's fusion → the scene's rerank with its rules → the top `top`.
+    Returns (the ranker's top `top`, no rerank; the reranked `top`)."""
+    defaults = model.defaults
+    merged_all = merged_candidates(
+        run, defaults.channel_weights, defaults.channel_quotas, scene.recall_candidates
+    )
+    prerank = EmbeddingPreRanker(model.item_embeddings)
+    selector = scene.selector()
+    catalogue = model.core.catalogue
+    ranked_top, served = [], []
+    for query, merged in zip(run.queries, merged_all, strict=True):
+        if scene.prerank_keep and query.embedding is not None and len(merged) > scene.prerank_keep:
+            kept = prerank.select(merged.items.astype(np.int64), query.embedding, scene.prerank_keep)
+            merged = merged.take(np.sort(kept.positions))
+        if len(merged) == 0:
+            ranked_top.append(merged.items)
+            served.append(merged.items)
+            continue
+        inputs = model.user_inputs(query, *full_history(model, query))
+        scores = scene.fusion.fuse(model.score(inputs, merged.items, query.embedding, merged.provenance()))
+        order = np.argsort(-scores, kind="stable")
+        items, scores = merged.items[order], scores[order]
+        ranked_top.append(items[:top])
+        positions = selector.select(
+            items,
+            scores,
+            np.asarray(model.item_embeddings[items], dtype=np.float32),
+            np.asarray(catalogue.categories[items]),
+            np.asarray(catalogue.authors[items]),
+            top,
+        )
+        served.append(items[np.asarray(positions, dtype=np.intp)])
+    return ranked_top, served
+
+
+def list_diversity(model: ServingModel, lists: list[IntArray]) -> dict[str, float]:
+    """Mean over users of the list's intra-list similarity (mean pairwise cosine of the item
+    embeddings), distinct categories and distinct authors."""
+    catalogue = model.core.catalogue
+    non_empty = [items for items in lists if items.shape[0] > 0]
+    if not non_empty:
+        return {}
+    embeddings = np.asarray(model.item_embeddings)
+    return {
+        "intra_list_similarity": float(
+            np.mean([1.0 - intra_list_diversity(embeddings[items]) for items in non_empty])
+        ),
+        "distinct_categories": float(
+            np.mean([distinct_categories(np.asarray(catalogue.categories)[items]) for items in non_empty])
+        ),
+        "distinct_authors": float(
+            np.mean([np.unique(np.asarray(catalogue.authors)[items]).shape[0] for items in non_empty])
+        ),
+    }
 
 
 def ranker_auc(
@@ -218,17 +324,45 @@ def ranker_auc(
     for start, end in zip(starts, ends, strict=True):
         rows = order[start:end]
         query = model.query(int(user[rows[0]]))
-        inputs = model.user_inputs(query, *_full(model, query))
+        inputs = model.user_inputs(query, *full_history(model, query))
         for head, values in model.score(inputs, item[rows]).items():
             if head in scores:
                 scores[head][rows] = values
     return {head: auc(scores[head], np.asarray(labels[head], bool)) for head in labels}
 
 
+def served_metrics(
+    model: ServingModel, run: ChannelRun, relevant: list[IntArray], scene: Scene
+) -> dict[str, Any]:
+    """The served path (`served_lists`) beside the ranker's own top 10, with diversity, so
+    the rerank's price in accuracy is visible."""
+    ranked_top, served = served_lists(model, run, scene)
+    result: dict[str, Any] = {
+        "scene": {
+            "name": scene.name,
+            "recall_candidates": scene.recall_candidates,
+            "prerank_keep": scene.prerank_keep,
+            "rerank": scene.rerank_method,
+            "theta": scene.theta,
+        }
+    }
+    for name, lists in (("ranker_top10", ranked_top), ("reranked_top10", served)):
+        metrics = {
+            "ndcg@10": float(np.mean([ndcg_at_k(i, r, 10) for i, r in zip(lists, relevant, strict=True)])),
+            "recall@10": float(
+                np.mean([recall_at_k(i, r, 10) for i, r in zip(lists, relevant, strict=True)])
+            ),
+            **list_diversity(model, lists),
+        }
+        result[name] = _rounded(metrics)
+    return result
+
+
 def evaluate(
     model: ServingModel,
     heldout: HeldOut,
     *,
+    scene: Scene | None = None,
     ease_lists: list[IntArray] | None = None,
     ranker_rows: tuple[IntArray, IntArray, Mapping[str, npt.NDArray[np.bool_]]] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -255,8 +389,11 @@ def evaluate(
     if model.ranker is not None:
         step("pipeline")
         budget = model.defaults.candidate_budget
-        candidates = merged_lists(run, model.defaults.channel_weights, model.defaults.channel_quotas, budget)
-        final = pipeline_lists(model, run, candidates)
+        candidates = merged_candidates(
+            run, model.defaults.channel_weights, model.defaults.channel_quotas, budget
+        )
+        ranked = ranked_candidates(model, run, candidates)
+        final = pipeline_lists(model, ranked)
         pipeline = {
             "ndcg@10": float(
                 np.mean([ndcg_at_k(items, rel, 10) for items, rel in zip(final, relevant, strict=True)])
@@ -279,11 +416,16 @@ def evaluate(
     }
     if pipeline is not None:
         result["pipeline"] = _rounded(pipeline)
+        step("served")
+        result["served"] = served_metrics(model, run, relevant, scene or DEFAULT_SCENE)
     else:
         result["headline"] = ["merged.recall@200"]  # a retrieval-only version has no ranker
     if ranker_rows is not None:
         step("ranker")
         result["ranker"] = {"auc": _rounded(ranker_auc(model, *ranker_rows))}
+    if pipeline is not None:
+        # Beside it, the task the ranker is served for: ordering recall's candidates.
+        result.setdefault("ranker", {})["auc_candidates"] = _rounded(candidate_auc(ranked, relevant))
     step("ablation")
     # Classic ItemCF: every item of the whole history, equally weighted, against the served
     # configuration (the last `recent_items`, weighted by recency and rating).

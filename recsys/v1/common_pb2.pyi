@@ -130,3 +130,52 @@ class UserHistory(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserHistory: _TypeAlias = UserHistory  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    """Where each candidate came from: recall's merge output, aligned with the candidates it goes
+    with (`RecallResponse.item_indexes`, `RankRequest.item_indexes`). The ranker reads it as
+    features, computed the same way offline. The matrices are raw little-endian arrays rather
+    than repeated fields: a 1,000-candidate answer carries ~8,000 cells, which decode into numpy
+    without a Python object per value. Rows: candidates; columns: `channels`, row-major.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    MERGE_SCORES_FIELD_NUMBER: _builtins.int
+    ranks: _builtins.bytes
+    """int16 little-endian [candidates × channels]: the candidate's rank in the channel's list
+    (0 = first), -1 when the channel did not return it.
+    """
+    scores: _builtins.bytes
+    """float32 little-endian [candidates × channels]: the channel's score divided by the largest
+    absolute score of its list (0 when absent).
+    """
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The channels, the columns of `ranks` and `scores`; at most 64 names of at most 64 characters."""
+
+    @_builtins.property
+    def merge_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The merge's score of each candidate (higher first). In `RankRequest` only: a
+        `RecallResponse` carries them in its `scores`.
+        """
+
+    def __init__(
+        self,
+        *,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
+        ranks: _builtins.bytes = ...,
+        scores: _builtins.bytes = ...,
+        merge_scores: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "merge_scores", b"merge_scores", "ranks", b"ranks", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14recsys/v1/rank.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xf9\x01\n\x06\x46usion\x12\'\n\x06method\x18\x01 \x01(\x0e\x32\x17.recsys.v1.FusionMethod\x12/\n\x07weights\x18\x02 \x03(\x0b\x32\x1e.recsys.v1.Fusion.WeightsEntry\x12\x33\n\texponents\x18\x03 \x03(\x0b\x32 .recsys.v1.Fusion.ExponentsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x30\n\x0e\x45xponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x80\x02\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05scene\x18\x03 \x01(\t\x12\x14\n\x0citem_indexes\x18\x04 \x03(\x03\x12*\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x19.recsys.v1.RequestContext\x12!\n\x06\x66usion\x18\x06 \x01(\x0b\x32\x11.recsys.v1.Fusion\x12\x14\n\x0cprerank_keep\x18\x07 \x01(\x05\x12\x16\n\x0euser_embedding\x18\x08 \x03(\x02\x12\'\n\x07history\x18\t \x01(\x0b\x32\x16.recsys.v1.UserHistory\"*\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\xbe\x01\n\x0cRankResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12*\n\x0btask_scores\x18\x04 \x03(\x0b\x32\x15.recsys.v1.TaskScores\x12\x15\n\runknown_items\x18\x05 \x01(\x05\x12\x14\n\x0cunknown_user\x18\x06 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x07 \x03(\t\"c\n\x0ePreRankRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x16\n\x0euser_embedding\x18\x03 \x03(\x02\x12\x0c\n\x04keep\x18\x04 \x01(\x05\"N\n\x0fPreRankResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02*q\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46USION_METHOD_WEIGHTED_SUM\x10\x01\x12\"\n\x1e\x46USION_METHOD_WEIGHTED_PRODUCT\x10\x02\x32\x81\x01\n\x04Rank\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12@\n\x07PreRank\x12\x19.recsys.v1.PreRankRequest\x1a\x1a.recsys.v1.PreRankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14recsys/v1/rank.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xf9\x01\n\x06\x46usion\x12\'\n\x06method\x18\x01 \x01(\x0e\x32\x17.recsys.v1.FusionMethod\x12/\n\x07weights\x18\x02 \x03(\x0b\x32\x1e.recsys.v1.Fusion.WeightsEntry\x12\x33\n\texponents\x18\x03 \x03(\x0b\x32 .recsys.v1.Fusion.ExponentsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x30\n\x0e\x45xponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xab\x02\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05scene\x18\x03 \x01(\t\x12\x14\n\x0citem_indexes\x18\x04 \x03(\x03\x12*\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x19.recsys.v1.RequestContext\x12!\n\x06\x66usion\x18\x06 \x01(\x0b\x32\x11.recsys.v1.Fusion\x12\x14\n\x0cprerank_keep\x18\x07 \x01(\x05\x12\x16\n\x0euser_embedding\x18\x08 \x03(\x02\x12\'\n\x07history\x18\t \x01(\x0b\x32\x16.recsys.v1.UserHistory\x12)\n\nprovenance\x18\n \x01(\x0b\x32\x15.recsys.v1.Provenance\"*\n\nTaskScores\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\xbe\x01\n\x0cRankResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12*\n\x0btask_scores\x18\x04 \x03(\x0b\x32\x15.recsys.v1.TaskScores\x12\x15\n\runknown_items\x18\x05 \x01(\x05\x12\x14\n\x0cunknown_user\x18\x06 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x07 \x03(\t\"c\n\x0ePreRankRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x16\n\x0euser_embedding\x18\x03 \x03(\x02\x12\x0c\n\x04keep\x18\x04 \x01(\x05\"N\n\x0fPreRankResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02*q\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46USION_METHOD_WEIGHTED_SUM\x10\x01\x12\"\n\x1e\x46USION_METHOD_WEIGHTED_PRODUCT\x10\x02\x32\x81\x01\n\x04Rank\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12@\n\x07PreRank\x12\x19.recsys.v1.PreRankRequest\x1a\x1a.recsys.v1.PreRankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FUSION_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_FUSION_EXPONENTSENTRY']._loaded_options = None
   _globals['_FUSION_EXPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_FUSIONMETHOD']._serialized_start=988
-  _globals['_FUSIONMETHOD']._serialized_end=1101
+  _globals['_FUSIONMETHOD']._serialized_start=1031
+  _globals['_FUSIONMETHOD']._serialized_end=1144
   _globals['_FUSION']._serialized_start=60
   _globals['_FUSION']._serialized_end=309
   _globals['_FUSION_WEIGHTSENTRY']._serialized_start=213
@@ -45,15 +45,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FUSION_EXPONENTSENTRY']._serialized_start=261
   _globals['_FUSION_EXPONENTSENTRY']._serialized_end=309
   _globals['_RANKREQUEST']._serialized_start=312
-  _globals['_RANKREQUEST']._serialized_end=568
-  _globals['_TASKSCORES']._serialized_start=570
-  _globals['_TASKSCORES']._serialized_end=612
-  _globals['_RANKRESPONSE']._serialized_start=615
-  _globals['_RANKRESPONSE']._serialized_end=805
-  _globals['_PRERANKREQUEST']._serialized_start=807
-  _globals['_PRERANKREQUEST']._serialized_end=906
-  _globals['_PRERANKRESPONSE']._serialized_start=908
-  _globals['_PRERANKRESPONSE']._serialized_end=986
-  _globals['_RANK']._serialized_start=1104
-  _globals['_RANK']._serialized_end=1233
+  _globals['_RANKREQUEST']._serialized_end=611
+  _globals['_TASKSCORES']._serialized_start=613
+  _globals['_TASKSCORES']._serialized_end=655
+  _globals['_RANKRESPONSE']._serialized_start=658
+  _globals['_RANKRESPONSE']._serialized_end=848
+  _globals['_PRERANKREQUEST']._serialized_start=850
+  _globals['_PRERANKREQUEST']._serialized_end=949
+  _globals['_PRERANKRESPONSE']._serialized_start=951
+  _globals['_PRERANKRESPONSE']._serialized_end=1029
+  _globals['_RANK']._serialized_start=1147
+  _globals['_RANK']._serialized_end=1276
 # @@protoc_insertion_point(module_scope)

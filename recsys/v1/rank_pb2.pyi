@@ -148,6 +148,7 @@ class RankRequest(_message.Message):
     PRERANK_KEEP_FIELD_NUMBER: _builtins.int
     USER_EMBEDDING_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """External user id (at most 128 characters). Required."""
     model_version: _builtins.str
@@ -181,6 +182,14 @@ class RankRequest(_message.Message):
         ignored.
         """
 
+    @_builtins.property
+    def provenance(self) -> _common_pb2.Provenance:
+        """Where each candidate came from (recall's answer, aligned with `item_indexes`, with
+        `merge_scores` set); the ranker reads it as features. Absent: every candidate reads as
+        found by no channel. Sizes that do not match `item_indexes` → INVALID_ARGUMENT naming
+        `provenance.ranks`, `provenance.scores` or `provenance.merge_scores`.
+        """
+
     def __init__(
         self,
         *,
@@ -193,10 +202,11 @@ class RankRequest(_message.Message):
         prerank_keep: _builtins.int = ...,
         user_embedding: _abc.Iterable[_builtins.float] | None = ...,
         history: _common_pb2.UserHistory | None = ...,
+        provenance: _common_pb2.Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "prerank_keep", b"prerank_keep", "scene", b"scene", "user_embedding", b"user_embedding", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "fusion", b"fusion", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "prerank_keep", b"prerank_keep", "provenance", b"provenance", "scene", b"scene", "user_embedding", b"user_embedding", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -198,6 +198,7 @@ class RecallResponse(_message.Message):
     COLD_START_FIELD_NUMBER: _builtins.int
     DEGRADED_REASONS_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """The version the indexes below belong to."""
     cold_start: _builtins.bool
@@ -244,6 +245,12 @@ class RecallResponse(_message.Message):
         when the feature store could not be read.
         """
 
+    @_builtins.property
+    def provenance(self) -> _common_pb2.Provenance:
+        """Each candidate's rank and score in every channel's list (`merge_scores` empty: see
+        `scores`); the gateway forwards it to rank with the candidates.
+        """
+
     def __init__(
         self,
         *,
@@ -257,10 +264,11 @@ class RecallResponse(_message.Message):
         cold_start: _builtins.bool = ...,
         degraded_reasons: _abc.Iterable[_builtins.str] | None = ...,
         history: _common_pb2.UserHistory | None = ...,
+        provenance: _common_pb2.Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_masks", b"channel_masks", "channel_names", b"channel_names", "channel_stats", b"channel_stats", "cold_start", b"cold_start", "degraded_reasons", b"degraded_reasons", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "scores", b"scores", "user_embedding", b"user_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_masks", b"channel_masks", "channel_names", b"channel_names", "channel_stats", b"channel_stats", "cold_start", b"cold_start", "degraded_reasons", b"degraded_reasons", "history", b"history", "item_indexes", b"item_indexes", "model_version", b"model_version", "provenance", b"provenance", "scores", b"scores", "user_embedding", b"user_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,11 +19,13 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
+from recsys.features import Provenance
 from recsys.stages.fusion import Fusion
 from recsys.stages.query import UserHistory
 from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 from services.common.interceptor import REQUEST_ID_KEY
 from services.common.logs import request_id_var
+from services.common.provenance import provenance_from_message, provenance_message
 from services.gateway.downstream import Downstream, DownstreamError
 
 _FUSION_METHODS = {
@@ -64,6 +66,7 @@ class Recalled:
     history: UserHistory | None  # what recall read of the user, for rank
     cold_start: bool
     degraded: list[str] = field(default_factory=list)
+    provenance: Provenance | None = None  # where each candidate came from, for rank
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class RankCall:
     prerank_keep: int
     embedding: FloatArray | None
     history: UserHistory | None
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,17 @@ def _embedding(response: recall_pb2.RecallResponse) -> FloatArray | None:
     embedding = np.asarray(response.user_embedding, dtype=np.float32)
     # A non-finite embedding would poison pre-rank and rank alike: as if recall sent none.
     return embedding if np.isfinite(embedding).all() else None
+
+
+def _provenance(response: recall_pb2.RecallResponse, scores: FloatArray) -> Provenance | None:
+    """Recall's provenance; None when it sent none or a malformed one (rank then scores the
+    candidates as found by no channel)."""
+    if not response.HasField("provenance"):
+        return None
+    try:
+        return provenance_from_message(response.provenance, scores.shape[0], scores)
+    except ValueError:
+        return None
 
 
 def _version_or_error(error: DownstreamError) -> DownstreamError:
@@ -139,10 +154,11 @@ class RecallClient:
         except DownstreamError as error:
             raise _version_or_error(error) from error
         history = response.history if response.HasField("history") else None
+        scores = np.asarray(response.scores, dtype=np.float32)
         return Recalled(
             response.model_version,
             np.asarray(response.item_indexes, dtype=np.int32),
-            np.asarray(response.scores, dtype=np.float32),
+            scores,
             np.asarray(response.channel_masks, dtype=np.uint64),
             tuple(response.channel_names),
             _embedding(response),
@@ -155,6 +171,7 @@ class RecallClient:
             ),
             response.cold_start,
             [f"recall:{reason}" for reason in response.degraded_reasons],
+            _provenance(response, scores),
         )
 
 
@@ -185,6 +202,9 @@ class RankClient:
             else common_pb2.UserHistory(
                 item_indexes=history.items.tolist(), liked=history.liked.tolist(), region_token=history.region
             ),
+            provenance=None
+            if call.provenance is None
+            else provenance_message(call.provenance, with_merge_scores=True),
         )
         metadata = _metadata()
         try:

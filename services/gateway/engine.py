@@ -33,6 +33,7 @@ from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, BlocklistFilter
 from recsys.errors import InvalidArgument, RecsysError, WrongModelVersion
 from recsys.feature_store import FeatureStore
+from recsys.features import Provenance
 from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
 from recsys.stages.prerank import EmbeddingPreRanker
@@ -124,6 +125,7 @@ class _Candidates:
     masks: npt.NDArray[np.uint64]
     channel_names: tuple[str, ...]
     task_scores: dict[str, FloatArray] = field(default_factory=dict)
+    provenance: Provenance | None = None  # recall's, for rank's features
 
     def take(self, positions: npt.NDArray[np.intp]) -> _Candidates:
         return _Candidates(
@@ -132,6 +134,7 @@ class _Candidates:
             self.masks[positions],
             self.channel_names,
             {task: values[positions] for task, values in self.task_scores.items()},
+            None if self.provenance is None else self.provenance.take(positions),
         )
 
     def __len__(self) -> int:
@@ -338,7 +341,13 @@ class GatewayEngine:
 
     @staticmethod
     def _take_recalled(request: _Request, recalled: Recalled, *, drop_excluded: bool) -> None:
-        candidates = _Candidates(recalled.items, recalled.scores, recalled.masks, recalled.channel_names)
+        candidates = _Candidates(
+            recalled.items,
+            recalled.scores,
+            recalled.masks,
+            recalled.channel_names,
+            provenance=recalled.provenance,
+        )
         if drop_excluded:  # recall did not get the request's exclusions (other version's indexes)
             model = request.model
             excluded = [
@@ -402,6 +411,7 @@ class GatewayEngine:
             prerank_keep=scene.prerank_keep,
             embedding=request.embedding,
             history=request.history,
+            provenance=candidates.provenance,
         )
         try:
             ranked = await self.rank_client.rank(call, request.deadline.budget(self.limits.margin))

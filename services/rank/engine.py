@@ -24,7 +24,7 @@ from recsys.artifacts import FloatArray, Int64Array
 from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
-from recsys.features import Inputs
+from recsys.features import Inputs, Provenance
 from recsys.serving_model import ServingModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
@@ -70,6 +70,7 @@ class RankQuery:
     user_embedding: FloatArray | None = None  # recall's; None: the user tower computes it
     deadline: float | None = None  # time.monotonic() of the caller's deadline; None: none
     history: UserHistory | None = None  # recall's read of the user's state; None: read it here
+    provenance: Provenance | None = None  # recall's, aligned with `items`; None: found by nothing
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,15 @@ class RankEngine:
         embedding = query.user_embedding
         if embedding is not None:
             self._check_embedding(model, embedding)
-        items = query.items
+        items, provenance = query.items, query.provenance
         if query.prerank_keep > 0 and embedding is not None and items.shape[0] > query.prerank_keep:
             kept = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, query.prerank_keep)
             self._metrics.prerank_in.inc(items.shape[0])
             self._metrics.prerank_kept.inc(kept.positions.shape[0])
-            items = items[np.sort(kept.positions)]  # the kept candidates in request order
+            positions = np.sort(kept.positions)  # the kept candidates in request order
+            items = items[positions]
+            if provenance is not None:
+                provenance = provenance.take(positions)
         version_metrics = self._metrics.version(loaded.version)
         unknown_user = query.user_id not in model.user_lookup
         if unknown_user:
@@ -213,7 +217,7 @@ class RankEngine:
             self._batcher.unexpect()
             raise
         task_scores = await self._batcher.score(
-            ScoreJob(model, user, items, embedding, query.deadline), expected=True
+            ScoreJob(model, user, items, embedding, query.deadline, provenance), expected=True
         )
         scores = fusion.fuse(task_scores)
         self._check_finite(loaded.version, scores, task_scores)

@@ -22,7 +22,7 @@ import numpy as np
 
 from recsys.artifacts import FloatArray, Int64Array
 from recsys.errors import NotReady
-from recsys.features import Inputs
+from recsys.features import Inputs, Provenance
 from recsys.serving_model import ServingModel
 
 
@@ -35,6 +35,7 @@ class ScoreJob:
     items: Int64Array  # candidate item indexes (unknown ones get default features)
     embedding: FloatArray | None  # recall's user embedding; None: the user tower computes it
     deadline: float | None = None  # time.monotonic() after which nobody waits for the scores
+    provenance: Provenance | None = None  # recall's, aligned with `items`
 
     @property
     def rows(self) -> int:
@@ -96,6 +97,9 @@ class OnnxScorer:
                 for job, vector in zip(jobs, vectors, strict=True)
             ]
             batch.update({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
+        if model.spec.provenance_channels:
+            parts_provenance = [model.provenance_inputs(job.provenance, job.rows) for job in jobs]
+            batch["provenance"] = parts_provenance[0] if single else np.concatenate(parts_provenance)
         run_started, run_cpu = time.perf_counter(), time.thread_time()
         outputs = ranker.run(batch)
         finished, finished_cpu = time.perf_counter(), time.thread_time()

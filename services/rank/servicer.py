@@ -7,9 +7,12 @@ import time
 import numpy as np
 from grpc import aio
 
+from recsys.errors import InvalidArgument
+from recsys.features import Provenance
 from recsys.limits import check_request
 from recsys.stages.query import UserHistory
 from recsys.v1 import rank_pb2, rank_pb2_grpc
+from services.common.provenance import provenance_from_message
 from services.rank.engine import FusionOverride, RankEngine, RankQuery
 
 _METHODS = {
@@ -17,6 +20,16 @@ _METHODS = {
     rank_pb2.FUSION_METHOD_WEIGHTED_SUM: "weighted_sum",
     rank_pb2.FUSION_METHOD_WEIGHTED_PRODUCT: "weighted_product",
 }
+
+
+def _provenance(request: rank_pb2.RankRequest) -> Provenance | None:
+    if not request.HasField("provenance"):
+        return None
+    try:
+        return provenance_from_message(request.provenance, len(request.item_indexes))
+    except ValueError as error:
+        field, _, message = str(error).partition(": ")
+        raise InvalidArgument(field, message) from None
 
 
 def _fusion(fusion: rank_pb2.Fusion) -> FusionOverride:
@@ -57,6 +70,7 @@ class RankServicer(rank_pb2_grpc.RankServicer):
                 if request.HasField("history")
                 else None
             ),
+            provenance=_provenance(request),
         )
         result = await self._engine.rank(query)
         return rank_pb2.RankResponse(

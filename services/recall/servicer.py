@@ -7,6 +7,7 @@ from grpc import aio
 
 from recsys.limits import check_request
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+from services.common.provenance import provenance_message
 from services.recall.engine import RecallEngine, RecallQuery
 
 _STATUS = {
@@ -65,4 +66,5 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                 liked=result.history.liked.tolist(),
                 region_token=result.history.region,
             ),
+            provenance=provenance_message(merged.provenance(), with_merge_scores=False),
         )

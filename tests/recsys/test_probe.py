@@ -61,16 +61,16 @@ def test_a_probability_out_of_range_is_refused(nan_store: tuple[ModelStore, str,
     store, good, _ = nan_store
     model = load_serving_model(store, good)
 
-    class Doubled:
-        """The real ranker's outputs times 3: finite, but not probabilities."""
+    class Shifted:
+        """The real ranker's outputs shifted past 1: finite, but not probabilities."""
 
         def __init__(self, inner: Any) -> None:
             self.inner = inner
 
         def run(self, inputs: Any) -> dict[str, Any]:
-            return {name: value * 3 for name, value in self.inner.run(inputs).items()}
+            return {name: value + 1.5 for name, value in self.inner.run(inputs).items()}
 
-    broken = dataclasses.replace(model, ranker=Doubled(model.ranker))  # type: ignore[arg-type]
+    broken = dataclasses.replace(model, ranker=Shifted(model.ranker))  # type: ignore[arg-type]
     with pytest.raises(ModelProbeError, match=r"outside \[0, 1\]"):
         probe(broken)
 

@@ -9,7 +9,16 @@ from recsys.artifacts import AuthorIndex, Popularity, Ragged
 from recsys.errors import InvalidArgument
 from recsys.evaluation.metrics import auc, ndcg_at_k, recall_at_k
 from recsys.feature_store.bloom import ExposureFilterConfig, item_digests
-from recsys.features import CrossFeatures, FeatureSpec, PairScores, history_inputs, history_matrix
+from recsys.features import (
+    CrossFeatures,
+    FeatureSpec,
+    PairScores,
+    Provenance,
+    history_inputs,
+    history_matrix,
+    provenance_features,
+    provenance_width,
+)
 from recsys.neighbors import NeighborTable
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.fusion import Fusion
@@ -108,6 +117,47 @@ def test_weighted_merge_is_reciprocal_rank_fusion_with_channel_masks() -> None:
     assert merged.channels_of(0) == ["a", "b"]
     assert merged.channels_of(2) == ["b"]
     assert merge.merge(lists, budget=1).items.tolist() == [11]
+
+
+def test_the_merge_keeps_each_candidates_rank_and_scaled_score_per_channel() -> None:
+    merge = WeightedMerge(("a", "b", "c"), {"a": 1.0, "b": 1.0, "c": 1.0}, rank_offset=1.0)
+    lists = {
+        "a": Candidates(np.array([10, 11, 13], np.int32), np.array([4.0, 2.0, 1.0], np.float32)),
+        "b": Candidates(np.array([13, 12], np.int32), np.array([-0.5, -2.0], np.float32)),
+    }
+    merged = merge.merge(lists, budget=3)
+    # 10: 1; 13: 1/3 + 1 = 1.33; 11: 1/2; 12: 1/2 → 13, 10, then 11 (ties by index), 12 cut
+    assert merged.items.tolist() == [13, 10, 11]
+    assert merged.channel_ranks.tolist() == [[2, 0, -1], [0, -1, -1], [1, -1, -1]]
+    # Each channel's score over the largest |score| of its list (a: 4, b: 2); 0 when absent.
+    expected = np.array([[0.25, -0.25, 0], [1, 0, 0], [0.5, 0, 0]], np.float32)
+    np.testing.assert_allclose(merged.channel_scores, expected)
+    provenance = merged.take(np.array([2, 0])).provenance()
+    assert provenance.ranks.tolist() == [[1, -1, -1], [2, 0, -1]]
+    np.testing.assert_allclose(provenance.merge_scores, [0.5, 4 / 3], rtol=1e-6)
+    empty = merge.merge({}, budget=3)
+    assert empty.channel_ranks.shape == (0, 3)
+    assert empty.channel_scores.shape == (0, 3)
+
+
+def test_provenance_features_by_the_specs_channel_order() -> None:
+    provenance = Provenance(
+        ("b", "cache", "a"),
+        np.array([[0, -1, 3], [-1, 0, -1], [-1, -1, -1]], np.int16),
+        np.array([[1.0, 0, 0.5], [0, 1.0, 0], [0, 0, 0]], np.float32),
+        np.array([0.5, 1.0, 0.0], np.float32),
+    )
+    features = provenance_features(("a", "b", "z"), provenance)
+    assert features.shape == (3, provenance_width(("a", "b", "z"))) == (3, 9)
+    # row 0: a at rank 3 → 1/log2(5), score 0.5; b at rank 0 → 1, score 1; z absent;
+    # merge rank 1 (of 3, by merge score) → 1/log2(3), score 0.5 / 1; found by 2 of 3.
+    expected = [1 / np.log2(5), 0.5, 1.0, 1.0, 0, 0, 1 / np.log2(3), 0.5, 2 / 3]
+    np.testing.assert_allclose(features[0], expected, rtol=1e-6)
+    # row 1: only the cache, which the spec does not read; merge rank 0 → 1.
+    np.testing.assert_allclose(features[1], [0, 0, 0, 0, 0, 0, 1.0, 1.0, 0], rtol=1e-6)
+    # row 2: a random negative recall never returned: nothing at all.
+    assert not features[2].any()
+    assert not provenance_features(("a", "b", "z"), Provenance.absent(4)).any()
 
 
 def test_fusion_formulas() -> None:

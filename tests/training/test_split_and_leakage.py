@@ -72,3 +72,33 @@ def test_no_held_out_interaction_reaches_the_stored_artifacts(quick_store: Any) 
     counts = np.bincount(train_item, minlength=n_items)
     log_counts = np.log1p(counts) / np.log1p(counts.max())
     np.testing.assert_allclose(core.statistics.item_stats[:, 0], log_counts, rtol=1e-5, atol=1e-6)
+
+
+def test_the_rankers_rows_are_recalls_candidates_and_no_held_out_pair_is_a_positive(
+    quick_candidate: Any,
+) -> None:
+    """The ranker trains on what recall served from the fit part: each row is one of that
+    user's merged candidates (or a random negative recall did not return), its positives are
+    training-part interactions (the validation period), and no held-out pair is one."""
+    rows = quick_candidate.ranker_rows
+    assert rows is not None
+    assert rows.user.shape[0] > 5_000
+    assert rows.click.any()
+    assert rows.from_recall.mean() > 0.8
+    n_items = quick_candidate.core.catalogue.n_items
+    for user in np.unique(rows.user):
+        mine = rows.user == user
+        candidates = rows.candidates[int(user)]
+        assert np.isin(rows.item[mine & rows.from_recall], candidates).all()
+        assert not np.isin(rows.item[mine & ~rows.from_recall], candidates).any()
+        assert not rows.click[mine & ~rows.from_recall].any()  # random negatives are negatives
+    history = quick_candidate.core.history.items
+    train_keys = np.repeat(np.arange(history.n_rows), history.lengths()).astype(
+        np.int64
+    ) * n_items + np.asarray(history.values, dtype=np.int64)
+    held_keys = quick_candidate.heldout_user.astype(np.int64) * n_items + quick_candidate.heldout_item
+    positive_keys = rows.user[rows.click] * n_items + rows.item[rows.click]
+    assert np.isin(positive_keys, train_keys).all()
+    assert not np.isin(positive_keys, held_keys).any()
+    negative_keys = rows.user[~rows.from_recall] * n_items + rows.item[~rows.from_recall]
+    assert not np.isin(negative_keys, train_keys).any()  # random negatives were never consumed

@@ -32,6 +32,21 @@ def target_attention(history: Any, weights: Any, target: Any) -> Any:
     return ops.sum(history * ops.expand_dims(attention, -1), axis=1)
 
 
+def din_attention(history: Any, weights: Any, target: Any, name: str, units: int = 32) -> Any:
+    """DIN's activation unit (Zhou et al. 2018): each history item's weight is an MLP of
+    [h, t, h − t, h · t], unnormalised (no softmax: how much the history says about the
+    candidate is itself a signal), padding excluded; the weights pool the history."""
+    length = history.shape[1]
+    tiled = ops.repeat(ops.expand_dims(target, 1), length, axis=1)
+    pair = ops.concatenate([history, tiled, history - tiled, history * tiled], axis=-1)
+    hidden = keras.layers.Dense(units, activation="sigmoid", name=f"{name}_hidden")(pair)
+    score = ops.squeeze(keras.layers.Dense(1, name=f"{name}_score")(hidden), axis=-1)
+    present = ops.cast(ops.greater(weights, 0.0), "float32")
+    attention = score * present
+    total = ops.maximum(ops.sum(present, axis=1, keepdims=True), 1.0)
+    return ops.sum(history * ops.expand_dims(attention, -1), axis=1) / total
+
+
 def l2_normalize(x: Any) -> Any:
     return x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), 1e-12))
 

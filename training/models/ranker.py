@@ -1,6 +1,12 @@
-"""Multi-task ranker: MMoE (Ma et al. 2018) over user, item and cross features, one sigmoid
-head per task (`click`: the user consumed the item, vs popularity-sampled unconsumed
-items; `like`: rated at or above the like threshold)."""
+"""Multi-task ranker: MMoE (Ma et al. 2018) over user, item, cross and provenance features,
+one sigmoid head per task (`click`: the user consumed the candidate; `like`: rated it at or
+above the like threshold).
+
+Trained on recall's own candidates (training/examples.py `candidate_rows`): each head with
+binary cross-entropy, and the click head's logit also with a list-wise softmax over each
+user's candidate list (`list_weight`), the served task being to order one user's
+candidates. The list-wise score reaches the served fused score through `p_click`, a
+monotone function of that same logit: no extra head, and the scenes' fusions keep working."""
 
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from keras import ops
 
 from recsys.evaluation.metrics import auc
 from recsys.features import FeatureSpec, Inputs
-from training.models.layers import masked_mean, mlp, target_attention, weighted_mean
+from training.models.layers import din_attention, masked_mean, mlp, target_attention, weighted_mean
+
+ATTENTIONS = ("dot", "din")
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,22 @@ class RankerConfig:
     # and the ranker learns less of what tells a user's next item from a popular one (0.75 gave
     # NDCG 0.211 on the quick profile). 0.25 is still popularity-shaped and ranks best.
     negative_exponent: float = 0.25
+    # Rows from recall's candidates: per user at most this many candidate negatives (a
+    # seeded sample) and this many random ones from outside the candidates.
+    candidate_negatives: int = 100
+    random_negatives: int = 4
+    # Weight of the list-wise softmax loss on the click logit beside the heads' cross-entropy.
+    list_weight: float = 1.0
+    # History pooling toward the candidate: "dot" (scaled dot-product softmax) or "din"
+    # (DIN's activation unit, Zhou et al. 2018: an MLP on [h, t, h−t, h·t], unnormalised).
+    attention: str = "dot"
     seed: int = 0
 
 
 def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
+    if config.attention not in ATTENTIONS:
+        raise ValueError(f"attention: must be one of {', '.join(ATTENTIONS)}, got {config.attention!r}")
+    keras.utils.set_random_seed(config.seed)
     inputs = {
         item.name: keras.Input(shape=item.shape[1:], dtype=item.dtype, name=item.name)
         for item in spec.ranker_inputs()
@@ -55,7 +75,10 @@ def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
     target = item_ids(inputs["item_id"])
     history = item_ids(inputs["history"])
     pooled = weighted_mean(history, inputs["history_weight"])
-    attended = target_attention(history, inputs["history_weight"], target)
+    if config.attention == "din":
+        attended = din_attention(history, inputs["history_weight"], target, name="din")
+    else:
+        attended = target_attention(history, inputs["history_weight"], target)
     user = users(inputs["user_id"])
     features = keras.layers.Concatenate(name="features")(
         [
@@ -76,6 +99,8 @@ def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
             ops.sum(pooled * target, axis=-1, keepdims=True),
             ops.sum(attended * target, axis=-1, keepdims=True),
             ops.sum(user * target, axis=-1, keepdims=True),
+            # Where recall found the candidate: each channel's rank and score, the merge's.
+            *([inputs["provenance"]] if "provenance" in inputs else []),
         ]
     )
     experts = [
@@ -98,51 +123,141 @@ def train_ranker(
     inputs: Inputs,
     labels: dict[str, np.ndarray],
     config: RankerConfig,
+    group: np.ndarray | None = None,
     progress: Callable[[int, float], None] | None = None,
-) -> list[float]:
+) -> RankerTraining:
+    """Fit `model` on rows (one list per `group` value, a user's rows contiguous; None: each
+    row alone, no list-wise loss), keeping the epoch that ranks a held-out slice of the
+    users best (mean NDCG@10 of their lists; AUC without lists)."""
     rng = np.random.default_rng(config.seed)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     heads = list(labels)
-    bce = keras.losses.BinaryCrossentropy()
+    logits_model = keras.Model(
+        model.inputs, {head: model.get_layer(f"{head}_logit").output for head in heads}
+    )
+    list_weight = config.list_weight if group is not None else 0.0
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def step(batch: dict[str, tf.Tensor], targets: dict[str, tf.Tensor]) -> tf.Tensor:
+    def step(
+        batch: dict[str, tf.Tensor], targets: dict[str, tf.Tensor], segments: tf.Tensor, lists: tf.Tensor
+    ) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            predictions = model(batch, training=True)
-            loss = tf.add_n([bce(targets[head], predictions[head]) for head in heads])
+            logits = {
+                head: tf.squeeze(value, -1) for head, value in logits_model(batch, training=True).items()
+            }
+            loss = tf.add_n(
+                [
+                    tf.reduce_mean(
+                        tf.nn.sigmoid_cross_entropy_with_logits(labels=targets[head], logits=logits[head])
+                    )
+                    for head in heads
+                ]
+            )
+            if list_weight > 0:
+                loss += list_weight * _list_loss(logits["click"], targets["click"], segments, lists)
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return loss
 
+    if group is None:
+        group = np.arange(inputs["item_id"].shape[0], dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ends = np.r_[starts[1:], group.shape[0]]
     # Early stopping on a slice of users: the ranker trains on one period's rows, few
     # enough that a bigger model overfits within a few epochs.
-    user_key = inputs["user_id"] % 1000
+    user_key = inputs["user_id"][starts] % 1000
     held = user_key < int(config.holdout_fraction * 1000)
-    fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    fit_lists, held_lists = np.flatnonzero(~held), np.flatnonzero(held)
+    held_rows = _rows(starts, ends, held_lists)
     held_inputs = {name: value[held_rows] for name, value in inputs.items()}
-    best_auc, best_weights = -1.0, model.get_weights()
-    losses = []
+    held_group = np.repeat(np.arange(held_lists.shape[0]), (ends - starts)[held_lists])
+    listwise = list_weight > 0
+
+    def validation_score() -> float:
+        if not held_rows.size:
+            return 0.0
+        predicted = predict(model, held_inputs)["click"]
+        truth = labels["click"][held_rows]
+        return mean_list_ndcg(predicted, truth, held_group) if listwise else auc(predicted, truth)
+
+    best_score, best_weights = -1.0, model.get_weights()
+    losses, scores = [], []
     for epoch in range(config.epochs):
-        order = fit_rows[rng.permutation(fit_rows.shape[0])]
+        order = fit_lists[rng.permutation(fit_lists.shape[0])]
         total, batches = 0.0, 0
-        for start in range(0, order.shape[0], config.batch_size):
-            rows = order[start : start + config.batch_size]
+        for chunk in _batches(starts, ends, order, config.batch_size):
+            rows = _rows(starts, ends, chunk)
+            segments = np.repeat(np.arange(chunk.shape[0], dtype=np.int32), (ends - starts)[chunk])
             batch = {name: tf.constant(value[rows]) for name, value in inputs.items()}
             targets = {head: tf.constant(labels[head][rows].astype(np.float32)) for head in heads}
-            total += float(step(batch, targets))
+            total += float(step(batch, targets, tf.constant(segments), tf.constant(chunk.shape[0])))
             batches += 1
         losses.append(total / max(batches, 1))
-        held_auc = (
-            auc(predict(model, held_inputs)["click"], labels["click"][held_rows]) if held_rows.size else 0.0
-        )
+        scores.append(validation_score())
         if progress is not None:
             progress(epoch, losses[-1])
-        if held_auc > best_auc:
-            best_auc, best_weights = held_auc, model.get_weights()
+        if scores[-1] > best_score:
+            best_score, best_weights = scores[-1], model.get_weights()
         elif epoch >= 1:
             break
     model.set_weights(best_weights)
-    return losses
+    return RankerTraining(losses, scores, best_score, "ndcg@10" if listwise else "auc")
+
+
+@dataclass(frozen=True)
+class RankerTraining:
+    losses: list[float]
+    validation: list[float]  # per epoch, on the held-out slice of users
+    best: float
+    metric: str
+
+
+def _list_loss(logits: tf.Tensor, clicks: tf.Tensor, segments: tf.Tensor, lists: tf.Tensor) -> tf.Tensor:
+    """Softmax cross-entropy of each list's positives against all its rows:
+    mean over lists with a positive of logsumexp(list) − mean(positive logits)."""
+    peak = tf.math.unsorted_segment_max(logits, segments, lists)
+    shifted = tf.exp(logits - tf.gather(peak, segments))
+    logsumexp = tf.math.log(tf.math.unsorted_segment_sum(shifted, segments, lists)) + peak
+    positives = tf.math.unsorted_segment_sum(clicks, segments, lists)
+    positive_logits = tf.math.unsorted_segment_sum(logits * clicks, segments, lists)
+    has = positives > 0
+    per_list = logsumexp - positive_logits / tf.maximum(positives, 1.0)
+    return tf.reduce_sum(tf.where(has, per_list, 0.0)) / tf.maximum(
+        tf.reduce_sum(tf.cast(has, tf.float32)), 1.0
+    )
+
+
+def _rows(starts: np.ndarray, ends: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """The row indexes of `lists` (in that order)."""
+    if lists.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    lengths = ends[lists] - starts[lists]
+    offsets = np.repeat(starts[lists] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    rows: np.ndarray = (np.arange(lengths.sum()) + offsets).astype(np.int64)
+    return rows
+
+
+def _batches(starts: np.ndarray, ends: np.ndarray, order: np.ndarray, size: int) -> list[np.ndarray]:
+    """Whole lists packed into batches of about `size` rows."""
+    lengths = (ends - starts)[order]
+    cuts = np.flatnonzero(np.diff(np.cumsum(lengths) // size)) + 1
+    return [chunk for chunk in np.split(order, cuts) if chunk.shape[0]]
+
+
+def mean_list_ndcg(scores: np.ndarray, relevant: np.ndarray, group: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over lists (rows of a list contiguous in `group`) with a positive."""
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ends = np.r_[starts[1:], group.shape[0]]
+    values = []
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    for start, end in zip(starts, ends, strict=True):
+        truth = relevant[start:end]
+        if not truth.any():
+            continue
+        top = np.argsort(-scores[start:end], kind="stable")[:k]
+        ideal = discounts[: min(k, int(truth.sum()))].sum()
+        values.append(float((truth[top] * discounts[: top.shape[0]]).sum() / ideal))
+    return float(np.mean(values)) if values else 0.0
 
 
 def predict(model: keras.Model, inputs: Inputs, batch: int = 8192) -> dict[str, np.ndarray]:

@@ -44,6 +44,7 @@ def _inputs(specs: list[Any]) -> dict[str, Any]:
 
 
 def build_two_tower(spec: FeatureSpec, config: TwoTowerConfig) -> TwoTower:
+    keras.utils.set_random_seed(config.seed)  # initial weights follow the build's seed
     item_ids = keras.layers.Embedding(spec.n_item_tokens, config.id_dim, name="item_id_embedding")
     categories = keras.layers.Embedding(spec.n_category_tokens, config.side_dim, name="category_embedding")
     authors = keras.layers.Embedding(spec.n_author_tokens, config.side_dim, name="author_embedding")

@@ -21,7 +21,7 @@ from recsys.features import ranker_inputs, tower_inputs
 from recsys.serving_model import RANKER, USER_TOWER, ServingModel
 from recsys.stages.query import liked_mask
 from recsys.store import ModelStore
-from recsys.v1 import rank_pb2, rank_pb2_grpc
+from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc
 from services.common.server import GrpcHost
 from services.rank.app import RankApp
 from services.rank.settings import RankSettings
@@ -99,6 +99,8 @@ class DirectScorer:
         vector = self.embedding(user_id) if embedding is None else embedding
         batch = ranker_inputs(user, model.item_features.inputs(items))
         batch.update(model.cross_features.inputs(batch["history"], batch["history_weight"], items, vector))
+        # These calls send no provenance: every candidate reads as found by no channel.
+        batch["provenance"] = np.zeros((items.shape[0], model.spec.provenance_width), np.float32)
         names = [output.name for output in self.ranker.get_outputs()]
         feed = {spec.name: batch[spec.name] for spec in self.ranker.get_inputs()}
         outputs = dict(zip(names, self.ranker.run(names, feed), strict=True))
@@ -490,6 +492,30 @@ async def test_a_version_lacking_a_scene_task_is_refused(quick_store: ModelStore
             "fusion.weights",
             rank_pb2.RankRequest(
                 user_id="1", item_indexes=[1], fusion=rank_pb2.Fusion(weights={"like": float("nan")})
+            ),
+        ),
+        (
+            "provenance.ranks",
+            rank_pb2.RankRequest(
+                user_id="1",
+                item_indexes=[1, 2],
+                provenance=common_pb2.Provenance(channels=["itemcf"], ranks=b"\x00\x00", scores=bytes(8)),
+            ),
+        ),
+        (
+            "provenance.scores",
+            rank_pb2.RankRequest(
+                user_id="1",
+                item_indexes=[1],
+                provenance=common_pb2.Provenance(channels=["itemcf"], ranks=bytes(2), scores=bytes(3)),
+            ),
+        ),
+        (
+            "provenance.merge_scores",
+            rank_pb2.RankRequest(
+                user_id="1",
+                item_indexes=[1],
+                provenance=common_pb2.Provenance(channels=["itemcf"], ranks=bytes(2), scores=bytes(4)),
             ),
         ),
         (

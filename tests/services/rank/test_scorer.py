@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from recsys.evaluation.evaluator import HeldOut, full_history, merged_candidates, run_channels
 from recsys.features import ranker_inputs
 from recsys.serving_model import ServingModel
 from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import liked_mask
 from recsys.store import ModelStore
+from recsys.v1 import common_pb2
+from services.common.provenance import provenance_from_message, provenance_message
 from services.rank.scorer import OnnxScorer, ScoreJob
 
 
@@ -85,3 +88,47 @@ def test_prerank_keeps_the_best_by_dot_product_and_puts_unknown_items_last(model
     everything = EmbeddingPreRanker(model.item_embeddings).select(items, user, 20)
     assert everything.positions.shape[0] == items.shape[0]
     assert set(items[everything.positions[-2:]].tolist()) == {-1, n_items}
+
+
+def test_provenance_crosses_the_wire_bit_for_bit_and_scores_as_the_training_assembly(
+    model: ServingModel,
+) -> None:
+    """Recall's merge output → RecallResponse bytes → the gateway (which drops a blocked
+    candidate) → RankRequest bytes → rank's decoding → the scorer: the provenance features
+    equal `ranker_batch`'s (what the build trains on) bit for bit, and the batch scores
+    each call as `ServingModel.score` does with the same provenance."""
+    assert model.spec.provenance_channels, "the quick store's ranker reads provenance"
+    users = np.arange(0, model.core.users.n_users, 97, dtype=np.int32)[:6]
+    run = run_channels(model, HeldOut(users, [np.zeros(0, np.int32) for _ in users]))
+    defaults = model.defaults
+    merged = merged_candidates(run, defaults.channel_weights, defaults.channel_quotas, 200)
+    jobs, expected_features = [], []
+    for query, candidates in zip(run.queries, merged, strict=True):
+        assert len(candidates) > 20
+        sent = common_pb2.Provenance.FromString(
+            provenance_message(candidates.provenance(), with_merge_scores=False).SerializeToString()
+        )
+        at_gateway = provenance_from_message(sent, len(candidates), candidates.scores)
+        kept = np.delete(np.arange(len(candidates)), 3)  # the gateway's blocklist drops one
+        forwarded = common_pb2.Provenance.FromString(
+            provenance_message(at_gateway.take(kept), with_merge_scores=True).SerializeToString()
+        )
+        at_rank = provenance_from_message(forwarded, kept.shape[0])
+        items = candidates.items[kept].astype(np.int64)
+        user = model.user_inputs(query, *full_history(model, query))
+        training = model.ranker_batch(user, items, query.embedding, candidates.take(kept).provenance())
+        served = model.provenance_inputs(at_rank, items.shape[0])
+        assert served.dtype == training["provenance"].dtype
+        np.testing.assert_array_equal(served, training["provenance"])
+        assert (served[:, :-3] > 0).any(axis=1).all()  # every candidate came from some channel
+        jobs.append(ScoreJob(model, user, items, query.embedding, provenance=at_rank))
+        expected_features.append(training)
+    scored = OnnxScorer().score(model, jobs)
+    moved = 0.0
+    for job, scores in zip(jobs, scored.scores, strict=True):
+        expected = model.score(job.user, job.items, job.embedding, job.provenance)
+        without = model.score(job.user, job.items, job.embedding)
+        for head in model.spec.heads:
+            np.testing.assert_allclose(scores[head], expected[head], rtol=0, atol=1e-6)
+        moved += float(np.abs(expected["click"] - without["click"]).max())
+    assert moved > 0  # the ranker reads the provenance: without it the scores differ
