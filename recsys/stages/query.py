@@ -20,6 +20,11 @@ EMPTY_FLOAT = np.zeros(0, dtype=np.float32)
 
 @dataclass(frozen=True)
 class UserQuery:
+    """One user as the recall stages see them. An id the model version has never seen
+    (`user_index` −1) is still a real user when their live events name items the version
+    knows: those items are their history (`recent_items`, `excluded`, the engaged authors),
+    and the user tower reads them beside user token 0."""
+
     user_index: int  # −1: unknown to this model version
     region_token: int  # 0: unknown
     recent_items: IntArray  # item indexes, oldest → newest (the tail of the history)
@@ -31,7 +36,10 @@ class UserQuery:
 
     @property
     def cold_start(self) -> bool:
-        return self.user_index < 0 or self.recent_items.shape[0] == 0
+        """No usable history: neither the version's history of a known user nor a live
+        event on an item the version knows. Whether the id is known does not decide it: a
+        new user who clicked three items gets the personalised channels, not popularity."""
+        return bool(self.recent_items.shape[0] == 0)
 
 
 @dataclass(frozen=True)

@@ -322,8 +322,10 @@ class RecallEngine:
             return None
 
     def _query(self, model: ServingModel, query: RecallQuery, history: UserHistory | None) -> UserQuery:
-        """The user's query: from the feature store's snapshot plus live events, or, without
-        the feature store, from the profile the model version itself has (None history)."""
+        """The user's query: from the feature store's snapshot plus live events (for an id the
+        version does not know, the live events alone: a real user, not a cold start, once
+        they name a known item), or, without the feature store, from the profile the model
+        version itself has (None history)."""
         user_index = model.user_lookup.get(query.user_id, -1)
         region = model.region_lookup.get(query.region, 0) if query.region else None
         items: IntArray | None = None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from recsys.artifacts import AuthorIndex, Popularity, Ragged
 from recsys.errors import InvalidArgument
 from recsys.evaluation.metrics import auc, ndcg_at_k, recall_at_k
+from recsys.feature_store import LiveEvent, Snapshot, UserState
 from recsys.feature_store.bloom import ExposureFilterConfig, item_digests
 from recsys.features import (
     CrossFeatures,
@@ -23,7 +26,7 @@ from recsys.neighbors import NeighborTable
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.fusion import Fusion
 from recsys.stages.merge import WeightedMerge
-from recsys.stages.query import UserQuery
+from recsys.stages.query import EMPTY_INT, UserHistory, UserQuery, build_query
 from recsys.stages.sources import (
     AuthorSource,
     Candidates,
@@ -32,6 +35,7 @@ from recsys.stages.sources import (
     not_excluded,
     popular_source,
 )
+from tests.recsys.feature_store import tiny_core
 
 
 def query(
@@ -74,6 +78,59 @@ def test_excluded_items_never_come_back() -> None:
     assert 2 not in result.items.tolist()
     mask = not_excluded(np.array([5, 1, 9, 3]), np.array([1, 3, 7], np.int32))
     assert mask.tolist() == [True, False, True, False]
+
+
+def test_an_unknown_user_with_live_events_is_queried_from_them() -> None:
+    """An id the version has never seen (index −1, empty snapshot) whose live events name
+    items the version knows: those items, in event order, are the query's history, its
+    exclusions and its engaged authors, and the query is no cold start. Impressions and items
+    the version does not know are left out; without such events the user stays cold."""
+    core = tiny_core()
+    core = dataclasses.replace(
+        core,
+        catalogue=dataclasses.replace(
+            core.catalogue,
+            authors=np.array([0, 1, 1, 2, 0, 2], np.int32),
+            author_vocab=np.array(["ann", "ben"], np.str_),
+        ),
+    )
+    events = (
+        LiveEvent("item-4", "click", 1.0, 100.0, "e1"),
+        LiveEvent("item-1", "impression", 1.0, 101.0, "e2"),  # shown, not consumed
+        LiveEvent("not-in-this-version", "click", 1.0, 102.0, "e3"),
+        LiveEvent("item-2", "rating", 2.0, 103.0, "e4"),  # below the like threshold (4.0)
+        LiveEvent("item-3", "like", 1.0, 104.0, "e5"),
+    )
+    state = UserState(Snapshot.empty(), events, exposure_filter=None, cache_items=())
+    lookup = {str(item): index for index, item in enumerate(core.catalogue.item_ids.tolist())}
+    history = UserHistory.from_state(state, lookup, core.like_threshold)
+    assert history.items.tolist() == [4, 2, 3]
+    assert history.liked.tolist() == [True, False, True]
+    assert history.region == 0
+
+    live = build_query(core, -1, region_token=2, history_items=history.items, history_liked=history.liked)
+    assert live.user_index == -1
+    assert not live.cold_start
+    assert live.region_token == 2  # the request's region still applies
+    assert live.recent_items.tolist() == [4, 2, 3]
+    assert live.recent_liked.tolist() == [True, False, True]
+    assert live.excluded.tolist() == [2, 3, 4]
+    # item 3 (author 2, liked: weight 2) and item 2 (author 1, weight 1); item 4 has none
+    assert live.engaged_authors.tolist() == [2, 1]
+    np.testing.assert_allclose(live.engaged_author_weights, [2 / 3, 1 / 3], rtol=1e-6)
+    # The item-to-item channels start from them: 4 → 2; 2 → 4, 0; 3 → 1 (2, 3, 4 consumed).
+    assert set(NeighborSource("itemcf", TABLE).candidates(live, quota=10).items.tolist()) == {0, 1}
+
+    assert build_query(core, -1, region_token=2).cold_start
+    no_known_items = UserState(Snapshot.empty(), events[1:3], exposure_filter=None, cache_items=())
+    unusable = UserHistory.from_state(no_known_items, lookup, core.like_threshold)
+    assert unusable.items.tolist() == []
+    assert build_query(core, -1, history_items=unusable.items, history_liked=unusable.liked).cold_start
+    assert build_query(core, -1, history_items=EMPTY_INT, history_liked=np.zeros(0, bool)).cold_start
+    # A known user is queried from their stored history, as before.
+    alice = build_query(core, 0)
+    assert not alice.cold_start
+    assert alice.recent_items.tolist() == [0, 3, 5]
 
 
 def test_geo_popular_and_author_sources() -> None:

@@ -162,6 +162,31 @@ async def test_appended_events_read_newest_last_and_capped(harness: Harness) -> 
     assert (await store.user_state("v1", "bob", now=NOW)).live_events == ()
 
 
+async def test_an_unknown_users_live_events_are_their_history(harness: Harness) -> None:
+    """A user the version has no snapshot of reads an empty snapshot and their live events;
+    recall and rank turn the consumed ones on items the version knows into the history."""
+    from recsys.stages.query import UserHistory
+
+    core = tiny_core()
+    await harness.publish("v1", core)
+    await harness.store.append_events(
+        "zed",
+        [
+            event("item-4", NOW + 1),
+            event("item-1", NOW + 2, "impression"),
+            event("item-9", NOW + 3),  # not in the version
+            event("item-2", NOW + 4, "rating", 4.5),
+        ],
+    )
+    state = await harness.store.user_state("v1", "zed", now=NOW)
+    assert len(state.snapshot) == 0
+    assert state.snapshot.region == 0
+    lookup = {str(item): index for index, item in enumerate(core.catalogue.item_ids.tolist())}
+    history = UserHistory.from_state(state, lookup, core.like_threshold)
+    assert history.items.tolist() == [4, 2]
+    assert history.liked.tolist() == [True, True]
+
+
 async def test_consumed_live_items_leave_out_impressions(harness: Harness) -> None:
     await harness.store.append_events(
         "alice", [event("seen", NOW, "impression"), event("watched", NOW + 1, "consume")]

@@ -264,6 +264,49 @@ async def test_an_unknown_user_gets_a_cold_start_answer(stack: Stack) -> None:
     assert len(response.items) == 10
 
 
+async def test_a_new_user_known_only_by_live_clicks_gets_their_neighbours(stack: Stack) -> None:
+    """A fresh user id (never in the data) clicks three items through ReportEvents: the next
+    dry run is no cold start and holds items that the personalised channels found among the
+    clicked items' ItemCF neighbours (a cold-start answer has none: only geo and popular run
+    for it), and none of the clicked items."""
+    model = stack.model
+    user = f"fresh-{time.time_ns()}"
+    assert user not in model.user_lookup
+    cold = await stack.recommend(user, count=100, dry_run=True)
+    assert cold.cold_start
+    assert all(set(item.channels) <= {"geo", "popular"} for item in cold.items)
+    top = np.asarray(model.core.popularity.global_top)
+    clicked = [int(index) for index in top[[20, 40, 60]]]
+    clicked_ids = {str(model.core.catalogue.item_ids[index]) for index in clicked}
+    events = [
+        gateway_pb2.Event(
+            event_id=f"click-{user}-{index}", user_id=user, item_id=item_id, type=gateway_pb2.EVENT_TYPE_CLICK
+        )
+        for index, item_id in enumerate(sorted(clicked_ids))
+    ]
+    answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=events), timeout=5)
+    assert answer.accepted == 3
+    response = await stack.recommend(user, count=100, dry_run=True)
+    assert not response.cold_start
+    assert list(response.degraded_reasons) == []
+    assert len(response.items) == 100
+    ids = {item.item_id for item in response.items}
+    assert not ids & clicked_ids  # consumed now
+    neighbours = {
+        str(model.core.catalogue.item_ids[n])
+        for index in clicked
+        for n in model.core.itemcf.neighbors[index][:20]
+        if n >= 0
+    } - clicked_ids
+    personalised = {"itemcf", "swing", "two_tower", "author"}
+    found = [
+        item.item_id
+        for item in response.items
+        if item.item_id in neighbours and personalised & set(item.channels)
+    ]
+    assert len(found) >= 10, (len(found), sorted(neighbours & ids))
+
+
 async def test_a_scene_runs_the_stages_its_pipeline_declares(stack: Stack) -> None:
     from prometheus_client import REGISTRY
 

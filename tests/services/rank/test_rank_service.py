@@ -73,11 +73,14 @@ class DirectScorer:
         self.ranker = ort.InferenceSession(str(version_dir / RANKER), providers=["CPUExecutionProvider"])
         self.tower = ort.InferenceSession(str(version_dir / USER_TOWER), providers=["CPUExecutionProvider"])
 
-    def user(self, user_id: str) -> dict[str, np.ndarray]:
+    def user(self, user_id: str, live: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """`live`: the items of an unknown user's live clicks (each one a like)."""
         model = self.model
         index = model.user_lookup.get(user_id, -1)
         length = model.spec.history_length
-        if index >= 0:
+        if live is not None:
+            items, liked = live.astype(np.int64)[-length:], np.ones(live.shape[0], bool)[-length:]
+        elif index >= 0:
             items = np.asarray(model.core.history.items.row(index))[-length:]
             liked = liked_mask(model.core.like_threshold, np.asarray(model.core.history.ratings.row(index)))[
                 -length:
@@ -86,17 +89,21 @@ class DirectScorer:
             items, liked = np.zeros(0, np.int64), np.zeros(0, bool)
         return model.user_features.inputs(index, items, liked)
 
-    def embedding(self, user_id: str) -> np.ndarray:
-        inputs = tower_inputs(self.user(user_id))
+    def embedding(self, user_id: str, live: np.ndarray | None = None) -> np.ndarray:
+        inputs = tower_inputs(self.user(user_id, live))
         (vector,) = self.tower.run(["user_embedding"], inputs)
         return np.asarray(vector[0], dtype=np.float32)
 
     def scores(
-        self, user_id: str, items: np.ndarray, embedding: np.ndarray | None = None
+        self,
+        user_id: str,
+        items: np.ndarray,
+        embedding: np.ndarray | None = None,
+        live: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         model = self.model
-        user = self.user(user_id)
-        vector = self.embedding(user_id) if embedding is None else embedding
+        user = self.user(user_id, live)
+        vector = self.embedding(user_id, live) if embedding is None else embedding
         batch = ranker_inputs(user, model.item_features.inputs(items))
         batch.update(model.cross_features.inputs(batch["history"], batch["history_weight"], items, vector))
         # These calls send no provenance: every candidate reads as found by no channel.
@@ -188,6 +195,38 @@ async def test_unknown_users_and_items_are_scored_with_defaults_and_counted(rank
     # Every unknown index gets the same default features, hence the same scores.
     click = task_scores(response)["click"]
     assert click[1] == click[2] == click[4]
+
+
+async def test_an_unknown_user_with_live_clicks_is_scored_from_them(rank: Running) -> None:
+    """Without a history from recall, rank reads the user's state itself: an id the version has
+    never seen who clicked three items is scored with user token 0, zero statistics and those
+    clicks as the history (the user tower's input and the cross features), not as a blank."""
+    import time
+
+    from recsys.feature_store import LiveEvent
+
+    model, reference = rank.model, direct(rank)
+    user_id = f"live-only-{time.time_ns()}"
+    clicked = np.array([11, 12, 13], np.int64)
+    now = time.time()
+    await rank.app.features.append_events(
+        user_id,
+        [
+            LiveEvent(str(model.core.catalogue.item_ids[item]), "click", 1.0, now - 10 + n, f"{user_id}-{n}")
+            for n, item in enumerate(clicked.tolist())
+        ],
+    )
+    items = candidates(model, 4)
+    response = await rank.stub.Rank(
+        rank_pb2.RankRequest(user_id=user_id, item_indexes=items.tolist()), timeout=5
+    )
+    assert response.unknown_user
+    assert list(response.degraded_reasons) == []
+    expected = reference.scores(user_id, items, live=clicked)
+    for head in model.spec.heads:
+        np.testing.assert_allclose(task_scores(response)[head], expected[head], rtol=0, atol=TOLERANCE)
+    blank = reference.scores(user_id, items)
+    assert np.abs(task_scores(response)["click"] - blank["click"]).max() > 1e-4
 
 
 async def test_an_empty_candidate_list_gets_an_empty_answer(rank: Running) -> None:

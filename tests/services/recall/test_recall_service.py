@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from grpc import aio
 
-from recsys.feature_store import InProcessFeatureStore, open_feature_store
+from recsys.feature_store import InProcessFeatureStore, LiveEvent, open_feature_store
 from recsys.store import ModelStore
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 from services.common.server import GrpcHost
@@ -105,6 +105,52 @@ async def test_an_unknown_user_gets_the_cold_start_channels(recall: Running) -> 
     assert stats(response)["popular"].status == OK
     assert stats(response)["geo"].count > 0
     assert stats(response)["itemcf"].status == recall_pb2.CHANNEL_STATUS_SKIPPED
+
+
+async def test_an_unknown_user_with_live_clicks_gets_the_personalised_channels(recall: Running) -> None:
+    """A user id the version has never seen, who clicked three items: recall queries from
+    those clicks (the item-to-item channels find their neighbours, the user tower reads them
+    beside user token 0), with the channel mix a known user gets, and passes them on as the
+    history rank scores from."""
+    model = recall.model
+    user_id = f"live-only-{time.time_ns()}"
+    assert user_id not in model.user_lookup
+    clicked = [int(item) for item in np.asarray(model.core.popularity.global_top)[[20, 40, 60]]]
+    now = time.time()
+    await recall.app.features.append_events(
+        user_id,
+        [
+            LiveEvent(str(model.core.catalogue.item_ids[item]), "click", 1.0, now - 10 + n, f"{user_id}-{n}")
+            for n, item in enumerate(clicked)
+        ],
+    )
+    region = str(model.core.users.region_vocab[0])
+    request = recall_pb2.RecallRequest(
+        user_id=user_id, context=common_pb2.RequestContext(region=region), max_candidates=1000
+    )
+    response = await recall.stub.Recall(request, timeout=2)
+    assert not response.cold_start
+    assert list(response.degraded_reasons) == []
+    known = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196", max_candidates=1000), timeout=2)
+    ran = {name for name, stat in stats(response).items() if stat.status == OK}
+    assert ran == {name for name, stat in stats(known).items() if stat.status == OK}
+    assert {"itemcf", "swing", "two_tower"} <= ran
+    assert not set(response.item_indexes) & set(clicked), "a clicked item came back"
+    neighbours = {int(n) for item in clicked for n in model.core.itemcf.neighbors[item][:5] if n >= 0} - set(
+        clicked
+    )
+    assert neighbours <= channel_items(response, "itemcf")
+    # The history rank gets: the clicks, liked, with the request's region for none stored.
+    assert list(response.history.item_indexes) == clicked
+    assert list(response.history.liked) == [True, True, True]
+    # The user tower ran on token 0 and the clicks, in the request's region.
+    inputs = model.user_features.inputs(
+        -1, np.asarray(clicked), np.ones(3, bool), model.region_lookup[region]
+    )
+    assert inputs["user_id"].tolist() == [0]
+    np.testing.assert_allclose(
+        np.asarray(response.user_embedding), model.user_embeddings([inputs])[0], rtol=0, atol=1e-5
+    )
 
 
 async def test_exclusions_are_honoured(recall: Running) -> None:
