@@ -277,7 +277,8 @@ class RecommendResponse(_message.Message):
     arm: _builtins.str
     """Experiment arm the user fell into, "" when no experiment covers the scene."""
     cold_start: _builtins.bool
-    """True when the user is unknown (or has no usable history) and the answer comes from
+    """True when the user has no usable history (neither a stored one nor live events on known
+    items: a new id that has clicked is served from its clicks) and the answer comes from
     the cold-start channels.
     """
     scene: _builtins.str

@@ -103,8 +103,9 @@ class RecallRequest(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """External user id (at most 128 characters). Required. An unknown user is served by the cold-start channels
-    (`cold_start` set), not refused.
+    """External user id (at most 128 characters). Required. An id the version has never seen is
+    served from its live events (the items it clicked since); without any, by the cold-start
+    channels (`cold_start` set). Never refused.
     """
     model_version: _builtins.str
     """Model version the caller's indexes belong to (at most 128 characters). Empty → the
@@ -202,7 +203,9 @@ class RecallResponse(_message.Message):
     model_version: _builtins.str
     """The version the indexes below belong to."""
     cold_start: _builtins.bool
-    """The user is unknown or has no usable history: cold-start channels answered."""
+    """The user has no usable history (no stored history and no live events on items this
+    version knows): the cold-start channels answered.
+    """
     @_builtins.property
     def item_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Merged candidates, best merged score first. `item_indexes`, `scores` and
