@@ -177,6 +177,8 @@ class RankEngine:
             if provenance is not None:
                 provenance = provenance.take(positions)
         version_metrics = self._metrics.version(loaded.version)
+        if provenance is None and model.spec.provenance_channels:
+            self._metrics.without_provenance.inc()
         unknown_user = query.user_id not in model.user_lookup
         if unknown_user:
             version_metrics.unknown_users.inc()

@@ -89,6 +89,11 @@ class RankMetrics:
         self.nonfinite_scores = metrics.counter(
             "nonfinite_scores_total", "Calls refused because the model gave non-finite scores."
         )
+        self.without_provenance = metrics.counter(
+            "without_provenance_total",
+            "Calls scored without recall's provenance by a ranker that reads it (a direct caller, "
+            "or a gateway too old to forward it): their candidates read as found by no channel.",
+        )
         self.prerank_in = self.prerank_items.labels("in")
         self.prerank_kept = self.prerank_items.labels("kept")
         self._children: dict[str, VersionChildren] = {}

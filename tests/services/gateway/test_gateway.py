@@ -191,6 +191,19 @@ async def test_an_answer_has_count_unique_unconsumed_unexcluded_items(stack: Sta
     assert set(response.items[0].task_scores) == {"click", "like"}
 
 
+async def test_rank_scores_with_the_provenance_recall_returned(stack: Stack) -> None:
+    """The gateway forwards recall's provenance with the candidates (after its own filters),
+    so the ranker reads each candidate's channels as it did in training."""
+    from prometheus_client import REGISTRY
+
+    assert stack.model.spec.provenance_channels
+    before = REGISTRY.get_sample_value("recsys_rank_without_provenance_total") or 0.0
+    response = await stack.recommend("196", count=10, dry_run=True)
+    assert len(response.items) == 10
+    assert list(response.degraded_reasons) == []
+    assert (REGISTRY.get_sample_value("recsys_rank_without_provenance_total") or 0.0) == before
+
+
 async def test_consecutive_requests_do_not_repeat_shown_items(stack: Stack) -> None:
     seen: set[str] = set()
     for _ in range(3):
