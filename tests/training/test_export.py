@@ -67,3 +67,49 @@ def test_parity_gate_refuses_a_model_that_differs() -> None:
         check_parity(model, data, _inputs(1000))
     with pytest.raises(ParityError, match="at least 1000 rows"):
         check_parity(model, export_onnx(model, SPEC.ranker_inputs()), _inputs(10))
+
+
+@pytest.mark.parametrize("attention", ["dot", "din"])
+def test_a_ranker_reading_provenance_exports_with_parity_for_each_attention(attention: str) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, provenance_channels=("itemcf", "swing", "two_tower"))
+    assert [item.name for item in spec.ranker_inputs()][-1] == "provenance"
+    assert spec.provenance_width == 9
+    model = build_ranker(
+        spec,
+        RankerConfig(id_dim=4, side_dim=2, experts=2, expert_units=(8,), tower_units=4, attention=attention),
+    )
+    data = export_onnx(model, spec.ranker_inputs())
+    assert "provenance" in OnnxModel(data).input_names
+    rng = np.random.default_rng(3)
+    inputs = _inputs(1000)
+    inputs["provenance"] = rng.random((1000, spec.provenance_width)).astype(np.float32)
+    assert check_parity(model, data, inputs).max_abs_diff <= 1e-5
+    # The provenance moves the scores: the model reads it.
+    moved = dict(inputs, provenance=np.zeros_like(inputs["provenance"]))
+    assert not np.allclose(OnnxModel(data).run(moved)["click"], OnnxModel(data).run(inputs)["click"])
+
+
+def test_an_unknown_attention_is_refused() -> None:
+    with pytest.raises(ValueError, match="attention: must be one of dot, din"):
+        build_ranker(SPEC, RankerConfig(attention="transformer"))
+
+
+def test_the_list_wise_loss_is_softmax_cross_entropy_per_list() -> None:
+    import tensorflow as tf
+
+    from training.models.ranker import _batches, _list_loss, _rows, mean_list_ndcg
+
+    logits = np.array([2.0, 0.0, -1.0, 1.0, 1.0, 3.0], np.float32)
+    clicks = np.array([1, 0, 0, 0, 1, 0], np.float32)  # list 0: rows 0-2; list 1: rows 3-4; list 2: row 5
+    segments = np.array([0, 0, 0, 1, 1, 2], np.int32)
+    loss = float(_list_loss(tf.constant(logits), tf.constant(clicks), tf.constant(segments), tf.constant(3)))
+    first = np.log(np.exp(logits[:3]).sum()) - 2.0
+    second = np.log(np.exp(logits[3:5]).sum()) - 1.0
+    assert loss == pytest.approx((first + second) / 2, rel=1e-5)  # the list without a positive adds nothing
+    starts, ends = np.array([0, 3, 5]), np.array([3, 5, 6])
+    assert _rows(starts, ends, np.array([2, 0])).tolist() == [5, 0, 1, 2]
+    assert [chunk.tolist() for chunk in _batches(starts, ends, np.array([0, 1, 2]), 4)] == [[0], [1, 2]]
+    # NDCG over lists: list 0 ranks its positive first (1.0); list 1 second (1/log2(3)).
+    assert mean_list_ndcg(logits, clicks.astype(bool), segments) == pytest.approx((1 + 1 / np.log2(3)) / 2)
