@@ -35,7 +35,9 @@ MAX_DENSE = 6_000
 PAD = -1
 """The item index `top_k` returns in slots no candidate is left for."""
 
-# The Gram matrix is accumulated from each user's item pairs, this many pairs at a time (8 bytes each).
+# The Gram matrix is XᵀX with X dense when X has at most this many cells (160 MB in float64);
+# else it is accumulated from each user's item pairs, this many pairs at a time (8 bytes each).
+_DENSE_GRAM_CELLS = 20_000_000
 _PAIRS_PER_BATCH = 10_000_000
 
 
@@ -149,6 +151,13 @@ def gram_matrix(user_index: np.ndarray, item_index: np.ndarray, n_users: int, n_
             f"user_index, item_index: the pair ({users[first]}, {items[first]}) occurs more than once"
         )
     dtype = np.float64 if n_items <= FLOAT64_MAX_ITEMS else np.float32
+    if n_users * n_items <= _DENSE_GRAM_CELLS:
+        # Small enough to hold X densely: one BLAS product, several times faster than the pairs
+        # (and exact: the entries are co-occurrence counts, integers far below 2^24).
+        dense = np.zeros((n_users, n_items), dtype=dtype)
+        dense[users, items] = 1.0
+        product: np.ndarray = dense.T @ dense
+        return product
     return _gram(users, items, n_users, n_items, dtype)
 
 

@@ -167,3 +167,19 @@ def test_one_gram_matrix_fits_every_l2_as_a_fresh_fit_would() -> None:
     np.testing.assert_array_equal(
         gram.gram, gram_matrix(users, np.asarray(history.values), history.n_rows, n_items)
     )
+
+
+def test_the_gram_matrix_is_the_same_from_pairs_as_from_the_dense_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    history, n_items = movielens_slice(3000)
+    users = np.repeat(np.arange(history.n_rows), history.lengths())
+    items = np.asarray(history.values)
+    dense = gram_matrix(users, items, history.n_rows, n_items)
+    monkeypatch.setattr(ease, "_DENSE_GRAM_CELLS", 0)  # every catalogue takes the pairs path
+    monkeypatch.setattr(ease, "_PAIRS_PER_BATCH", 5000)  # in several batches
+    pairs = gram_matrix(users, items, history.n_rows, n_items)
+    indicator = np.zeros((history.n_rows, n_items))
+    indicator[users, items] = 1
+    np.testing.assert_array_equal(dense, indicator.T @ indicator)
+    np.testing.assert_array_equal(pairs, dense)
