@@ -46,7 +46,6 @@ from recsys.evaluation.evaluator import (
 )
 from recsys.evaluation.metrics import mean_metrics
 from recsys.features import FeatureSpec, ItemFeatures
-from recsys.neighbors import NeighborTable
 from recsys.onnx_models import OnnxModel
 from recsys.probe import probe
 from recsys.serving_model import (
@@ -83,9 +82,10 @@ log = logging.getLogger("recsys.build")
 
 EASE_GRID = (50.0, 200.0, 500.0, 1000.0, 3000.0, 10000.0)
 EASE_MAX_ITEMS = 20_000
-# The `ease` channel serves B truncated to each item's top k positive weights, aggregated over
-# the user's history like ItemCF. k and the history weighting are chosen on validation; the
-# weighting leaves ItemCF's (the first) only when another one is clearly better, by more than
+# The `ease` channel serves B truncated to each item's top k positive weights (or, signed, its k
+# strongest weights, negative ones included), aggregated over the user's history like ItemCF.
+# k, the table and the history weighting are chosen on validation; the table and weighting
+# leave positive-only with ItemCF's weighting only when another is clearly better, by more than
 # EASE_WEIGHTING_MARGIN (relative) on the channel's validation recall.
 EASE_NEIGHBORS_GRID = (50, 100, 200)
 EASE_WEIGHTINGS = (
@@ -122,9 +122,10 @@ PROFILES = {
         "quick",
         TwoTowerConfig(embedding_dim=32, id_dim=32, epochs=4, batch_size=512),
         RankerConfig(id_dim=16, epochs=2, expert_units=(64, 32), negatives_per_positive=3),
-        # A coarser grid (each λ is a dense inversion): the quick build stays quick.
-        ease_grid=(200.0, 1000.0, 5000.0),
-        ease_neighbors_grid=(100, 200),
+        # A coarser grid (each λ is a dense inversion, each k a pass over the validation users):
+        # EASE adds about 5 s to a quick MovieLens build (docs: BENCHMARKS.md).
+        ease_grid=(300.0, 3000.0),
+        ease_neighbors_grid=(200,),
     ),
     "full": BuildProfile(
         "full",
@@ -408,23 +409,18 @@ class EaseChannel:
 
     l2: float
     neighbors: int
+    signed: bool  # the table keeps each item's strongest weights, negative ones too
     weighting: HistoryWeighting
-    validation_recall: dict[str, float]  # "k=…, weighting=…" → the channel's recall@budget
+    validation_recall: dict[str, float]  # "k=…, table, weighting" → the channel's recall@budget
 
     def to_json(self) -> dict[str, Any]:
         return {
             "l2": self.l2,
             "neighbors": self.neighbors,
+            "signed": self.signed,
             "weighting": dataclasses.asdict(self.weighting),
             "validation_recall": self.validation_recall,
         }
-
-
-def truncated(table: NeighborTable, k: int) -> NeighborTable:
-    """The first `k` neighbours of each item (a table's best k, since rows are best first)."""
-    return NeighborTable(
-        np.ascontiguousarray(table.neighbors[:, :k]), np.ascontiguousarray(table.scores[:, :k])
-    )
 
 
 def tune_ease(
@@ -435,8 +431,10 @@ def tune_ease(
     stages: Stages,
 ) -> tuple[CatalogueEase, EaseChannel]:
     """λ by the full EASE baseline's validation recall@max(KS) (one Gram matrix, one fit per λ),
-    then the channel's k and history weighting by its own validation recall@`budget`, with the
-    best λ's B: everything on the fit part and the validation split."""
+    then, with the best λ's B, the channel's table (positive weights only, or signed), k and
+    history weighting by its own validation recall@`budget`: everything on the fit part and the
+    validation split. The variant (table, weighting) stays the first one, ItemCF's, unless
+    another is better by more than EASE_WEIGHTING_MARGIN; k is the best for the variant."""
     budget = profile.candidate_budget
     gram = EaseGram.of(core_fit.history.items, core_fit.catalogue.n_items)
     best_score, best = -1.0, None
@@ -450,42 +448,49 @@ def tune_ease(
         del fitted
     del gram
     assert best is not None
-    neighbors_grid = profile.ease_neighbors_grid
-    table = best.neighbor_table(max(neighbors_grid))
     queries = [build_query(core_fit, int(user), recent_limit=recent_items) for user in validation.users]
-    recall: dict[tuple[int, HistoryWeighting], float] = {}
-    for k in neighbors_grid:
-        for weighting in EASE_WEIGHTINGS:
-            source = NeighborSource(
-                "ease",
-                table,
-                decay=weighting.decay,
-                liked_boost=weighting.liked_boost,
-                neighbors_per_item=k,
-                history_items=weighting.items,
-            )
-            lists = [source.candidates(query, budget).items for query in queries]
-            recall[k, weighting] = mean_metrics(lists, validation.relevant, (budget,))[f"recall@{budget}"]
-    # The best k for each weighting (ties: the smaller k); ItemCF's weighting unless beaten clearly.
+    variants = [(signed, weighting) for signed in (False, True) for weighting in EASE_WEIGHTINGS]
+    recall: dict[tuple[int, bool, HistoryWeighting], float] = {}
+    for k in profile.ease_neighbors_grid:
+        for signed in (False, True):
+            table = best.neighbor_table(k, signed=signed)
+            for weighting in EASE_WEIGHTINGS:
+                source = NeighborSource(
+                    "ease",
+                    table,
+                    decay=weighting.decay,
+                    liked_boost=weighting.liked_boost,
+                    history_items=weighting.items,
+                )
+                lists = [source.candidates(query, budget).items for query in queries]
+                recall[k, signed, weighting] = mean_metrics(lists, validation.relevant, (budget,))[
+                    f"recall@{budget}"
+                ]
+    # The best k of each variant (ties: the smaller k).
     best_k = {
-        weighting: max(neighbors_grid, key=lambda k: (recall[k, weighting], -k))
-        for weighting in EASE_WEIGHTINGS
+        variant: max(profile.ease_neighbors_grid, key=lambda k: (recall[(k, *variant)], -k))
+        for variant in variants
     }
 
-    def best_recall(weighting: HistoryWeighting) -> float:
-        return recall[best_k[weighting], weighting]
+    def best_recall(variant: tuple[bool, HistoryWeighting]) -> float:
+        return recall[(best_k[variant], *variant)]
 
-    chosen = EASE_WEIGHTINGS[0]
-    for weighting in EASE_WEIGHTINGS[1:]:
-        if best_recall(weighting) > best_recall(chosen) * (1 + EASE_WEIGHTING_MARGIN):
-            chosen = weighting
+    chosen = variants[0]
+    for variant in variants[1:]:
+        if best_recall(variant) > best_recall(chosen) * (1 + EASE_WEIGHTING_MARGIN):
+            chosen = variant
     labels = {
-        f"k={k}, {_weighting_label(weighting)}": round(value, 5) for (k, weighting), value in recall.items()
+        f"k={k}, {'signed' if signed else 'positive'}, {_weighting_label(weighting)}": round(value, 5)
+        for (k, signed, weighting), value in recall.items()
     }
     for label, value in labels.items():
         stages.note(f"ease channel {label}: validation recall@{budget} {value:.4f}")
-    channel = EaseChannel(best.l2, best_k[chosen], chosen, labels)
-    stages.note(f"ease channel: λ={channel.l2:g}, k={channel.neighbors}, {_weighting_label(chosen)}")
+    signed, weighting = chosen
+    channel = EaseChannel(best.l2, best_k[chosen], signed, weighting, labels)
+    stages.note(
+        f"ease channel: λ={channel.l2:g}, k={channel.neighbors},"
+        f" {'signed' if signed else 'positive'} weights, {_weighting_label(weighting)}"
+    )
     return best, channel
 
 
@@ -557,7 +562,8 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         ease_fit, ease_channel = tune_ease(core_fit, validation_heldout, profile, RECENT_ITEMS, stages)
         # The towers trained above never read the EASE table; the ranker (below) reads its
         # candidates' provenance from the merged recall, which now includes the channel.
-        core_fit = dataclasses.replace(core_fit, ease=ease_fit.neighbor_table(ease_channel.neighbors))
+        table = ease_fit.neighbor_table(ease_channel.neighbors, signed=ease_channel.signed)
+        core_fit = dataclasses.replace(core_fit, ease=table)
         del ease_fit
         if ease_channel.weighting != HistoryWeighting():
             history_weighting["ease"] = ease_channel.weighting
@@ -612,7 +618,8 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     if ease_channel is not None:
         # One fit on the whole training part: the served channel's table and the EASE baseline.
         ease_served = CatalogueEase.fit(core.history.items, encoded.n_items, ease_channel.l2)
-        core = dataclasses.replace(core, ease=ease_served.neighbor_table(ease_channel.neighbors))
+        table = ease_served.neighbor_table(ease_channel.neighbors, signed=ease_channel.signed)
+        core = dataclasses.replace(core, ease=table)
     served = _serving_model("candidate", spec, core, trained, defaults)
 
     stages.start("evaluate on held-out part")
@@ -739,6 +746,7 @@ def publish(
                 "ease_neighbors": (
                     None if candidate.ease_channel is None else candidate.ease_channel.neighbors
                 ),
+                "ease_signed": None if candidate.ease_channel is None else candidate.ease_channel.signed,
             },
         )
         version.verify_with(_verify_loads)

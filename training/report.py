@@ -87,7 +87,8 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
         items = "recent items" if weighting["items"] == 0 else f"last {weighting['items']} items"
         lines += [
             f"- the `ease` channel (tuned on validation): λ={ease_channel['l2']:g},"
-            f" k={ease_channel['neighbors']} neighbours per item, {items},"
+            f" k={ease_channel['neighbors']} neighbours per item"
+            f" ({'signed' if ease_channel.get('signed') else 'positive'} weights), {items},"
             f" decay {weighting['decay']:g}, liked ×{weighting['liked_boost']:g}"
         ]
     served = metrics.get("served")

@@ -222,10 +222,11 @@ class CatalogueEase:
         top = self.model.top_k(local, min(k, self.model.n_items), exclude=local)
         return [self.kept[row[row >= 0]].astype(np.int32) for row in np.asarray(top)]
 
-    def neighbor_table(self, k: int, *, block_rows: int = 512) -> NeighborTable:
+    def neighbor_table(self, k: int, *, signed: bool = False, block_rows: int = 512) -> NeighborTable:
         """B truncated: each item's `k` largest positive weights B[i, j] (what consuming i adds to
-        j's score), best first by float32 weight, ties by the smaller item index. Items outside
-        `kept` have no neighbours (an all-padding row)."""
+        j's score), or with `signed` its `k` largest weights in absolute value (the negative ones
+        push items down, as in full EASE scoring), ordered best first by float32 weight, ties by
+        the smaller item index. Items outside `kept` have no neighbours (an all-padding row)."""
         if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected a positive integer, got {k!r}")
         neighbors = np.full((self.n_items, k), PAD, dtype=np.int32)
@@ -235,24 +236,34 @@ class CatalogueEase:
         keep = min(k, size)
         for start in range(0, size, block_rows):
             block = np.asarray(weights[start : start + block_rows], dtype=np.float32)
+            strength = np.abs(block) if signed else block
             if keep < size:
                 # Every column tied with the k-th value stays a candidate, so the tie order holds.
-                kth = -np.partition(-block, keep - 1, axis=1)[:, keep - 1 : keep]
-                candidate = block >= kth
+                kth = -np.partition(-strength, keep - 1, axis=1)[:, keep - 1 : keep]
+                candidate = strength >= kth
             else:
                 candidate = np.ones(block.shape, dtype=bool)
-            candidate &= block > 0
+            candidate &= strength > 0
             rows, columns = np.nonzero(candidate)
+            by_strength = np.lexsort((columns, -strength[rows, columns], rows))
+            rows, columns = rows[by_strength], columns[by_strength]
+            top = _rank_in_row(rows, block.shape[0]) < k
+            rows, columns = rows[top], columns[top]
             values = block[rows, columns]
-            order = np.lexsort((columns, -values, rows))
-            rows, columns, values = rows[order], columns[order], values[order]
-            counts = np.bincount(rows, minlength=block.shape[0])
-            rank = np.arange(rows.shape[0]) - (np.cumsum(counts) - counts)[rows]
-            top = rank < k
-            targets = self.kept[start + rows[top]]
-            neighbors[targets, rank[top]] = self.kept[columns[top]]
-            scores[targets, rank[top]] = values[top]
+            by_value = np.lexsort((columns, -values, rows))
+            rows, columns, values = rows[by_value], columns[by_value], values[by_value]
+            rank = _rank_in_row(rows, block.shape[0])
+            targets = self.kept[start + rows]
+            neighbors[targets, rank] = self.kept[columns]
+            scores[targets, rank] = values
         return NeighborTable(neighbors, scores)
+
+
+def _rank_in_row(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Each entry's position within its row, for entries grouped by ascending row."""
+    counts = np.bincount(rows, minlength=n_rows)
+    ranks: np.ndarray = np.arange(rows.shape[0]) - (np.cumsum(counts) - counts)[rows]
+    return ranks
 
 
 def _gram(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, dtype: type) -> np.ndarray:

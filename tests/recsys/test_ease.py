@@ -156,6 +156,25 @@ def test_the_neighbor_table_is_each_items_top_k_of_the_dense_weights(max_dense: 
         assert set(items.tolist()) <= set(kept.tolist())
 
 
+def test_a_signed_table_keeps_each_items_k_strongest_weights_negative_ones_last() -> None:
+    history, n_items = movielens_slice(5000)
+    fitted = CatalogueEase.fit(history, n_items, 50.0, max_dense=400)
+    k = 30
+    table = fitted.neighbor_table(k, signed=True)
+    table.validate()
+    dense = fitted.model.weights.astype(np.float32)
+    negatives = 0
+    for position, item in enumerate(fitted.kept):
+        row = dense[position]
+        nonzero = np.flatnonzero(row != 0)
+        strongest = nonzero[np.lexsort((nonzero, -np.abs(row[nonzero])))][:k]
+        expected = strongest[np.lexsort((strongest, -row[strongest]))]
+        assert table.neighbors[item, : expected.shape[0]].tolist() == fitted.kept[expected].tolist()
+        np.testing.assert_array_equal(table.scores[item, : expected.shape[0]], row[expected])
+        negatives += int((row[expected] < 0).sum())
+    assert negatives > 0  # B has negative weights among the strongest: the table keeps them
+
+
 def test_one_gram_matrix_fits_every_l2_as_a_fresh_fit_would() -> None:
     history, n_items = movielens_slice(2000)
     gram = EaseGram.of(history, n_items)

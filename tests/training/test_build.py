@@ -41,6 +41,7 @@ def test_quick_build_beats_popularity_and_records_everything(quick_store: ModelS
     ease = metrics["validation"]["ease_channel"]
     assert ease["l2"] == manifest.extra["ease_l2"] == metrics["validation"]["ease_l2"]
     assert ease["neighbors"] == manifest.extra["ease_neighbors"]
+    assert ease["signed"] == manifest.extra["ease_signed"]
     assert {"core/ease/neighbors.npy", "core/ease/scores.npy"} <= set(manifest.artifacts)
     assert manifest.capabilities["authors"] is False
     assert "author" not in manifest.capabilities["channels"]

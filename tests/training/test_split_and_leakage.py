@@ -74,7 +74,7 @@ def test_no_held_out_interaction_reaches_the_stored_artifacts(quick_store: Any) 
     extra = quick_store.manifest(quick_store.current()).extra
     assert core.ease is not None
     refitted = CatalogueEase.fit(history, n_items, float(extra["ease_l2"]))
-    rebuilt_ease = refitted.neighbor_table(int(extra["ease_neighbors"]))
+    rebuilt_ease = refitted.neighbor_table(int(extra["ease_neighbors"]), signed=extra["ease_signed"])
     np.testing.assert_array_equal(rebuilt_ease.neighbors, core.ease.neighbors)
     np.testing.assert_array_equal(rebuilt_ease.scores, core.ease.scores)
     # 5. Item statistics count training interactions only.
