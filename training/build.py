@@ -87,7 +87,7 @@ EASE_MAX_ITEMS = 20_000
 # k, the table and the history weighting are chosen on validation; the table and weighting
 # leave positive-only with ItemCF's weighting only when another is clearly better, by more than
 # EASE_WEIGHTING_MARGIN (relative) on the channel's validation recall.
-EASE_NEIGHBORS_GRID = (50, 100, 200)
+EASE_NEIGHBORS_GRID = (50, 100, 200, 400)
 EASE_WEIGHTINGS = (
     HistoryWeighting(),  # the version's recent items, recency-decayed, likes boosted
     HistoryWeighting(decay=1.0, liked_boost=1.0),  # the recent items, equally weighted
