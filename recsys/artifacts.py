@@ -120,7 +120,11 @@ class Statistics:
 
 @dataclass(frozen=True)
 class CoreArtifacts:
-    """Everything but the neural models: enough for the CF, geo, author and popular channels."""
+    """Everything but the neural models: enough for the CF, geo, author and popular channels.
+
+    `ease` is optional: a version built without EASE (retrieval-only, a catalogue above EASE's
+    limit, or one published before the channel existed) has none, stores nothing for it, and
+    serves without the `ease` channel."""
 
     catalogue: Catalogue
     users: UserBase
@@ -131,6 +135,10 @@ class CoreArtifacts:
     itemcf: NeighborTable
     swing: NeighborTable
     like_threshold: float | None  # rating ≥ threshold is a like; None: every interaction is one
+    ease: NeighborTable | None = None  # EASE's B truncated to each item's top-k positive weights
+
+
+OPTIONAL_TABLE = NeighborTable | None
 
 
 class ArraySink(Protocol):
@@ -156,8 +164,12 @@ def _items(prefix: str, value: object) -> Iterator[tuple[str, Any]]:
     elif value is None or isinstance(value, (int, float, str)):
         yield f"{prefix}.json", value
     else:
+        hints = typing.get_type_hints(type(value))
         for item in fields(value):  # type: ignore[arg-type]
-            yield from _items(f"{prefix}/{item.name}", getattr(value, item.name))
+            member = getattr(value, item.name)
+            if member is None and hints[item.name] == OPTIONAL_TABLE:
+                continue  # an absent optional table leaves no file, as in versions without it
+            yield from _items(f"{prefix}/{item.name}", member)
 
 
 def save_core(core: CoreArtifacts, sink: ArraySink) -> None:
@@ -176,7 +188,10 @@ def _load(kind: type, directory: Path, mmap: bool) -> Any:
     values: dict[str, Any] = {}
     for name, hint in typing.get_type_hints(kind).items():
         origin = typing.get_origin(hint) or hint
-        if origin is np.ndarray:
+        if hint == OPTIONAL_TABLE:
+            table = directory / name
+            values[name] = _load(NeighborTable, table, mmap) if table.is_dir() else None
+        elif origin is np.ndarray:
             values[name] = _npy(directory / f"{name}.npy", mmap)
         elif origin is tuple:
             values[name] = tuple(json.loads((directory / f"{name}.json").read_text()))
@@ -202,11 +217,36 @@ def load_core(version_dir: Path, mmap: bool = True) -> CoreArtifacts:
     return core
 
 
+@dataclass(frozen=True)
+class HistoryWeighting:
+    """How an item-to-item channel weighs a user's history: the newest `items` of it (0: the
+    version's `recent_items`), the newest weighing 1, each step back × `decay`, a liked item
+    × `liked_boost`. The defaults are ItemCF's and Swing's."""
+
+    items: int = 0
+    decay: float = 0.9
+    liked_boost: float = 2.0
+
+
 @dataclass
 class Defaults:
-    """Serving defaults chosen on the validation split, written into the version."""
+    """Serving defaults chosen on the validation split, written into the version.
+
+    `history_weighting` holds the channels whose weighting differs from `HistoryWeighting()`
+    (versions written before it existed have none)."""
 
     channel_weights: dict[str, float] = field(default_factory=dict)
     channel_quotas: dict[str, int] = field(default_factory=dict)
     recent_items: int = 20
     candidate_budget: int = 200
+    history_weighting: dict[str, HistoryWeighting] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Read back from JSON, the weightings are plain objects.
+        self.history_weighting = {
+            name: value if isinstance(value, HistoryWeighting) else HistoryWeighting(**value)
+            for name, value in self.history_weighting.items()
+        }
+
+    def weighting(self, channel: str) -> HistoryWeighting:
+        return self.history_weighting.get(channel, HistoryWeighting())

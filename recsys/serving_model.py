@@ -30,6 +30,7 @@ from recsys.features import (
     ranker_inputs,
     tower_inputs,
 )
+from recsys.neighbors import NeighborTable
 from recsys.onnx_models import DeferredOnnxModel, OnnxModel
 from recsys.stages.fusion import Fusion
 from recsys.stages.query import UserQuery, build_query
@@ -50,7 +51,7 @@ RANKER = "ranker/ranker.onnx"
 DEFAULTS = "config/defaults.json"
 FEATURE_SPEC = "config/feature_spec.json"
 
-ALL_CHANNELS = ("itemcf", "swing", "two_tower", "geo", "author", "cache", "popular")
+ALL_CHANNELS = ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular")
 
 
 @dataclass
@@ -163,7 +164,10 @@ class ServingModel:
     # -- stages ----------------------------------------------------------------------------
     @cached_property
     def channels(self) -> tuple[str, ...]:
-        names = ["itemcf", "swing", "two_tower"]
+        names = ["itemcf", "swing"]
+        if self.core.ease is not None:  # versions built without EASE lack the channel
+            names.append("ease")
+        names.append("two_tower")
         if self.core.users.region_vocab.shape[0] > 0:
             names.append("geo")
         if self.core.catalogue.author_vocab.shape[0] > 0:
@@ -175,14 +179,26 @@ class ServingModel:
     def sources(self) -> dict[str, CandidateSource]:
         """The offline-evaluable channels (the cache channel needs the feature store)."""
         available: dict[str, CandidateSource] = {
-            "itemcf": NeighborSource("itemcf", self.core.itemcf),
-            "swing": NeighborSource("swing", self.core.swing),
+            "itemcf": self._neighbor_source("itemcf", self.core.itemcf),
+            "swing": self._neighbor_source("swing", self.core.swing),
             "two_tower": TwoTowerAnnSource(self.index),
             "geo": GeoSource(self.core.popularity),
             "author": AuthorSource(self.core.authors),
             "popular": popular_source(self.core.popularity),
         }
+        if self.core.ease is not None:
+            available["ease"] = self._neighbor_source("ease", self.core.ease)
         return {name: available[name] for name in self.channels}
+
+    def _neighbor_source(self, name: str, table: NeighborTable) -> NeighborSource:
+        weighting = self.defaults.weighting(name)
+        return NeighborSource(
+            name,
+            table,
+            decay=weighting.decay,
+            liked_boost=weighting.liked_boost,
+            history_items=weighting.items,
+        )
 
     @cached_property
     def cross_features(self) -> CrossFeatures:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from recsys.ann import ExactIndex, HnswIndex, recall_at_k
-from recsys.artifacts import CoreArtifacts, Defaults, save_core
+from recsys.artifacts import CoreArtifacts, Defaults, HistoryWeighting, save_core
+from recsys.evaluation.ease import CatalogueEase, EaseGram
 from recsys.evaluation.evaluator import (
     KS,
     ChannelRun,
@@ -58,6 +59,8 @@ from recsys.serving_model import (
     ServingModel,
     defaults_json,
 )
+from recsys.stages.query import build_query
+from recsys.stages.sources import NeighborSource
 from recsys.store.reader import ModelStore
 from recsys.store.writer import VersionWriter
 from training.core_builder import CoreConfig, build_core
@@ -79,6 +82,18 @@ log = logging.getLogger("recsys.build")
 
 EASE_GRID = (50.0, 200.0, 500.0, 1000.0, 3000.0, 10000.0)
 EASE_MAX_ITEMS = 20_000
+# The `ease` channel serves B truncated to each item's top k positive weights (or, signed, its k
+# strongest weights, negative ones included), aggregated over the user's history like ItemCF.
+# k, the table and the history weighting are chosen on validation; the table and weighting
+# leave positive-only with ItemCF's weighting only when another is clearly better, by more than
+# EASE_WEIGHTING_MARGIN (relative) on the channel's validation recall.
+EASE_NEIGHBORS_GRID = (50, 100, 200, 400)
+EASE_WEIGHTINGS = (
+    HistoryWeighting(),  # the version's recent items, recency-decayed, likes boosted
+    HistoryWeighting(decay=1.0, liked_boost=1.0),  # the recent items, equally weighted
+    HistoryWeighting(items=500, decay=1.0, liked_boost=1.0),  # (nearly) all of it, as EASE scores
+)
+EASE_WEIGHTING_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ class BuildProfile:
     history_length: int = 30
     candidate_budget: int = 200
     ease: bool = True
+    ease_grid: tuple[float, ...] = EASE_GRID  # λ values tried
+    ease_neighbors_grid: tuple[int, ...] = EASE_NEIGHBORS_GRID  # the channel's k values tried
     parity_rows: int = 2000
     # Retrieval only (the 1M-item benchmark catalogue): no ranker, no pipeline metrics, and the
     # evaluation on a seeded sample of held-out users, since scoring a million-item catalogue
@@ -98,12 +115,17 @@ class BuildProfile:
     max_eval_users: int | None = None
 
 
+RECENT_ITEMS = 20  # history items the item-to-item channels read by default (`Defaults.recent_items`)
+
 PROFILES = {
     "quick": BuildProfile(
         "quick",
         TwoTowerConfig(embedding_dim=32, id_dim=32, epochs=4, batch_size=512),
         RankerConfig(id_dim=16, epochs=2, expert_units=(64, 32), negatives_per_positive=3),
-        ease=False,
+        # A coarser grid (each λ is a dense inversion, each k a pass over the validation users):
+        # EASE adds about 5 s to a quick MovieLens build (docs: BENCHMARKS.md).
+        ease_grid=(300.0, 3000.0),
+        ease_neighbors_grid=(200,),
     ),
     "full": BuildProfile(
         "full",
@@ -381,6 +403,102 @@ class RankerRowIndex:
     candidates: dict[int, np.ndarray]  # user → recall's merged candidates from the fit part
 
 
+@dataclass(frozen=True)
+class EaseChannel:
+    """The `ease` channel's settings chosen on validation, with the validation figures."""
+
+    l2: float
+    neighbors: int
+    signed: bool  # the table keeps each item's strongest weights, negative ones too
+    weighting: HistoryWeighting
+    validation_recall: dict[str, float]  # "k=…, table, weighting" → the channel's recall@budget
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "l2": self.l2,
+            "neighbors": self.neighbors,
+            "signed": self.signed,
+            "weighting": dataclasses.asdict(self.weighting),
+            "validation_recall": self.validation_recall,
+        }
+
+
+def tune_ease(
+    core_fit: CoreArtifacts,
+    validation: HeldOut,
+    profile: BuildProfile,
+    recent_items: int,
+    stages: Stages,
+) -> tuple[CatalogueEase, EaseChannel]:
+    """λ by the full EASE baseline's validation recall@max(KS) (one Gram matrix, one fit per λ),
+    then, with the best λ's B, the channel's table (positive weights only, or signed), k and
+    history weighting by its own validation recall@`budget`: everything on the fit part and the
+    validation split. The variant (table, weighting) stays the first one, ItemCF's, unless
+    another is better by more than EASE_WEIGHTING_MARGIN; k is the best for the variant."""
+    budget = profile.candidate_budget
+    gram = EaseGram.of(core_fit.history.items, core_fit.catalogue.n_items)
+    best_score, best = -1.0, None
+    for l2 in profile.ease_grid:
+        fitted = gram.fit(l2)
+        lists = ease_lists(core_fit, validation, l2, max(KS), fitted=fitted)
+        score = mean_metrics(lists, validation.relevant, (max(KS),))[f"recall@{max(KS)}"]
+        stages.note(f"λ={l2:g}: validation recall@{max(KS)} {score:.4f}")
+        if score > best_score:
+            best_score, best = score, fitted
+        del fitted
+    del gram
+    assert best is not None
+    queries = [build_query(core_fit, int(user), recent_limit=recent_items) for user in validation.users]
+    variants = [(signed, weighting) for signed in (False, True) for weighting in EASE_WEIGHTINGS]
+    recall: dict[tuple[int, bool, HistoryWeighting], float] = {}
+    for k in profile.ease_neighbors_grid:
+        for signed in (False, True):
+            table = best.neighbor_table(k, signed=signed)
+            for weighting in EASE_WEIGHTINGS:
+                source = NeighborSource(
+                    "ease",
+                    table,
+                    decay=weighting.decay,
+                    liked_boost=weighting.liked_boost,
+                    history_items=weighting.items,
+                )
+                lists = [source.candidates(query, budget).items for query in queries]
+                recall[k, signed, weighting] = mean_metrics(lists, validation.relevant, (budget,))[
+                    f"recall@{budget}"
+                ]
+    # The best k of each variant (ties: the smaller k).
+    best_k = {
+        variant: max(profile.ease_neighbors_grid, key=lambda k: (recall[(k, *variant)], -k))
+        for variant in variants
+    }
+
+    def best_recall(variant: tuple[bool, HistoryWeighting]) -> float:
+        return recall[(best_k[variant], *variant)]
+
+    chosen = variants[0]
+    for variant in variants[1:]:
+        if best_recall(variant) > best_recall(chosen) * (1 + EASE_WEIGHTING_MARGIN):
+            chosen = variant
+    labels = {
+        f"k={k}, {'signed' if signed else 'positive'}, {_weighting_label(weighting)}": round(value, 5)
+        for (k, signed, weighting), value in recall.items()
+    }
+    for label, value in labels.items():
+        stages.note(f"ease channel {label}: validation recall@{budget} {value:.4f}")
+    signed, weighting = chosen
+    channel = EaseChannel(best.l2, best_k[chosen], signed, weighting, labels)
+    stages.note(
+        f"ease channel: λ={channel.l2:g}, k={channel.neighbors},"
+        f" {'signed' if signed else 'positive'} weights, {_weighting_label(weighting)}"
+    )
+    return best, channel
+
+
+def _weighting_label(weighting: HistoryWeighting) -> str:
+    items = "recent items" if weighting.items == 0 else f"last {weighting.items} items"
+    return f"{items}, decay {weighting.decay:g}, liked ×{weighting.liked_boost:g}"
+
+
 @dataclass
 class Candidate:
     """A trained and evaluated version, not yet in any store."""
@@ -396,6 +514,7 @@ class Candidate:
     ranker_eval: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None
     training_config: dict[str, Any]
     ease_l2: float | None
+    ease_channel: EaseChannel | None
     notes: list[str]
     stages: Stages
     channels: tuple[str, ...]
@@ -433,12 +552,33 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     core_fit = build_core(fit, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
     trained = _train_towers(encoded, train, inner.test, core_fit, spec, profile, stages)
 
-    stages.start("tune merge on validation")
     validation_heldout = HeldOut.from_pairs(validation.user, validation.item)
     if profile.max_eval_users is not None:
         validation_heldout = validation_heldout.sample(profile.max_eval_users, seed=seed)
+    ease_channel: EaseChannel | None = None
+    history_weighting: dict[str, HistoryWeighting] = {}
+    if profile.ease and encoded.n_items <= EASE_MAX_ITEMS:
+        stages.start("tune EASE on validation")
+        ease_fit, ease_channel = tune_ease(core_fit, validation_heldout, profile, RECENT_ITEMS, stages)
+        # The towers trained above never read the EASE table; the ranker (below) reads its
+        # candidates' provenance from the merged recall, which now includes the channel.
+        table = ease_fit.neighbor_table(ease_channel.neighbors, signed=ease_channel.signed)
+        core_fit = dataclasses.replace(core_fit, ease=table)
+        del ease_fit
+        if ease_channel.weighting != HistoryWeighting():
+            history_weighting["ease"] = ease_channel.weighting
+
+    stages.start("tune merge on validation")
     fit_model = _serving_model(
-        "fit", spec, core_fit, trained, Defaults(candidate_budget=profile.candidate_budget)
+        "fit",
+        spec,
+        core_fit,
+        trained,
+        Defaults(
+            recent_items=RECENT_ITEMS,
+            candidate_budget=profile.candidate_budget,
+            history_weighting=history_weighting,
+        ),
     )
     if not profile.retrieval_only:
         # The ranker reads where each candidate came from: the channels this version serves.
@@ -446,7 +586,13 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         fit_model = dataclasses.replace(fit_model, spec=spec)
     run = run_channels(fit_model, validation_heldout)
     weights, quotas, validation_recall = tune_merge(run, validation_heldout, profile.candidate_budget)
-    defaults = Defaults(weights, quotas, recent_items=20, candidate_budget=profile.candidate_budget)
+    defaults = Defaults(
+        weights,
+        quotas,
+        recent_items=RECENT_ITEMS,
+        candidate_budget=profile.candidate_budget,
+        history_weighting=history_weighting,
+    )
     stages.note(f"weights {weights}")
     stages.note(
         f"quotas {quotas}; validation merged recall@{profile.candidate_budget} {validation_recall:.4f}"
@@ -464,19 +610,16 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
             parity={**trained.parity, "ranker": ranker_parity},
             losses={**trained.losses, "ranker": ranker_training.losses},
         )
-    ease_l2: float | None = None
-    if profile.ease and encoded.n_items <= EASE_MAX_ITEMS:
-        stages.start("tune EASE on validation")
-        best = -1.0
-        for l2 in EASE_GRID:
-            lists = ease_lists(core_fit, validation_heldout, l2, max(KS))
-            score = mean_metrics(lists, validation_heldout.relevant, (max(KS),))[f"recall@{max(KS)}"]
-            stages.note(f"λ={l2:g}: validation recall@{max(KS)} {score:.4f}")
-            if score > best:
-                best, ease_l2 = score, l2
+    ease_l2 = None if ease_channel is None else ease_channel.l2
 
     stages.start("core artifacts (whole training part)")
     core = build_core(train, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
+    ease_served: CatalogueEase | None = None
+    if ease_channel is not None:
+        # One fit on the whole training part: the served channel's table and the EASE baseline.
+        ease_served = CatalogueEase.fit(core.history.items, encoded.n_items, ease_channel.l2)
+        table = ease_served.neighbor_table(ease_channel.neighbors, signed=ease_channel.signed)
+        core = dataclasses.replace(core, ease=table)
     served = _serving_model("candidate", spec, core, trained, defaults)
 
     stages.start("evaluate on held-out part")
@@ -489,7 +632,12 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     ranker_eval = (
         None if profile.retrieval_only else _ranker_eval_rows(encoded, train, test, seed, profile.ranker)
     )
-    ease = ease_lists(core, heldout, ease_l2, max(KS)) if ease_l2 is not None else None
+    ease = (
+        ease_lists(core, heldout, ease_served.l2, max(KS), fitted=ease_served)
+        if ease_served is not None
+        else None
+    )
+    del ease_served
     metrics = evaluate(served, heldout, ease_lists=ease, ranker_rows=ranker_eval)
     metrics["ann"] = {"recall@100_vs_exact": round(trained.ann_recall_at_100, 5)}
     metrics["validation"] = {"merged_recall": round(validation_recall, 5), "ease_l2": ease_l2}
@@ -500,6 +648,8 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
             "per_epoch": [round(value, 5) for value in ranker_training.validation],
             "rows": ranker_counts,
         }
+    if ease_channel is not None:
+        metrics["validation"]["ease_channel"] = ease_channel.to_json()
     metrics["parity"] = {name: value.to_json() for name, value in trained.parity.items()}
     stages.finish()
     training_config = {
@@ -509,6 +659,12 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         "ranker": dataclasses.asdict(profile.ranker),
         "core": dataclasses.asdict(core_config),
         "history_length": profile.history_length,
+        "ease": {
+            "enabled": ease_channel is not None,
+            "l2_grid": list(profile.ease_grid),
+            "neighbors_grid": list(profile.ease_neighbors_grid),
+            "weightings": [dataclasses.asdict(weighting) for weighting in EASE_WEIGHTINGS],
+        },
         "split": {
             "method": split.method,
             "train": len(train),
@@ -529,6 +685,7 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         ranker_eval,
         training_config,
         ease_l2,
+        ease_channel,
         notes,
         stages,
         served.channels,
@@ -586,6 +743,10 @@ def publish(
                 "like_threshold": candidate.encoded.like_threshold,
                 "notes": candidate.notes,
                 "ease_l2": candidate.ease_l2,
+                "ease_neighbors": (
+                    None if candidate.ease_channel is None else candidate.ease_channel.neighbors
+                ),
+                "ease_signed": None if candidate.ease_channel is None else candidate.ease_channel.signed,
             },
         )
         version.verify_with(_verify_loads)

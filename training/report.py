@@ -26,7 +26,8 @@ def _plot_recall(metrics: dict[str, Any], path: Path) -> None:
         label="merged",
     )
     if "ease" in metrics["baselines"]:
-        axis.plot(KS, [metrics["baselines"]["ease"][f"recall@{k}"] for k in KS], linestyle="--", label="EASE")
+        ease = metrics["baselines"]["ease"]
+        axis.plot(KS, [ease[f"recall@{k}"] for k in KS], linestyle="--", label="EASE (full baseline)")
     axis.set_xlabel("K (candidates)")
     axis.set_ylabel("recall@K")
     axis.set_title("Recall by channel and merged (same budget K)")
@@ -79,7 +80,17 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
         lines += ["- none: a retrieval-only version has no ranker"]
     lines += [f"- popularity: NDCG@10 {metrics['baselines']['popular']['ndcg@10']:.4f}"]
     if "ease" in metrics["baselines"]:
-        lines += [f"- EASE: NDCG@10 {metrics['baselines']['ease']['ndcg@10']:.4f}"]
+        lines += [f"- EASE (full scoring): NDCG@10 {metrics['baselines']['ease']['ndcg@10']:.4f}"]
+    ease_channel = metrics.get("validation", {}).get("ease_channel")
+    if ease_channel:
+        weighting = ease_channel["weighting"]
+        items = "recent items" if weighting["items"] == 0 else f"last {weighting['items']} items"
+        lines += [
+            f"- the `ease` channel (tuned on validation): λ={ease_channel['l2']:g},"
+            f" k={ease_channel['neighbors']} neighbours per item"
+            f" ({'signed' if ease_channel.get('signed') else 'positive'} weights), {items},"
+            f" decay {weighting['decay']:g}, liked ×{weighting['liked_boost']:g}"
+        ]
     served = metrics.get("served")
     if served:
         scene = served["scene"]

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import CoreArtifacts, FloatArray, IntArray
 from recsys.evaluation.diversity import distinct_categories, intra_list_diversity
+from recsys.evaluation.ease import CatalogueEase
 from recsys.evaluation.metrics import auc, mean_metrics, ndcg_at_k, recall_at_k
 from recsys.scenes import DEFAULT_SCENE, Scene
 from recsys.serving_model import ServingModel
@@ -445,37 +446,20 @@ def evaluate(
     return result
 
 
-# EASE inverts an items × items matrix: O(n³). On this 2-core machine 18,000 items take about
-# nine minutes per inversion, too slow to tune λ inside a ten-minute build, so larger
-# catalogues are fitted on their EASE_MAX_DENSE most-consumed items (items outside it have so
-# few interactions that EASE would hardly ever rank them; the report says so).
-EASE_MAX_DENSE = 6_000
+def fit_ease(core: CoreArtifacts, l2: float) -> CatalogueEase:
+    """EASE fitted on the version's training histories (restricted to the `MAX_DENSE`
+    most-consumed items for larger catalogues)."""
+    return CatalogueEase.fit(core.history.items, core.catalogue.n_items, l2)
 
 
-def ease_lists(core: CoreArtifacts, heldout: HeldOut, l2: float, k: int) -> list[IntArray]:
-    """EASE top-k for each held-out user, fitted on the version's training histories
-    (restricted to the EASE_MAX_DENSE most-consumed items for larger catalogues)."""
-    from recsys.evaluation.ease import EaseModel  # only when EASE is asked for
-
+def ease_lists(
+    core: CoreArtifacts, heldout: HeldOut, l2: float, k: int, *, fitted: CatalogueEase | None = None
+) -> list[IntArray]:
+    """The full EASE baseline's top-k for each held-out user (every training item of the user
+    scored, none returned), from `fitted` when given, else fitted now with `l2`."""
+    model = fitted if fitted is not None else fit_ease(core, l2)
     history = core.history.items
-    users = np.repeat(np.arange(history.n_rows), history.lengths()).astype(np.int64)
-    items = np.asarray(history.values, dtype=np.int64)
-    n_items = core.catalogue.n_items
-    counts = np.bincount(items, minlength=n_items)
-    if n_items > EASE_MAX_DENSE:
-        kept = np.sort(np.argsort(-counts, kind="stable")[:EASE_MAX_DENSE])
-    else:
-        kept = np.arange(n_items)
-    local = np.full(n_items, -1, dtype=np.int64)
-    local[kept] = np.arange(kept.shape[0])
-    in_scope = local[items] >= 0
-    model = EaseModel.fit(users[in_scope], local[items[in_scope]], history.n_rows, kept.shape[0], l2)
-    histories = []
-    for user in heldout.users:
-        row = local[np.asarray(history.row(int(user)), dtype=np.int64)]
-        histories.append(row[row >= 0])
-    top = model.top_k(histories, min(k, kept.shape[0]), exclude=histories)
-    return [kept[row[row >= 0]].astype(np.int32) for row in np.asarray(top)]
+    return model.top_k([np.asarray(history.row(int(user))) for user in heldout.users], k)
 
 
 def _rounded(values: Mapping[str, float]) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class UserQuery:
     embedding: FloatArray | None = None  # the two-tower user embedding, when computed
     engaged_authors: IntArray = field(default_factory=lambda: EMPTY_INT)  # author tokens, most engaged first
     engaged_author_weights: FloatArray = field(default_factory=lambda: EMPTY_FLOAT)
+    # The whole history (oldest → newest) for a channel that reads further back than
+    # `recent_items`; None: `recent_items` is all the query has.
+    history_items: IntArray | None = None
+    history_liked: npt.NDArray[np.bool_] | None = None
 
     @property
     def cold_start(self) -> bool:
@@ -40,6 +44,12 @@ class UserQuery:
         event on an item the version knows. Whether the id is known does not decide it: a
         new user who clicked three items gets the personalised channels, not popularity."""
         return bool(self.recent_items.shape[0] == 0)
+
+    def last_items(self, count: int) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+        """The newest `count` items of the whole history and their liked flags (0: `recent_items`)."""
+        if count <= 0 or self.history_items is None or self.history_liked is None:
+            return self.recent_items, self.recent_liked
+        return self.history_items[-count:], self.history_liked[-count:]
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,8 @@ def build_query(
         excluded=np.unique(excluded.astype(np.int32)),
         engaged_authors=authors,
         engaged_author_weights=weights,
+        history_items=history_items,
+        history_liked=history_liked,
     )
 
 

@@ -75,17 +75,21 @@ def top_candidates(
     return Candidates(items[order].astype(np.int32), scores[order].astype(np.float32))
 
 
-def recency_rating_weights(query: UserQuery, decay: float, liked_boost: float) -> FloatArray:
-    """Weight of each recent item: newest 1, then ×decay per step back; liked items boosted."""
-    n = query.recent_items.shape[0]
+def recency_rating_weights(liked: npt.NDArray[np.bool_], decay: float, liked_boost: float) -> FloatArray:
+    """Weight of each item of a history (oldest → newest): newest 1, then ×decay per step back;
+    liked items boosted."""
+    n = liked.shape[0]
     age = np.arange(n - 1, -1, -1, dtype=np.float32)  # 0 for the newest
-    weights = np.power(np.float32(decay), age) * np.where(query.recent_liked, liked_boost, 1.0)
+    weights = np.power(np.float32(decay), age) * np.where(liked, liked_boost, 1.0)
     return weights.astype(np.float32)
 
 
 class NeighborSource:
-    """Item-to-item recall (ItemCF, Swing): the user's recent items × each one's top-K
-    neighbours, aggregated with recency/rating weights, vectorised."""
+    """Item-to-item recall (ItemCF, Swing, EASE): the user's recent items × each one's top-K
+    neighbours, aggregated with recency/rating weights, vectorised.
+
+    `history_items`: how many of the newest history items to read (0: the query's
+    `recent_items`, the version's `recent_items` setting)."""
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class NeighborSource:
         decay: float = 0.9,
         liked_boost: float = 2.0,
         neighbors_per_item: int | None = None,
+        history_items: int = 0,
     ) -> None:
         self._identifier = identifier
         self._neighbors = np.asarray(table.neighbors)
@@ -102,17 +107,19 @@ class NeighborSource:
         self._decay = decay
         self._liked_boost = liked_boost
         self._per_item = neighbors_per_item or table.neighbors.shape[1]
+        self._history_items = history_items
 
     @property
     def identifier(self) -> str:
         return self._identifier
 
     def candidates(self, query: UserQuery, quota: int) -> Candidates:
-        if query.recent_items.shape[0] == 0 or quota <= 0:
+        items, liked = query.last_items(self._history_items)
+        if items.shape[0] == 0 or quota <= 0:
             return Candidates.empty()
-        weights = recency_rating_weights(query, self._decay, self._liked_boost)
-        neighbors = self._neighbors[query.recent_items, : self._per_item]
-        scores = self._scores[query.recent_items, : self._per_item] * weights[:, None]
+        weights = recency_rating_weights(liked, self._decay, self._liked_boost)
+        neighbors = self._neighbors[items, : self._per_item]
+        scores = self._scores[items, : self._per_item] * weights[:, None]
         valid = neighbors >= 0
         unique, totals = group_sum(neighbors[valid], scores[valid])
         return top_candidates(unique, totals, quota, query.excluded)

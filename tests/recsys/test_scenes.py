@@ -28,7 +28,7 @@ from recsys.stages.fusion import Fusion
 from recsys.stages.rerank import DppSelector, MmrSelector, RerankRules, TopKSelector
 
 ROOT = Path(__file__).resolve().parents[2]
-CHANNELS = ("itemcf", "swing", "two_tower", "geo", "author", "cache", "popular")
+CHANNELS = ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular")
 
 
 def scenes(obj: dict[str, Any]) -> dict[str, Scene]:

@@ -133,6 +133,25 @@ def test_an_unknown_user_with_live_events_is_queried_from_them() -> None:
     assert alice.recent_items.tolist() == [0, 3, 5]
 
 
+def test_a_neighbor_source_reading_further_back_weighs_the_whole_history() -> None:
+    # The version's recent items are [1]; the whole history is 4, 0, 1 (oldest → newest).
+    history = np.array([4, 0, 1], np.int32)
+    recent = query([1], [False], history_items=history, history_liked=np.array([True, False, False]))
+    recent = dataclasses.replace(recent, excluded=np.unique(history))
+    assert NeighborSource("ease", TABLE).candidates(recent, 10).items.tolist() == [3, 2]
+    whole = NeighborSource("ease", TABLE, decay=1.0, liked_boost=1.0, history_items=500)
+    result = whole.candidates(recent, 10)
+    # 2: 0.7 (via 4) + 0.5 (via 0) + 0.2 (via 1); 3: 0.4 (via 1); consumed 4, 0, 1 never come back,
+    # neither the recent one's neighbour 0 nor the older items' neighbours 4 and 1.
+    assert result.items.tolist() == [2, 3]
+    np.testing.assert_allclose(result.scores, [1.4, 0.4], rtol=1e-6)
+    last_two = NeighborSource("ease", TABLE, decay=0.5, liked_boost=1.0, history_items=2)
+    # 0 (older: 0.5) and 1 (newest: 1): 2 gets 0.5·0.5 + 0.2 = 0.45, 3 gets 0.4
+    np.testing.assert_allclose(last_two.candidates(recent, 10).scores, [0.45, 0.4], rtol=1e-6)
+    # A query without its whole history (built by hand) falls back to its recent items.
+    assert whole.candidates(query([0, 1]), 10).items.tolist() == [2, 3]
+
+
 def test_geo_popular_and_author_sources() -> None:
     popularity = Popularity(
         global_scores=np.array([5, 9, 1, 7, 3], np.float32),

@@ -33,7 +33,16 @@ def test_quick_build_beats_popularity_and_records_everything(quick_store: ModelS
     manifest = quick_store.manifest(version)
     metrics = manifest.metrics
     assert metrics["pipeline"]["ndcg@10"] > metrics["baselines"]["popular"]["ndcg@10"]
-    assert set(metrics["channels"]) == {"itemcf", "swing", "two_tower", "geo", "popular"}  # no authors in ML
+    # No authors in MovieLens; EASE is a channel (tuned on validation) and still the full baseline.
+    assert set(metrics["channels"]) == {"itemcf", "swing", "ease", "two_tower", "geo", "popular"}
+    assert set(metrics["single_channel_top10"]) == set(metrics["channels"])
+    assert set(metrics["baselines"]) == {"popular", "ease"}
+    assert "ease" in manifest.capabilities["channels"]
+    ease = metrics["validation"]["ease_channel"]
+    assert ease["l2"] == manifest.extra["ease_l2"] == metrics["validation"]["ease_l2"]
+    assert ease["neighbors"] == manifest.extra["ease_neighbors"]
+    assert ease["signed"] == manifest.extra["ease_signed"]
+    assert {"core/ease/neighbors.npy", "core/ease/scores.npy"} <= set(manifest.artifacts)
     assert manifest.capabilities["authors"] is False
     assert "author" not in manifest.capabilities["channels"]
     assert set(manifest.capabilities["heads"]) == {"click", "like"}
@@ -167,6 +176,46 @@ def test_a_retrieval_only_version_publishes_loads_and_evaluates_without_a_ranker
     assert metrics["merged"]["recall@200"] > metrics["channels"]["popular"]["recall@200"]
     write_report(tmp_path / "report.md", metrics, "ml-100k", [])
     assert "retrieval-only" in (tmp_path / "report.md").read_text()
+
+
+def test_the_ease_channel_never_returns_consumed_items(quick_store: ModelStore) -> None:
+    model = ServingModel.load(quick_store.version_path(quick_store.current()))  # type: ignore[arg-type]
+    assert model.core.ease is not None
+    model.core.ease.validate()
+    source = model.sources["ease"]
+    answered = 0
+    for user in range(0, model.core.users.n_users, 5):
+        query = model.query(user)
+        items = source.candidates(query, 500).items
+        consumed = np.asarray(model.core.history.items.row(user))
+        assert not np.isin(items, consumed).any(), user
+        assert len(np.unique(items)) == len(items)
+        answered += bool(len(items))
+    assert answered > 150
+
+
+def test_a_version_without_an_ease_table_loads_and_serves_without_the_channel(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    """What a version published before the channel existed (or built without EASE) holds: no
+    table, no `ease` file. It loads, verifies and evaluates without the channel (recall serves it:
+    tests/services/recall)."""
+    candidate = dataclasses.replace(
+        quick_candidate,
+        core=dataclasses.replace(quick_candidate.core, ease=None),
+        channels=tuple(name for name in quick_candidate.channels if name != "ease"),
+    )
+    version = publish(candidate, tmp_path / "store").version
+    store = ModelStore(tmp_path / "store")
+    store.verify(version)
+    assert not [path for path in store.manifest(version).artifacts if path.startswith("core/ease")]
+    assert not (store.version_path(version) / "core" / "ease").exists()
+    model = ServingModel.load(store.version_path(version))
+    assert model.core.ease is None
+    assert "ease" not in model.channels
+    assert "ease" not in model.sources
+    heldout = HeldOut.from_pairs(candidate.heldout_user, candidate.heldout_item).sample(100, seed=1)
+    assert "ease" not in evaluate(model, heldout)["channels"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from recsys.artifacts import load_core
+from recsys.evaluation.ease import CatalogueEase
 from training.cf import build_itemcf
 from training.core_builder import recency_weights
 from training.encode import holdout_split
@@ -68,7 +69,15 @@ def test_no_held_out_interaction_reaches_the_stored_artifacts(quick_store: Any) 
         order=times,
     )
     np.testing.assert_array_equal(rebuilt.neighbors, core.itemcf.neighbors)
-    # 4. Item statistics count training interactions only.
+    # 4. The EASE table is refitted identically from the training part alone, with the λ and k
+    # chosen on validation.
+    extra = quick_store.manifest(quick_store.current()).extra
+    assert core.ease is not None
+    refitted = CatalogueEase.fit(history, n_items, float(extra["ease_l2"]))
+    rebuilt_ease = refitted.neighbor_table(int(extra["ease_neighbors"]), signed=extra["ease_signed"])
+    np.testing.assert_array_equal(rebuilt_ease.neighbors, core.ease.neighbors)
+    np.testing.assert_array_equal(rebuilt_ease.scores, core.ease.scores)
+    # 5. Item statistics count training interactions only.
     counts = np.bincount(train_item, minlength=n_items)
     log_counts = np.log1p(counts) / np.log1p(counts.max())
     np.testing.assert_allclose(core.statistics.item_stats[:, 0], log_counts, rtol=1e-5, atol=1e-6)

@@ -71,12 +71,17 @@ async def test_channels_return_sensible_items_and_never_consumed_ones(recall: Ru
     user_id = "196"
     user = model.user_lookup[user_id]
     history = np.asarray(model.core.history.items.row(user))
+    # Explicit quotas: the merge tuned on validation may switch a channel off by default.
+    item_to_item = ("itemcf", "swing", "ease", "two_tower")
     response = await recall.stub.Recall(
-        recall_pb2.RecallRequest(user_id=user_id, max_candidates=1000), timeout=2
+        recall_pb2.RecallRequest(
+            user_id=user_id, max_candidates=1000, quotas=dict.fromkeys(item_to_item, 200)
+        ),
+        timeout=2,
     )
     assert not response.cold_start
     assert list(response.degraded_reasons) == []
-    assert all(stats(response)[name].status == OK for name in ("itemcf", "swing", "two_tower"))
+    assert all(stats(response)[name].status == OK for name in item_to_item)
     assert len(response.user_embedding) == model.spec.embedding_dim
     returned = set(response.item_indexes)
     assert not returned & set(history.tolist()), "a consumed item came back"
@@ -87,6 +92,17 @@ async def test_channels_return_sensible_items_and_never_consumed_ones(recall: Ru
         int(n) for n in model.core.itemcf.neighbors[last][:10] if n >= 0 and n not in set(history.tolist())
     ]
     assert set(neighbours[:5]) <= channel_items(response, "itemcf")
+    # EASE: served like ItemCF, from its own table (B's top positive weights per item).
+    assert "ease" in response.channel_names
+    assert stats(response)["ease"].count > 0
+    ease_items = channel_items(response, "ease")
+    assert ease_items
+    assert not ease_items & set(history.tolist())
+    ease_neighbours = [
+        int(n) for n in model.core.ease.neighbors[last][:10] if n >= 0 and n not in set(history.tolist())
+    ]
+    assert ease_neighbours
+    assert set(ease_neighbours[:3]) <= ease_items
     # Geo: asked for by quota, its items are the popular items of the user's region.
     region = int(model.core.users.regions[user])
     geo = await recall.stub.Recall(recall_pb2.RecallRequest(user_id=user_id, quotas={"geo": 50}), timeout=2)
@@ -95,6 +111,34 @@ async def test_channels_return_sensible_items_and_never_consumed_ones(recall: Ru
     assert stats(geo)["geo"].count == 50
     assert geo_items <= region_list
     assert len(geo_items) == 50
+
+
+async def test_a_version_without_an_ease_table_is_served_without_the_channel(
+    quick_candidate: Any, tmp_path: Path
+) -> None:
+    """A version published before the `ease` channel existed has no table: recall loads it and
+    answers from the other channels, reporting `ease` as skipped, even when asked for it."""
+    from training.build import publish
+
+    candidate = dataclasses.replace(
+        quick_candidate,
+        core=dataclasses.replace(quick_candidate.core, ease=None),
+        channels=tuple(name for name in quick_candidate.channels if name != "ease"),
+    )
+    publish(candidate, tmp_path / "store")
+    running = await start(str(tmp_path / "store"))
+    try:
+        assert "ease" not in running.model.channels
+        response = await running.stub.Recall(
+            recall_pb2.RecallRequest(user_id="196", quotas={"ease": 100, "itemcf": 100}), timeout=2
+        )
+        assert stats(response)["ease"].status == recall_pb2.CHANNEL_STATUS_SKIPPED
+        assert stats(response)["itemcf"].status == OK
+        assert not channel_items(response, "ease")
+        assert list(response.degraded_reasons) == []
+    finally:
+        await running.channel.close()
+        await running.host.stop(grace=0)
 
 
 async def test_an_unknown_user_gets_the_cold_start_channels(recall: Running) -> None:
@@ -187,7 +231,9 @@ async def test_each_channel_has_its_own_deadline(recall: Running) -> None:
     engine.channel_delays["two_tower"] = 0.03  # over its own 10 ms, under the default 50 ms
     engine.channel_delays["itemcf"] = 0.03
     try:
-        response = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="196"), timeout=2)
+        response = await recall.stub.Recall(
+            recall_pb2.RecallRequest(user_id="196", quotas={"itemcf": 100, "two_tower": 100}), timeout=2
+        )
     finally:
         engine.limits = defaults
         engine.channel_delays.clear()
@@ -357,7 +403,7 @@ async def test_a_call_whose_deadline_has_passed_starts_no_channel(quick_store: M
             while not host.readiness.serving:
                 await asyncio.sleep(0.05)
         engine = app.engine
-        channels = ("itemcf", "swing", "two_tower")
+        channels = ("itemcf", "swing", "ease", "two_tower")
         runs_before = [engine._metrics.outcome[name, "ok"]._value.get() for name in channels]
         expired_before = _expired("recall", "user_state")
         with pytest.raises(DeadlineExpired):
@@ -410,7 +456,7 @@ async def test_the_blocklist_is_applied_in_recall_and_reloaded_when_its_file_cha
         # Blocked before the quotas are cut: a channel with a long list fills its quota from
         # the rest of it, and none loses more than the blocked items it had.
         assert stats(answer)["two_tower"].count == stats(before)["two_tower"].count
-        for name in ("itemcf", "swing"):
+        for name in ("itemcf", "swing", "ease"):
             assert stats(answer)[name].count >= stats(before)[name].count - len(top), name
         assert list(answer.degraded_reasons) == []
         blocklist.write_text("")  # taken off the list: back within a reload
