@@ -20,11 +20,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--store", default=os.environ.get("RECSYS_STORE", "./store"))
     parser.add_argument("--version", help="version to evaluate (default: CURRENT)")
     parser.add_argument("--json", action="store_true", help="print only the metrics JSON on stdout")
+    parser.add_argument(
+        "--scenes", help="scenes JSON (as `recsys serve gateway --scenes`) for the served-path figures"
+    )
+    parser.add_argument(
+        "--scene", default="default", help="the scene whose path `served` evaluates (default: default)"
+    )
     parser.set_defaults(handler=run)
 
 
-def evaluate_version(store: str, version: str | None) -> dict[str, object]:
+def evaluate_version(
+    store: str, version: str | None, scenes: str | None = None, scene: str = "default"
+) -> dict[str, object]:
+    from recsys.errors import UsageError
     from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate
+    from recsys.scenes import DEFAULT_SCENE, ConfigError, load_scenes
     from recsys.serving_model import ServingModel
     from recsys.store.reader import ModelStore
 
@@ -47,10 +57,21 @@ def evaluate_version(store: str, version: str | None) -> dict[str, object]:
     if model.ranker is not None:  # a retrieval-only version has no ranker to score
         labels = {head: array(f"eval/ranker_{head}.npy") for head in model.spec.heads}
         ranker_rows = (array("eval/ranker_user.npy"), array("eval/ranker_item.npy"), labels)
-    return evaluate(model, heldout, ease_lists=ease, ranker_rows=ranker_rows)
+    chosen = DEFAULT_SCENE
+    if scenes is not None:
+        try:
+            declared = load_scenes(scenes)
+        except (OSError, ConfigError) as error:
+            raise UsageError(f"--scenes: {error}") from None
+        if scene not in declared:
+            raise UsageError(f"--scene: {scene!r} is not in {scenes} (it has {', '.join(sorted(declared))})")
+        chosen = declared[scene]
+    elif scene != "default":
+        raise UsageError("--scene: needs --scenes FILE")
+    return evaluate(model, heldout, scene=chosen, ease_lists=ease, ranker_rows=ranker_rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = evaluate_version(args.store, args.version)
+    metrics = evaluate_version(args.store, args.version, args.scenes, args.scene)
     print(json.dumps(metrics, indent=None if args.json else 2, sort_keys=True))
     return 0

@@ -72,6 +72,7 @@ def sample_positions(count: int, size: int, seed: int) -> npt.NDArray[np.intp]:
 class ChannelRun:
     queries: list[UserQuery]
     lists: dict[str, list[Candidates]]  # channel → one list per held-out user
+    depth: int = max(KS)  # each list's most items
 
 
 def run_channels(
@@ -100,7 +101,7 @@ def run_channels(
             for query, vector in zip(queries, embeddings, strict=True)
         ]
     lists = {name: [model.sources[name].candidates(query, depth) for query in queries] for name in names}
-    return ChannelRun(queries, lists)
+    return ChannelRun(queries, lists, depth)
 
 
 def full_history(model: ServingModel, query: UserQuery) -> tuple[IntArray, npt.NDArray[np.bool_]]:
@@ -158,6 +159,7 @@ def tune_merge(
         run = ChannelRun(
             [run.queries[i] for i in keep],
             {name: [lists[i] for i in keep] for name, lists in run.lists.items()},
+            run.depth,
         )
         heldout = heldout.take(keep)
     names = tuple(run.lists)
@@ -259,10 +261,8 @@ def served_lists(
     `scene.recall_candidates` → pre-rank to `scene.prerank_keep` (by the user embedding) →
     ranker with the scene's fusion → the scene's rerank with its rules → the top `top`.
     Returns (the ranker's top `top`, no rerank; the reranked `top`)."""
-    defaults = model.defaults
-    merged_all = merged_candidates(
-        run, defaults.channel_weights, defaults.channel_quotas, scene.recall_candidates
-    )
+    quotas, weights = served_quotas_and_weights(model, scene)
+    merged_all = merged_candidates(run, weights, quotas, scene.recall_candidates)
     prerank = EmbeddingPreRanker(model.item_embeddings)
     selector = scene.selector()
     catalogue = model.core.catalogue
@@ -290,6 +290,15 @@ def served_lists(
         )
         served.append(items[np.asarray(positions, dtype=np.intp)])
     return ranked_top, served
+
+
+def served_quotas_and_weights(model: ServingModel, scene: Scene) -> tuple[dict[str, int], dict[str, float]]:
+    """What the recall service fetches and merges for `scene`: the scene's quotas over the
+    version's, and the version's weights, a channel the tuning switched off counting 0.25
+    when a quota asks for it (services/recall/engine.py `_quotas`, `_weights`)."""
+    quotas = {**model.defaults.channel_quotas, **scene.quotas}
+    weights = {name: model.defaults.channel_weights.get(name) or 0.25 for name in quotas}
+    return quotas, weights
 
 
 def list_diversity(model: ServingModel, lists: list[IntArray]) -> dict[str, float]:
@@ -332,12 +341,16 @@ def ranker_auc(
     return {head: auc(scores[head], np.asarray(labels[head], bool)) for head in labels}
 
 
-def served_metrics(
-    model: ServingModel, run: ChannelRun, relevant: list[IntArray], scene: Scene
-) -> dict[str, Any]:
+def served_metrics(model: ServingModel, heldout: HeldOut, run: ChannelRun, scene: Scene) -> dict[str, Any]:
     """The served path (`served_lists`) beside the ranker's own top 10, with diversity, so
-    the rerank's price in accuracy is visible."""
+    the rerank's price in accuracy is visible. A scene that fetches deeper than `run` holds
+    runs the channels again at its depth."""
+    quotas, _ = served_quotas_and_weights(model, scene)
+    depth = max(quotas.values(), default=0)
+    if depth > run.depth:
+        run = run_channels(model, heldout, depth=depth)
     ranked_top, served = served_lists(model, run, scene)
+    relevant = heldout.relevant
     result: dict[str, Any] = {
         "scene": {
             "name": scene.name,
@@ -418,7 +431,7 @@ def evaluate(
     if pipeline is not None:
         result["pipeline"] = _rounded(pipeline)
         step("served")
-        result["served"] = served_metrics(model, run, relevant, scene or DEFAULT_SCENE)
+        result["served"] = served_metrics(model, heldout, run, scene or DEFAULT_SCENE)
     else:
         result["headline"] = ["merged.recall@200"]  # a retrieval-only version has no ranker
     if ranker_rows is not None:

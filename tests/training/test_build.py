@@ -119,6 +119,37 @@ def test_evaluate_prints_only_the_json_and_reproduces_the_build_metrics(quick_st
     assert metrics["pipeline"] == stored["pipeline"]
     assert metrics["merged"] == stored["merged"]
     assert metrics["channels"] == stored["channels"]
+    assert metrics["served"] == stored["served"]
+    assert metrics["served"]["scene"]["name"] == "default"
+    assert set(metrics["ranker"]["auc_candidates"]) == {"click", "click_per_user"}
+    for name in ("ranker_top10", "reranked_top10"):
+        assert set(metrics["served"][name]) >= {"ndcg@10", "intra_list_similarity", "distinct_categories"}
+    # MMR trades some accuracy for diversity: the reranked lists are less alike.
+    served = metrics["served"]
+    assert served["reranked_top10"]["intra_list_similarity"] < served["ranker_top10"]["intra_list_similarity"]
+
+
+def test_evaluate_runs_the_served_path_of_a_named_scene(quick_store: ModelStore) -> None:
+    def evaluate(*extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "recsys.cli", "evaluate", "--store", str(quick_store.path), *extra]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+
+    scenes = str(ROOT / "deploy" / "scenes.example.json")
+    result = evaluate("--json", "--scenes", scenes, "--scene", "home")
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)["served"]
+    assert served["scene"] == {
+        "name": "home",
+        "prerank_keep": 200,
+        "recall_candidates": 800,
+        "rerank": "mmr",
+        "theta": 0.7,
+    }
+    assert 0 < served["reranked_top10"]["ndcg@10"] < 1
+    refused = evaluate("--scenes", scenes, "--scene", "nope")
+    assert refused.returncode != 0
+    assert "--scene: 'nope' is not in" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_a_failed_publish_leaves_current_unchanged(quick_candidate: Any, tmp_path: Path) -> None:
