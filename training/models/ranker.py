@@ -136,6 +136,7 @@ def train_ranker(
         model.inputs, {head: model.get_layer(f"{head}_logit").output for head in heads}
     )
     list_weight = config.list_weight if group is not None else 0.0
+    listwise = group is not None  # lists to judge epochs by, whatever the loss
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def step(
@@ -171,7 +172,6 @@ def train_ranker(
     held_rows = _rows(starts, ends, held_lists)
     held_inputs = {name: value[held_rows] for name, value in inputs.items()}
     held_group = np.repeat(np.arange(held_lists.shape[0]), (ends - starts)[held_lists])
-    listwise = list_weight > 0
 
     def validation_score() -> float:
         if not held_rows.size:
