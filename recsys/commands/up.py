@@ -7,8 +7,9 @@ cache channel work with no Redis at all. With `--redis` each service is its own 
 Redis does not have them yet; every service option `up` takes is forwarded to the services
 that understand it, and `--workers N` (or `--rank-workers N`, …) runs N processes per service
 behind its one port. There a supervisor keeps the stack serving: a service that dies is
-started again while the others keep serving, and one that fails while starting (a port in
-use) is reported in one line and not retried. Either way the command waits until every
+started again while the others keep serving, and one that fails while starting (a bad
+setting) is reported in one line and not retried. Every port is checked before anything
+starts: one in use (another stack) is one line naming its flag. Either way the command waits until every
 service reports SERVING, prints the addresses, and on a signal stops everything (gateway
 first) and leaves no process behind.
 """
