@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
+# The buf CLI (lint and breaking-change checks of protos/), pinned in tools/buf/package-lock.json
+# and installed from the npm registry; reinstalled only when the lock file changes.
+BUF := tools/buf/node_modules/.bin/buf
+BASELINE := protos/baseline/recsys-v1.binpb
 
-.PHONY: help demo install test lint typecheck pytest protos clean
+.PHONY: help demo install test lint typecheck pytest protos proto-check proto-baseline clean
 
 help:
 	@echo "make demo      - build a quick store if needed, run the stack, recommend, click, recommend again"
 	@echo "make test      - install into $(VENV), then ruff, mypy and pytest (what CI runs)"
 	@echo "make install   - create $(VENV) and install recsys with the [$(EXTRAS)] extra"
 	@echo "make protos    - regenerate recsys/v1 from protos/ (committed; a test checks it)"
+	@echo "make proto-check    - buf lint, and buf breaking against the released contract ($(BASELINE))"
+	@echo "make proto-baseline - at a release: record protos/ as the released contract"
 	@echo "make loadtest  - local stack under locust (USERS, RATE, DURATION, TARGET); reports in loadtest/reports/"
 	@echo "make k8s       - render the dev and prod overlays into build/k8s/ and validate them"
 	@echo "make clean     - remove $(VENV) and caches"
@@ -18,8 +24,12 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+install: $(BIN)/python $(BUF)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	npm ci --prefix tools/buf --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
 
 lint: install
 	$(BIN)/ruff check .
@@ -39,8 +49,19 @@ demo: install
 protos: install
 	$(BIN)/python scripts/gen_protos.py
 
+# What tests/test_protos.py runs too: the style rules of buf.yaml, and no change that breaks
+# generated code, the wire or the JSON form against the last released contract.
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against $(BASELINE)
+
+# At a release (after proto-check passes): the released contract becomes the new baseline;
+# commit the file with the release.
+proto-baseline: $(BUF)
+	$(BUF) build --exclude-source-info -o $(BASELINE)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info tools/buf/node_modules
 
 # --- operations (docs/operations.md) --------------------------------------------------------
 .PHONY: loadtest k8s

@@ -45,7 +45,7 @@ import numpy as np
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys.client import NO_RETRIES, Recommender, RecommenderError
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNT = 20
@@ -96,19 +96,19 @@ class Tally:
     reasons: dict[str, int] = field(default_factory=dict)
     shed_by: dict[str, int] = field(default_factory=dict)  # gateway | downstream
 
-    async def call(self, stub: gateway_pb2_grpc.RecommenderAsyncStub, user: str, deadline: float) -> None:
-        request = gateway_pb2.RecommendRequest(user_id=user, count=COUNT, dry_run=True)
+    async def call(self, client: Recommender, user: str) -> None:
+        """One Recommend, one attempt (the client has NO_RETRIES): a shed call is counted as shed."""
         started = time.perf_counter()
         try:
-            response = await stub.Recommend(request, timeout=deadline)
-        except aio.AioRpcError as error:
-            if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            response = await client.recommend(user, count=COUNT, dry_run=True)
+        except RecommenderError as error:
+            if error.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self.shed.append(time.perf_counter() - started)
                 # The gateway's own admission, or a dependency's passed on ("recall is overloaded")
-                where = "gateway" if (error.details() or "").startswith("server overloaded") else "downstream"
+                where = "gateway" if error.details.startswith("server overloaded") else "downstream"
                 self.shed_by[where] = self.shed_by.get(where, 0) + 1
             else:
-                name = error.code().name
+                name = error.code.name
                 self.errors[name] = self.errors.get(name, 0) + 1
             return
         if response.degraded_reasons:
@@ -145,9 +145,8 @@ class Tally:
 
 
 class Bench:
-    def __init__(self, stub: gateway_pb2_grpc.RecommenderAsyncStub, users: list[str], pids: dict[str, int],
-                 deadline: float) -> None:  # fmt: skip
-        self.stub, self.users, self.pids, self.deadline = stub, users, pids, deadline
+    def __init__(self, client: Recommender, users: list[str], pids: dict[str, int]) -> None:
+        self.client, self.users, self.pids = client, users, pids
         self.rows: list[dict[str, Any]] = []
 
     def _cpu(self) -> dict[str, float]:
@@ -169,7 +168,7 @@ class Bench:
         async def caller(offset: int) -> None:
             index = offset
             while time.perf_counter() < stop_at:
-                await tally.call(self.stub, self.users[index % len(self.users)], self.deadline)
+                await tally.call(self.client, self.users[index % len(self.users)])
                 index += concurrency
 
         before = self._cpu()
@@ -194,7 +193,7 @@ class Bench:
             delay = next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = loop.create_task(tally.call(self.stub, self.users[index % len(self.users)], self.deadline))
+            task = loop.create_task(tally.call(self.client, self.users[index % len(self.users)]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             index += 1
@@ -298,8 +297,10 @@ def start_stack(
 
 
 async def drive(args: argparse.Namespace, pids: dict[str, int], users: list[str]) -> list[dict[str, Any]]:
-    async with aio.insecure_channel(f"127.0.0.1:{args.gateway_port}") as channel:
-        bench = Bench(gateway_pb2_grpc.RecommenderStub(channel), users, pids, args.deadline)
+    # Retries off: a shed call must stay visible as shed, and every call is one measured attempt.
+    target = f"127.0.0.1:{args.gateway_port}"
+    async with Recommender(target, timeout=args.deadline, retry=NO_RETRIES) as client:
+        bench = Bench(client, users, pids)
         await bench.closed(8, 3.0, record=False)  # warm-up
         print(HEADER, flush=True)
         for concurrency in args.concurrency:

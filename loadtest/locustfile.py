@@ -30,15 +30,15 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import grpc
 from grpc.experimental import gevent as grpc_gevent
 from locust import User, between, events, task
 from locust.env import Environment
 
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys.client import NO_RETRIES, Event, EventKind, Recommendation, RecommenderError, SyncRecommender
 
 # gRPC's C core must hand control back to gevent's hub instead of blocking a real thread, or
 # one slow call would stall every simulated user of this process. Before any channel exists.
@@ -77,6 +77,9 @@ TIMEOUT_SECONDS = _env_float("TIMEOUT_SECONDS", 1.0)
 UNKNOWN_POOL = 10_000
 
 
+Result = TypeVar("Result", bound=Any)
+
+
 class GrpcFailure(Exception):
     """A failed call as locust groups it: by status code (details vary per request)."""
 
@@ -111,51 +114,49 @@ def target_address(host: str | None) -> str:
 
 
 class GatewayUser(User):
-    """A client of the gateway, over one gRPC channel (sync stub; gevent makes it cooperative)."""
+    """A client of the gateway: recsys.client's blocking client over one channel (gevent makes
+    it cooperative), without retries, so that every shed call is seen as a failure."""
 
     wait_time = between(0.0, 2 * THINK_SECONDS)
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
-        self.channel: grpc.Channel | None = None
-        self.stub: gateway_pb2_grpc.RecommenderStub | None = None
+        self.gateway: SyncRecommender | None = None
         self.last: Answer | None = None
 
     def on_start(self) -> None:
-        self.channel = grpc.insecure_channel(target_address(self.host))
-        self.stub = gateway_pb2_grpc.RecommenderStub(self.channel)
+        self.gateway = SyncRecommender(target_address(self.host), timeout=TIMEOUT_SECONDS, retry=NO_RETRIES)
 
     def on_stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
+        if self.gateway is not None:
+            self.gateway.close()
 
-    def _call(self, name: str, method: Any, request: Any) -> Any:
-        """Call `method`, report it to locust, return the response (None when it failed)."""
+    def _call(self, name: str, call: Callable[[], Result]) -> Result | None:
+        """Make the call, report it to locust, return the result (None when it failed)."""
         started = time.perf_counter()
-        response: Any = None
+        result: Result | None = None
         failure: Exception | None = None
         try:
-            response = method(request, timeout=TIMEOUT_SECONDS)
-        except grpc.RpcError as error:
-            # What the sync stub raises is also a grpc.Call, which carries the status code.
-            code = getattr(error, "code", None)
-            failure = GrpcFailure(code().name if callable(code) else "UNKNOWN")
+            result = call()
+        except RecommenderError as error:
+            failure = GrpcFailure(error.code.name)
         self.environment.events.request.fire(
             request_type="grpc",
             name=name,
             response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=response.ByteSize() if response is not None else 0,
+            response_length=result.response.ByteSize() if result is not None else 0,
             exception=failure,
             context={},
         )
-        return response
+        return result
 
     def _recommend(self, name: str, user_id: str) -> None:
-        assert self.stub is not None
-        request = gateway_pb2.RecommendRequest(
-            user_id=user_id, scene=SCENE, count=COUNT, request_id=f"lt-{uuid.uuid4().hex}"
+        gateway = self.gateway
+        assert gateway is not None
+        request_id = f"lt-{uuid.uuid4().hex}"
+        response: Recommendation | None = self._call(
+            name, lambda: gateway.recommend(user_id, scene=SCENE, count=COUNT, request_id=request_id)
         )
-        response = self._call(name, self.stub.Recommend, request)
         if response is None:
             return
         TALLY.answers += 1
@@ -170,7 +171,7 @@ class GatewayUser(User):
             request_id=response.request_id,
             scene=response.scene,
             arm=response.arm,
-            item_ids=[item.item_id for item in response.items],
+            item_ids=response.item_ids,
         )
 
     @task(6)
@@ -183,7 +184,8 @@ class GatewayUser(User):
 
     @task(2)
     def report_events(self) -> None:
-        assert self.stub is not None
+        gateway = self.gateway
+        assert gateway is not None
         answer = self.last or Answer(
             user_id=str(random.randint(1, KNOWN_USERS)),
             request_id="",
@@ -193,19 +195,16 @@ class GatewayUser(User):
         )
         self.last = None  # one set of events per answer, as a real client sends
         shown = [
-            self._event(answer, item_id, position, gateway_pb2.EVENT_TYPE_IMPRESSION)
+            self._event(answer, item_id, position, "impression")
             for position, item_id in enumerate(answer.item_ids, start=1)
         ]
         if shown and random.random() < CLICK_RATE:
             position = random.randrange(len(answer.item_ids))
-            shown.append(
-                self._event(answer, answer.item_ids[position], position + 1, gateway_pb2.EVENT_TYPE_CLICK)
-            )
+            shown.append(self._event(answer, answer.item_ids[position], position + 1, "click"))
         if not shown:
             return
-        request = gateway_pb2.ReportEventsRequest(events=shown)
         started = time.perf_counter()
-        response = self._call("ReportEvents", self.stub.ReportEvents, request)
+        response = self._call("ReportEvents", lambda: gateway.report_events(shown))
         if response is not None and response.rejected:
             # Every event sent here is valid: a rejection is a bug worth failing the run for.
             reason = response.rejections[0].reason if response.rejections else "?"
@@ -219,14 +218,12 @@ class GatewayUser(User):
             )
 
     @staticmethod
-    def _event(
-        answer: Answer, item_id: str, position: int, kind: gateway_pb2.EventType.ValueType
-    ) -> gateway_pb2.Event:
-        return gateway_pb2.Event(
+    def _event(answer: Answer, item_id: str, position: int, kind: EventKind) -> Event:
+        return Event(
+            answer.user_id,
+            item_id,
+            kind,
             event_id=f"lt-{uuid.uuid4().hex}",
-            user_id=answer.user_id,
-            item_id=item_id,
-            type=kind,
             request_id=answer.request_id,
             scene=answer.scene,
             position=position,

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,26 +44,29 @@ def add_tls_arguments(parser: argparse.ArgumentParser, *, token: bool = True) ->
         )
 
 
-def open_channel(addr: str, args: argparse.Namespace) -> Any:
-    """A blocking grpc channel to `addr`: TLS when --tls-ca (or a client certificate) is given."""
-    import grpc
+def tls_from_args(args: argparse.Namespace) -> Any:
+    """The `recsys.client.Tls` the --tls-* flags describe, or None for plaintext."""
+    from recsys.client import Tls
 
     ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
     if (cert is None) != (key is None):
         raise UsageError("--tls-cert and --tls-key: give both or neither")
     if ca is None and cert is None:
-        return grpc.insecure_channel(addr)
-    try:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes() if ca else None,
-            private_key=key.read_bytes() if key else None,
-            certificate_chain=cert.read_bytes() if cert else None,
-        )
-    except OSError as error:
-        raise UsageError(f"--tls-*: {error}") from None
-    server_name = getattr(args, "tls_server_name", None)
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(addr, credentials, options=options)
+        return None
+    pems: dict[str, bytes | None] = {}
+    for name, path in (("ca", ca), ("cert", cert), ("key", key)):
+        try:
+            pems[name] = path.read_bytes() if path is not None else None
+        except OSError as error:
+            raise UsageError(f"--tls-{name}: {error}") from None
+    return Tls(**pems, server_name=getattr(args, "tls_server_name", None))
+
+
+def open_channel(addr: str, args: argparse.Namespace) -> Any:
+    """A blocking grpc channel to `addr`: TLS when --tls-ca (or a client certificate) is given."""
+    from recsys.client import create_sync_channel
+
+    return create_sync_channel(addr, tls_from_args(args))
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,7 +74,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "recommend", help="ask a running gateway for recommendations", description="Call Recommend."
     )
     recommend.add_argument("--user", required=True, help="external user id")
-    recommend.add_argument("--count", type=int, default=10)
+    recommend.add_argument("--count", type=int, default=0, help="items (default: the scene's count.default)")
     recommend.add_argument("--scene", default="")
     recommend.add_argument("--region", default="", help="request context region (e.g. a zip prefix)")
     recommend.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="item ids never to show")
@@ -107,24 +109,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     event.set_defaults(handler=run_report_event)
 
 
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
+def _client(args: argparse.Namespace) -> Any:
+    from recsys.client import SyncRecommender
+
+    # Retries (on RESOURCE_EXHAUSTED and UNAVAILABLE) stay within --timeout.
+    return SyncRecommender(
+        args.addr, tls=tls_from_args(args), token=getattr(args, "token", None), timeout=args.timeout
+    )
+
+
+def _failed(error: Any, addr: str) -> GatewayError:
     import grpc
 
-    from recsys.v1 import gateway_pb2_grpc
-
-    addr = args.addr
-    metadata = (("authorization", f"Bearer {args.token}"),) if getattr(args, "token", None) else None
-    with open_channel(addr, args) as channel:
-        stub = gateway_pb2_grpc.RecommenderStub(channel)
-        try:
-            return getattr(stub, method)(request, timeout=args.timeout, metadata=metadata)
-        except grpc.RpcError as error:
-            code = error.code() if hasattr(error, "code") else None
-            details = error.details() if hasattr(error, "details") else str(error)
-            name = code.name if code is not None else "ERROR"
-            if code is grpc.StatusCode.UNAVAILABLE:
-                details = f"gateway at {addr} unreachable or unavailable ({details}); is `recsys up` running?"
-            raise GatewayError(f"{name}: {details}") from None
+    details = error.details
+    if error.code is grpc.StatusCode.UNAVAILABLE:
+        details = f"gateway at {addr} unreachable or unavailable ({details}); is `recsys up` running?"
+    return GatewayError(f"{error.code.name}: {details}")
 
 
 def _as_json(message: Any) -> str:
@@ -136,69 +136,68 @@ def _as_json(message: Any) -> str:
 
 
 def run_recommend(args: argparse.Namespace) -> int:
-    from recsys.v1 import common_pb2, gateway_pb2
+    from recsys.client import RecommenderError
 
-    request = gateway_pb2.RecommendRequest(
-        user_id=args.user,
-        count=args.count,
-        scene=args.scene,
-        exclude_item_ids=args.exclude,
-        context=common_pb2.RequestContext(region=args.region),
-        dry_run=args.dry_run,
-        debug=args.debug_trace,
-        request_id=f"cli-{uuid.uuid4().hex[:12]}",
-    )
-    response = _call(args, "Recommend", request)
+    with _client(args) as client:
+        try:
+            answer = client.recommend(
+                args.user,
+                count=args.count,
+                scene=args.scene,
+                exclude_item_ids=args.exclude,
+                region=args.region,
+                dry_run=args.dry_run,
+                debug=args.debug_trace,
+                request_id=f"cli-{uuid.uuid4().hex[:12]}",
+            )
+        except RecommenderError as error:
+            raise _failed(error, args.addr) from None
     if args.json:
-        print(_as_json(response))
+        print(_as_json(answer.response))
         return 0
-    flags = [f"version {response.model_version}", f"scene {response.scene}"]
-    if response.arm:
-        flags.append(f"arm {response.experiment}/{response.arm}")
-    if response.cold_start:
+    flags = [f"version {answer.model_version}", f"scene {answer.scene}"]
+    if answer.arm:
+        flags.append(f"arm {answer.experiment}/{answer.arm}")
+    if answer.cold_start:
         flags.append("cold start")
-    if response.degraded_reasons:
-        flags.append("degraded: " + ", ".join(response.degraded_reasons))
-    print(f"user {args.user}: {len(response.items)} items ({'; '.join(flags)})")
-    width = max([5, *(len(item.title) for item in response.items)])
+    if answer.degraded_reasons:
+        flags.append("degraded: " + ", ".join(answer.degraded_reasons))
+    print(f"user {args.user}: {len(answer.items)} items ({'; '.join(flags)})")
+    width = max([5, *(len(item.title) for item in answer.items)])
     width = min(width, 60)
     print(f"{'pos':>3}  {'item':>8}  {'title':<{width}}  {'score':>7}  channels")
-    for item in response.items:
+    for item in answer.items:
         title = item.title if len(item.title) <= width else item.title[: width - 1] + "…"
         channels = ",".join(item.channels)
         print(f"{item.position:>3}  {item.item_id:>8}  {title:<{width}}  {item.score:>7.4f}  {channels}")
-    for stage in response.trace:
+    for stage in answer.trace:
         counts = f"{stage.candidates_in:>5} → {stage.candidates_out:<5}"
         print(f"  {stage.stage:<10} {counts} {stage.milliseconds:7.2f} ms {stage.detail}", file=sys.stderr)
     return 0
 
 
 def run_report_event(args: argparse.Namespace) -> int:
-    from recsys.v1 import gateway_pb2
+    from recsys.client import Event, RecommenderError
 
-    kinds = {
-        "impression": gateway_pb2.EVENT_TYPE_IMPRESSION,
-        "click": gateway_pb2.EVENT_TYPE_CLICK,
-        "like": gateway_pb2.EVENT_TYPE_LIKE,
-        "rating": gateway_pb2.EVENT_TYPE_RATING,
-        "consume": gateway_pb2.EVENT_TYPE_CONSUME,
-    }
-    event = gateway_pb2.Event(
-        event_id=args.event_id or f"cli-{uuid.uuid4().hex}",
-        user_id=args.user,
-        item_id=args.item,
-        type=kinds[args.event_type],
+    event = Event(
+        args.user,
+        args.item,
+        args.event_type,
         value=args.value,
+        event_id=args.event_id or f"cli-{uuid.uuid4().hex}",
         scene=args.scene,
     )
-    event.time.FromNanoseconds(time.time_ns())
-    response = _call(args, "ReportEvents", gateway_pb2.ReportEventsRequest(events=[event]))
+    with _client(args) as client:
+        try:
+            report = client.report_events([event])
+        except RecommenderError as error:
+            raise _failed(error, args.addr) from None
     if args.json:
-        print(_as_json(response))
-    elif response.rejections:
-        rejection = response.rejections[0]
+        print(_as_json(report.response))
+    elif report.rejections:
+        rejection = report.rejections[0]
         raise GatewayError(f"event rejected: {rejection.field}: {rejection.reason}")
     else:
-        state = "duplicate (already applied)" if response.duplicates else "accepted"
+        state = "duplicate (already applied)" if report.duplicates else "accepted"
         print(f"{args.event_type} of item {args.item} by user {args.user}: {state}")
-    return 0 if not response.rejections else 1
+    return 0 if not report.rejections else 1

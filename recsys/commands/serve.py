@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 SERVICES = ("recall", "rank", "gateway")
 
@@ -114,7 +115,9 @@ def _serve_recall(args: argparse.Namespace) -> int:
     from services.recall.app import SPEC
     from services.recall.settings import RecallSettings
 
-    return serve(SPEC, settings_from_args(RecallSettings, args))
+    settings = settings_from_args(RecallSettings, args)
+    check_ports(settings)
+    return serve(SPEC, settings)
 
 
 def _serve_rank(args: argparse.Namespace) -> int:
@@ -123,7 +126,9 @@ def _serve_rank(args: argparse.Namespace) -> int:
     from services.rank.app import SPEC
     from services.rank.settings import RankSettings
 
-    return serve(SPEC, settings_from_args(RankSettings, args))
+    settings = settings_from_args(RankSettings, args)
+    check_ports(settings)
+    return serve(SPEC, settings)
 
 
 def _serve_gateway(args: argparse.Namespace) -> int:
@@ -154,7 +159,22 @@ def _serve_gateway(args: argparse.Namespace) -> int:
             ]
             raise UsageError("; ".join(problems)) from None
         settings = settings.model_copy(update={"client": client})
+    check_ports(settings, http_port=settings.http_port)
     return serve(SPEC, settings)
+
+
+def check_ports(settings: Any, *, http_port: int | None = None) -> None:
+    """Before anything starts: a port in use is one line naming its flag, not gRPC's error."""
+    from recsys.commands.ports import check_free
+
+    metrics_host = settings.metrics_host or settings.host
+    check_free(
+        [
+            (f"--port {settings.port}", settings.host, settings.port),
+            (f"--http-port {http_port}", settings.host, http_port),
+            (f"--metrics-port {settings.metrics_port}", metrics_host, settings.metrics_port),
+        ]
+    )
 
 
 def _flag_name(setting: object) -> str:

@@ -7,8 +7,9 @@ cache channel work with no Redis at all. With `--redis` each service is its own 
 Redis does not have them yet; every service option `up` takes is forwarded to the services
 that understand it, and `--workers N` (or `--rank-workers N`, …) runs N processes per service
 behind its one port. There a supervisor keeps the stack serving: a service that dies is
-started again while the others keep serving, and one that fails while starting (a port in
-use) is reported in one line and not retried. Either way the command waits until every
+started again while the others keep serving, and one that fails while starting (a bad
+setting) is reported in one line and not retried. Every port is checked before anything
+starts: one in use (another stack) is one line naming its flag. Either way the command waits until every
 service reports SERVING, prints the addresses, and on a signal stops everything (gateway
 first) and leaves no process behind.
 """
@@ -111,6 +112,24 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')}: needs --redis (one process runs all three)")
 
 
+def _check_ports(args: argparse.Namespace) -> None:
+    """Next to another stack: one line naming the flag of the first port in use, before
+    anything starts (every port `up` binds is on loopback)."""
+    from recsys.commands.ports import check_free
+
+    ports = [
+        (f"--gateway-port {args.gateway_port}", args.gateway_port),
+        (f"--http-port {args.http_port}", args.http_port),
+        (f"--recall-port {args.recall_port}", args.recall_port),
+        (f"--rank-port {args.rank_port}", args.rank_port),
+        (f"--metrics-port {args.metrics_port}", args.metrics_port),
+    ]
+    if args.redis and args.metrics_port > 0:  # a process per service: recall's and rank's follow
+        ports.append((f"--metrics-port {args.metrics_port} (+1: recall's)", args.metrics_port + 1))
+        ports.append((f"--metrics-port {args.metrics_port} (+2: rank's)", args.metrics_port + 2))
+    check_free((label, "127.0.0.1", port) for label, port in ports)
+
+
 def _check_tls(args: argparse.Namespace) -> None:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key: give both or neither")
@@ -156,6 +175,7 @@ def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    _check_ports(args)
     if args.redis:
         return _run_processes(args)
     from services.common.logs import configure_logging

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0eRequestContext\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x30\n\x0crequest_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\nattributes\x18\x03 \x03(\x0b\x32).recsys.v1.RequestContext.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0bUserHistory\x12\x14\n\x0citem_indexes\x18\x01 \x03(\x03\x12\r\n\x05liked\x18\x02 \x03(\x08\x12\x14\n\x0cregion_token\x18\x03 \x01(\x03\"S\n\nProvenance\x12\x10\n\x08\x63hannels\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x01(\x0c\x12\x0e\n\x06scores\x18\x03 \x01(\x0c\x12\x14\n\x0cmerge_scores\x18\x04 \x03(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x0eRequestContext\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x30\n\x0crequest_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\nattributes\x18\x03 \x03(\x0b\x32).recsys.v1.RequestContext.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0bUserHistory\x12\x14\n\x0citem_indexes\x18\x01 \x03(\x03\x12\r\n\x05liked\x18\x02 \x03(\x08\x12\x14\n\x0cregion_token\x18\x03 \x01(\x03\"S\n\nProvenance\x12\x10\n\x08\x63hannels\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x01(\x0c\x12\x0e\n\x06scores\x18\x03 \x01(\x0c\x12\x14\n\x0cmerge_scores\x18\x04 \x03(\x02\x42]\n\x0cio.recsys.v1B\x0b\x43ommonProtoP\x01Z2github.com/recsys/recsys/gen/go/recsys/v1;recsysv1\xaa\x02\tRecsys.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\014io.recsys.v1B\013CommonProtoP\001Z2github.com/recsys/recsys/gen/go/recsys/v1;recsysv1\252\002\tRecsys.V1'
   _globals['_REQUESTCONTEXT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_REQUESTCONTEXT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTCONTEXT']._serialized_start=71

@@ -107,8 +107,11 @@ class RecommendRequest(_message.Message):
     characters. Empty → "default". An unknown scene → INVALID_ARGUMENT naming `scene`.
     """
     count: _builtins.int
-    """How many items to return, 1 … the scene's maximum (INVALID_ARGUMENT naming `count`
-    otherwise). Fewer come back only when fewer eligible items exist.
+    """How many items to return: 1 … the scene's maximum (`count.max` in the scenes file, 100
+    by default), INVALID_ARGUMENT naming `count` otherwise. 0 (or left out, as in
+    `GET /v1/recommend?user_id=196`) → the scene's default (`count.default`, 20 unless the
+    scene or the user's experiment arm says otherwise). Fewer come back only when fewer
+    eligible items exist.
     """
     debug: _builtins.bool
     """Fill `RecommendResponse.trace` with a per-stage trace."""

@@ -224,9 +224,11 @@ class GatewayEngine:
             raise InvalidArgument("exclude_item_ids", f"at most {limits.max_exclusions} items")
         base = scene_named(self.scenes, query.scene)
         most = min(limits.max_count, base.max_count)
-        if query.count <= 0 or query.count > most:
-            raise InvalidArgument("count", f"must be in [1, {most}], got {query.count}")
         assignment = self.experiments.resolve(base, query.user_id)
+        if query.count == 0:  # left out (gRPC, HTTP, CLI alike): the served scene's count.default
+            query = dataclasses.replace(query, count=min(assignment.scene.default_count, most))
+        elif not 0 < query.count <= most:
+            raise InvalidArgument("count", f"must be in [1, {most}], got {query.count}")
         request = _Request(
             query,
             assignment.scene,

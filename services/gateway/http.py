@@ -2,14 +2,14 @@
 validation and the same engine; JSON field names are the proto's.
 
     POST /v1/recommend   {"user_id": "196", "count": 10, "scene": "home", "dry_run": true}
-    GET  /v1/recommend?user_id=196&count=10          (the same, for curl)
+    GET  /v1/recommend?user_id=196&count=10          (the same, for curl; no count → the scene's default)
     POST /v1/events      {"events": [{"user_id": "196", "item_id": "50", "type": "EVENT_TYPE_CLICK"}]}
     GET  /healthz        200 when serving, 503 otherwise
 
 Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, UNAUTHENTICATED → 401,
 PERMISSION_DENIED → 403, FAILED_PRECONDITION → 412,
 RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
-`{"error": {"code": "INVALID_ARGUMENT", "message": "count: must be in [1, 100], got 0"}}`.
+`{"error": {"code": "INVALID_ARGUMENT", "message": "count: must be in [1, 100], got 500"}}`.
 
 Untrusted clients: the field limits are gRPC's (recsys.limits, checked on the decoded
 message); a body is at most `max_body_bytes` (413) and must arrive within `read_timeout`

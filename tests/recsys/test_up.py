@@ -20,7 +20,7 @@ from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.auth import hash_api_key
 from tests.recsys.feature_store import REDIS_URL
 from tests.support.certificates import TestCa
-from tests.support.stack import UpProcess, serving, start_up
+from tests.support.stack import UpProcess, free_ports, serving, start_up
 
 pytestmark = pytest.mark.slow
 
@@ -91,20 +91,66 @@ async def test_up_redis_serves_the_given_scene_restarts_a_killed_service_and_sto
 def test_a_service_failing_to_start_is_reported_in_one_line_and_not_retried(
     quick_store: Any, prefix: str, stacks: list[UpProcess]
 ) -> None:
-    with closing(socket.socket()) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        up = start_up(quick_store.path, REDIS_URL, prefix, "--rank-port", str(port))
-        stacks.append(up)
-        assert up.process.wait(120) == 2
+    # A setting rank refuses (the environment reaches the services, not `up`'s own checks).
+    up = start_up(quick_store.path, REDIS_URL, prefix, env={"RECSYS_RANK_MAX_BATCH_ROWS": "0"})
+    stacks.append(up)
+    assert up.process.wait(120) == 2
     up.close()
     errors = [line for line in up.stderr if line.startswith("recsys up: error:")]
     assert len(errors) == 1, "\n".join(up.stderr)
     assert "rank failed during start-up" in errors[0]
     assert "not retried" in errors[0]
-    assert "could not bind" in errors[0]
+    assert "RECSYS_RANK_MAX_BATCH_ROWS" in errors[0]
     assert sum("restarting" in line for line in up.stderr) == 0
+
+
+def _held_port() -> socket.socket:
+    """A port another process would hold: bound and listening on loopback."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+@pytest.mark.parametrize(
+    ("flag", "redis"),
+    [("--http-port", False), ("--recall-port", False), ("--rank-port", True), ("--metrics-port", True)],
+)
+def test_up_next_to_another_stack_names_the_flag_of_the_port_in_use(
+    quick_store: Any, flag: str, redis: bool
+) -> None:
+    free = [str(port) for port in free_ports(3)]
+    with closing(_held_port()) as taken:
+        port = taken.getsockname()[1]
+        flags = {"--gateway-port": free[0], "--recall-port": free[1], "--rank-port": free[2]}
+        flags |= {"--http-port": "-1", "--metrics-port": "-1", flag: str(port)}
+        command = [sys.executable, "-m", "recsys.cli", "up", "--store", str(quick_store.path)]
+        command += [item for pair in flags.items() for item in pair]
+        command += ["--redis", REDIS_URL] if redis else []
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"recsys up: error: {flag} {port}: address 127.0.0.1:{port} is already in use"
+    ]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("service", "flag"), [("recall", "--port"), ("gateway", "--http-port"), ("rank", "--metrics-port")]
+)
+def test_serve_on_a_port_in_use_names_the_flag(tmp_path: Path, service: str, flag: str) -> None:
+    with closing(_held_port()) as taken:
+        port = taken.getsockname()[1]
+        flags = {"--port": "0", "--metrics-port": "-1", flag: str(port)}
+        if service == "gateway":
+            flags.setdefault("--http-port", "-1")
+        command = [sys.executable, "-m", "recsys.cli", "serve", service, "--store", str(tmp_path)]
+        command += [item for pair in flags.items() for item in pair]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"recsys serve {service}: error: {flag} {port}: address 127.0.0.1:{port} is already in use"
+    ]
 
 
 def recsys_cli(*arguments: str) -> subprocess.CompletedProcess[str]:

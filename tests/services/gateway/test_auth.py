@@ -5,6 +5,7 @@ certificates are made by the test (tests/support/certificates.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recsys.client import NO_RETRIES, Event, Recommender, RecommenderError, RetryPolicy, SyncRecommender, Tls
 from recsys.feature_store import InProcessFeatureStore
 from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
@@ -307,6 +309,34 @@ async def test_the_rate_limit_refuses_a_caller_past_its_rate_and_only_that_calle
     assert (await stack.stub.Recommend(other, metadata=bearer(USER_KEY), timeout=5)).items
 
 
+async def test_the_client_library_sends_its_token_and_retries_past_the_rate_limit(
+    stack: Stack, keys: Keys
+) -> None:
+    target = f"127.0.0.1:{stack.gateway.port}"
+    async with Recommender(target, token=USER_KEY, timeout=5) as client:
+        assert len((await client.recommend("196", count=2, dry_run=True)).items) == 2
+    async with Recommender(target, timeout=5) as anonymous:
+        with pytest.raises(RecommenderError) as refused:
+            await anonymous.recommend("196", count=2, dry_run=True)
+    assert (refused.value.code, refused.value.attempts) == (grpc.StatusCode.UNAUTHENTICATED, 1)
+    # A real RESOURCE_EXHAUSTED: this caller's burst used up, the bucket refills 1 call/s.
+    subject = f"patient-{time.time_ns()}"
+    bearer_token = token(keys, subject)
+    async with Recommender(target, token=bearer_token, timeout=5, retry=NO_RETRIES) as once:
+        for _ in range(BURST):
+            await once.recommend(subject, count=1, dry_run=True)
+        with pytest.raises(RecommenderError) as shed:
+            await once.recommend(subject, count=1, dry_run=True)
+    assert (shed.value.code, shed.value.attempts) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 1)
+    patient = RetryPolicy(max_attempts=12, initial_backoff=0.4, max_backoff=1.0)
+    async with Recommender(target, token=bearer_token, timeout=8, retry=patient) as client:
+        started = time.monotonic()
+        answer = await client.recommend(subject, count=1, dry_run=True)
+        waited = time.monotonic() - started
+    assert answer.cold_start
+    assert waited > 0.2  # it got through only once a token had come back, after retries
+
+
 # -- mTLS everywhere ----------------------------------------------------------------------------
 @dataclass
 class TlsStack:
@@ -437,3 +467,23 @@ async def test_the_http_port_honours_mtls(tls_stack: TlsStack) -> None:
     # Plaintext HTTP to the TLS port is not served either.
     with pytest.raises((aiohttp.ClientError, ConnectionError)):
         await http("GET", f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_the_client_library_speaks_mtls(tls_stack: TlsStack) -> None:
+    ca, tmp = tls_stack.ca.cert, tls_stack.tmp
+    mine = Tls(ca=ca, cert=tmp / "196.crt", key=tmp / "196.key")
+    async with Recommender(tls_stack.address, tls=mine, timeout=10) as client:
+        answer = await client.recommend("196", count=3, dry_run=True)
+    assert len(answer.items) == 3
+    assert not answer.degraded
+    backend = Tls(
+        ca=ca.read_bytes(), cert=(tmp / "web-backend.crt").read_bytes(), key=tmp / "web-backend.key"
+    )
+    with SyncRecommender(tls_stack.address, tls=backend, timeout=10) as sync_client:
+        report = await asyncio.to_thread(sync_client.report_events, [Event("197", "50", "click")])
+    assert report.accepted == 1
+    # No client certificate: the handshake fails, and UNAVAILABLE is retried until the deadline.
+    async with Recommender(tls_stack.address, tls=Tls(ca=ca), timeout=1) as anonymous:
+        with pytest.raises(RecommenderError) as refused:
+            await anonymous.recommend("196", count=1, dry_run=True)
+    assert refused.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -55,6 +55,7 @@ SCENES = {
             }
         },
         "unranked": {"pipeline": ["recall", "blocklist", "rerank"]},
+        "short": {"count": {"default": 4, "max": 8}},
     }
 }
 
@@ -355,8 +356,8 @@ async def test_diversity_scenes_respect_the_business_rules(stack: Stack) -> None
     ("fields", "field"),
     [
         ({"user_id": ""}, "user_id"),
-        ({"user_id": "1", "count": 0}, "count"),
         ({"user_id": "1", "count": -3}, "count"),
+        ({"user_id": "1", "count": 9, "scene": "short"}, "count"),
         ({"user_id": "1", "count": 100_000}, "count"),
         ({"user_id": "1", "scene": "nope"}, "scene"),
     ],
@@ -369,6 +370,21 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
         await stack.stub.Recommend(gateway_pb2.RecommendRequest(**fields), timeout=5)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert field in (caught.value.details() or "")
+
+
+async def test_a_request_without_count_gets_the_scenes_default_on_every_edge(stack: Stack) -> None:
+    # gRPC: count 0 is "left out" in proto3.
+    assert len((await stack.recommend("196", count=0, dry_run=True)).items) == 20  # the built-in default
+    assert len((await stack.recommend("196", count=0, scene="short", dry_run=True)).items) == 4
+    base = f"http://127.0.0.1:{stack.gateway_app.http.port}"
+    for url, body, expected in (
+        (f"{base}/v1/recommend?user_id=196&dry_run=true", None, 20),
+        (f"{base}/v1/recommend?user_id=196&scene=short&dry_run=true", None, 4),
+        (f"{base}/v1/recommend", {"user_id": "196", "scene": "short", "dry_run": True}, 4),
+    ):
+        status, answer = await asyncio.to_thread(_http, url, body)
+        assert status == 200, answer
+        assert len(answer["items"]) == expected, url
 
 
 # -- degradation -----------------------------------------------------------------------------
@@ -480,7 +496,7 @@ async def test_http_json_recommend_and_events(stack: Stack) -> None:
     status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend?user_id=196&count=3&dry_run=true")
     assert status == 200
     assert len(body["items"]) == 3
-    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "196", "count": 0})
+    status, body = await asyncio.to_thread(_http, f"{base}/v1/recommend", {"user_id": "196", "count": -1})
     assert status == 400
     assert body["error"]["code"] == "INVALID_ARGUMENT"
     assert "count" in body["error"]["message"]
