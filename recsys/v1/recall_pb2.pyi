@@ -121,8 +121,8 @@ class RecallRequest(_message.Message):
     def context(self) -> _common_pb2.RequestContext: ...
     @_builtins.property
     def quotas(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Candidates wanted per channel, by channel name (itemcf, swing, two_tower, geo, author,
-        cache, popular). A channel absent from the map gets its configured default; 0 switches
+        """Candidates wanted per channel, by channel name (itemcf, swing, ease, two_tower, geo,
+        author, cache, popular). A channel absent from the map gets its configured default; 0 switches
         it off. Negative values, unknown names or values above the configured maximum →
         INVALID_ARGUMENT naming `quotas[<name>]`. An empty map means all defaults. At most 16
         entries.
