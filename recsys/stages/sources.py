@@ -48,12 +48,22 @@ def not_excluded(items: npt.NDArray[Any], excluded: IntArray) -> npt.NDArray[np.
     return np.asarray(excluded[position] != items)
 
 
-def group_sum(items: npt.NDArray[Any], weights: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FloatArray]:
+def group_sum(
+    items: npt.NDArray[Any], weights: npt.NDArray[Any], n_items: int | None = None
+) -> tuple[npt.NDArray[Any], FloatArray]:
     """Sum `weights` per distinct item: (distinct items ascending, their sums). A sort and a
     `reduceat`: several times faster than `np.unique(return_inverse=True)` + `bincount` on
-    the few thousand entries a request aggregates."""
+    the few thousand entries a request usually aggregates. When the entries are many for the
+    catalogue (`n_items` given, more than a quarter of it: a long history × a deep table), two
+    catalogue-sized `bincount`s replace the sort (Book-Crossing's heaviest users aggregate
+    500 × 400 entries: a sort of 200,000 took ~15 ms)."""
     if items.shape[0] == 0:
         return items, np.zeros(0, np.float32)
+    if n_items is not None and 4 * items.shape[0] > n_items:
+        indexes = np.asarray(items, dtype=np.intp)
+        present = np.flatnonzero(np.bincount(indexes, minlength=n_items))
+        totals = np.bincount(indexes, weights=np.asarray(weights, np.float64), minlength=n_items)
+        return present.astype(items.dtype), totals[present].astype(np.float32)
     order = np.argsort(items, kind="stable")
     ordered = items[order]
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
@@ -121,7 +131,7 @@ class NeighborSource:
         neighbors = self._neighbors[items, : self._per_item]
         scores = self._scores[items, : self._per_item] * weights[:, None]
         valid = neighbors >= 0
-        unique, totals = group_sum(neighbors[valid], scores[valid])
+        unique, totals = group_sum(neighbors[valid], scores[valid], self._neighbors.shape[0])
         return top_candidates(unique, totals, quota, query.excluded)
 
 

@@ -32,6 +32,7 @@ from recsys.stages.sources import (
     Candidates,
     GeoSource,
     NeighborSource,
+    group_sum,
     not_excluded,
     popular_source,
 )
@@ -70,6 +71,22 @@ def test_neighbor_source_aggregates_with_recency_and_rating_weights() -> None:
     np.testing.assert_allclose(result.scores, [0.7, 0.4], rtol=1e-6)
     assert source.candidates(query([0, 1], [True, False]), quota=1).items.tolist() == [2]
     assert len(source.candidates(query([]), quota=10)) == 0
+
+
+def test_group_sum_gives_the_same_sums_sorted_or_by_catalogue_bincount() -> None:
+    rng = np.random.default_rng(4)
+    for n_items, entries in ((50, 400), (2000, 100), (18_000, 200_000)):
+        items = rng.integers(0, n_items, entries).astype(np.int32)
+        weights = rng.normal(size=entries).astype(np.float32)  # signed, as a signed EASE table
+        sorted_items, sorted_sums = group_sum(items, weights)
+        dense_items, dense_sums = group_sum(items, weights, n_items)
+        assert dense_items.dtype == sorted_items.dtype == np.int32
+        np.testing.assert_array_equal(dense_items, sorted_items)
+        np.testing.assert_array_equal(dense_items, np.unique(items))
+        np.testing.assert_allclose(dense_sums, sorted_sums, rtol=1e-5, atol=1e-6)
+        expected = np.zeros(n_items)
+        np.add.at(expected, items, weights.astype(np.float64))
+        np.testing.assert_allclose(dense_sums, expected[dense_items], rtol=1e-5, atol=1e-6)
 
 
 def test_excluded_items_never_come_back() -> None:
