@@ -11,6 +11,7 @@ Index conventions (used by every artifact and by the ONNX models' inputs):
 from __future__ import annotations
 
 import json
+import threading
 import types
 import typing
 from collections.abc import Iterator
@@ -202,8 +203,22 @@ def _load(kind: type, directory: Path, mmap: bool) -> Any:
     return kind(**values)
 
 
+# CPython 3.11 before 3.11.8 can fail `ast` parsing in two threads at once with "SystemError:
+# AST constructor recursion depth mismatch" (cpython#106905); `np.load` parses each .npy
+# header with `ast.literal_eval`, and the services load versions in threads. One lock around
+# the loads keeps them from parsing concurrently (a load is a header read and an mmap).
+_LOAD_LOCK = threading.Lock()
+
+
+def load_npy(path: Path, mmap: bool = True) -> npt.NDArray[Any]:
+    """`np.load` of one array (memory-mapped by default), never two at once in a process."""
+    with _LOAD_LOCK:
+        loaded: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    return loaded
+
+
 def _npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
-    loaded = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    loaded = load_npy(path, mmap)
     # A plain ndarray view of the mapping (no copy): every slice of an np.memmap builds
     # another memmap object, which cost about 20 Python calls per recall request.
     array: npt.NDArray[Any] = np.asarray(loaded)

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.ann import DeferredHnswIndex, HnswIndex
-from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core
+from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core, load_npy
 from recsys.errors import NotReady
 from recsys.features import (
     CrossFeatures,
@@ -75,7 +75,7 @@ class ServingModel:
         serves from the arrays alone (the gateway)."""
         spec = FeatureSpec.from_json(json.loads((version_dir / FEATURE_SPEC).read_text()))
         defaults = Defaults(**json.loads((version_dir / DEFAULTS).read_text()))
-        embeddings = np.load(version_dir / ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+        embeddings = load_npy(version_dir / ITEM_EMBEDDINGS)
         onnx = DeferredOnnxModel if defer_models else OnnxModel
         index = DeferredHnswIndex if defer_models else HnswIndex.load
         manifest = (
