@@ -227,11 +227,25 @@ async def test_a_click_brings_the_clicked_items_neighbours(stack: Stack) -> None
     """For each of the eight users with the shortest histories (one click is a large share of
     what they did; for a heavy user one click among hundreds moves little, as it should): a dry
     run, a click on a popular item they never saw, another dry run. The second answer must hold
-    ItemCF neighbours of the clicked item that the first did not, for several of them: whether a
+    neighbours of the clicked item (by the item-to-item tables recall serves) that the first did
+    not, for several of them: whether a
     neighbour makes the final top 100 is the ranker's call, which varies with the model trained
     in each run (measured at count 100 on two stores: 6 of 8 each; at count 50 one run's quick
     model gave fewer than 4)."""
     model = stack.model
+    # The item-to-item tables the version's recall serves (the tuned merge may switch ItemCF
+    # off when the ease channel covers it).
+    quotas = model.defaults.channel_quotas
+    served_tables = [
+        table
+        for name, table in (
+            ("itemcf", model.core.itemcf),
+            ("swing", model.core.swing),
+            ("ease", model.core.ease),
+        )
+        if table is not None and quotas.get(name, 0) > 0
+    ]
+    assert served_tables
     lengths = np.diff(np.asarray(model.core.history.items.offsets))
     lightest = np.argsort(np.where(lengths > 0, lengths, 10**9), kind="stable")[:8]
     outcomes = {}
@@ -249,7 +263,8 @@ async def test_a_click_brings_the_clicked_items_neighbours(stack: Stack) -> None
                 continue
             neighbours = {
                 str(model.core.catalogue.item_ids[n])
-                for n in model.core.itemcf.neighbors[index][:20]
+                for table in served_tables
+                for n in table.neighbors[index][:20]
                 if n >= 0
             } - history
             if best is None or len(neighbours - before) > best[0]:
