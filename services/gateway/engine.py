@@ -425,6 +425,8 @@ class GatewayEngine:
             return
         request.degraded.extend(ranked.degraded)
         position = {item: n for n, item in enumerate(candidates.items.tolist())}
+        # Ranked: the provenance has served its purpose; later stages need not copy it along.
+        candidates.provenance = None
         result = candidates.take(
             np.asarray([position[item] for item in ranked.items.tolist()], dtype=np.intp)
         )
