@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,9 +398,13 @@ class _Ready:
     """Readiness without a health service (nothing serves gRPC in the floor run)."""
 
     serving = False
+    versions: tuple[str, ...] = ()
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
+
+    async def set_versions(self, versions: Sequence[str]) -> None:
+        self.versions = tuple(versions)
 
 
 def main() -> None:

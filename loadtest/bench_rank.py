@@ -268,7 +268,7 @@ def tensorflow_vs_onnxruntime(
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from training.export import export_onnx
-    from training.models.ranker import RankerConfig, build_ranker
+    from training.models.ranker import RankerConfig, build_ranker, serving_twin
 
     stored = dict(manifest.get("training_config", {}).get("ranker", {}))
     stored["expert_units"] = tuple(stored.get("expert_units", RankerConfig.expert_units))
@@ -277,7 +277,7 @@ def tensorflow_vs_onnxruntime(
     )
     keras_model = build_ranker(model.spec, config)
     specs = model.spec.ranker_inputs()
-    onnx = OnnxModel(export_onnx(keras_model, specs))
+    onnx = OnnxModel(export_onnx(serving_twin(keras_model, model.spec, config), specs))  # as built
     signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name) for spec in specs]
     names = [spec.name for spec in specs]
 

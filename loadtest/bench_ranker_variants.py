@@ -1,9 +1,10 @@
 """onnxruntime time of the ranker architectures, per 200 rows, in one run: the ranker
-before provenance features (the previous release's inputs), with them (what is shipped),
-and with the DIN attention option. Weights do not change the arithmetic, so each variant
-is built untrained from a stored version's feature spec and profile config, exported with
-the build's exporter, and timed on the same real rows (one thread, as the rank service's
-inference thread runs it).
+before provenance features (the previous release's inputs), with them in the broadcast
+formulation (Mul + ReduceSum: what was exported before), with them as exported now (MatMul,
+see training/models/layers.py), and with the DIN attention option. Weights do not change
+the arithmetic, so each variant is built untrained from a stored version's feature spec and
+profile config, exported with the build's exporter, and timed on the same real rows (one
+thread, as the rank service's inference thread runs it).
 
     python loadtest/bench_ranker_variants.py --store /tmp/store-ml [--rounds 2000]
 
@@ -39,7 +40,7 @@ def main() -> int:
     from recsys.serving_model import ServingModel
     from recsys.store import ModelStore
     from training.export import export_onnx
-    from training.models.ranker import RankerConfig, build_ranker
+    from training.models.ranker import RankerConfig, build_ranker, serving_twin
 
     store = ModelStore(args.store)
     version = store.current()
@@ -60,17 +61,27 @@ def main() -> int:
     inputs = model.user_inputs(query)
     embedding = model.user_embeddings([inputs])[0]
     batch = model.ranker_batch(inputs, items, embedding)
-    variants: dict[str, tuple[Any, RankerConfig]] = {
+    dot, din = dataclasses.replace(config, attention="dot"), dataclasses.replace(config, attention="din")
+    variants: dict[str, tuple[Any, RankerConfig, bool]] = {
         "before: no provenance (previous release)": (
             dataclasses.replace(model.spec, provenance_channels=()),
-            dataclasses.replace(config, attention="dot"),
+            dot,
+            False,
         ),
-        "provenance, dot attention (shipped)": (model.spec, dataclasses.replace(config, attention="dot")),
-        "provenance, DIN attention": (model.spec, dataclasses.replace(config, attention="din")),
+        "provenance, dot attention, broadcast Mul + ReduceSum (the previous export)": (
+            model.spec,
+            dot,
+            False,
+        ),
+        "provenance, dot attention, MatMul (shipped)": (model.spec, dot, True),
+        "provenance, DIN attention, MatMul": (model.spec, din, True),
     }
     results: dict[str, float] = {}
-    for name, (spec, variant) in variants.items():
-        onnx = OnnxModel(export_onnx(build_ranker(spec, variant), spec.ranker_inputs()), threads=1)
+    for name, (spec, variant, matmul) in variants.items():
+        keras_model = build_ranker(spec, variant)
+        if matmul:
+            keras_model = serving_twin(keras_model, spec, variant)
+        onnx = OnnxModel(export_onnx(keras_model, spec.ranker_inputs()), threads=1)
         feed = {key: batch[key] for key in onnx.input_names}
         for _ in range(50):
             onnx.run(feed)

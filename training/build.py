@@ -68,7 +68,7 @@ from training.data.raw import RawData
 from training.encode import Encoded, Interactions, Split, encode, holdout_split
 from training.examples import NegativeSampler, SequenceRows, candidate_rows, select, sequence_rows, user_rows
 from training.export import Parity, check_parity, export_onnx
-from training.models.ranker import RankerConfig, RankerTraining, build_ranker, train_ranker
+from training.models.ranker import RankerConfig, RankerTraining, build_ranker, serving_twin, train_ranker
 from training.models.two_tower import (
     TwoTowerConfig,
     build_two_tower,
@@ -344,7 +344,8 @@ def _train_ranker(
     )
     stages.note(f"held-out users' {training.metric} per epoch: {[round(v, 4) for v in training.validation]}")
     stages.start("ranker: export + parity")
-    ranker_onnx = export_onnx(ranker, spec.ranker_inputs())
+    # The twin in the exported formulation; parity is checked against the trained model itself.
+    ranker_onnx = export_onnx(serving_twin(ranker, spec, config), spec.ranker_inputs())
     size = rows.inputs["item_id"].shape[0]
     sample = np.random.default_rng(1).choice(size, size=min(profile.parity_rows, size), replace=False)
     parity = check_parity(ranker, ranker_onnx, {name: value[sample] for name, value in rows.inputs.items()})

@@ -8,7 +8,7 @@ import pytest
 from recsys.features import FeatureSpec
 from recsys.onnx_models import OnnxModel
 from training.export import ParityError, check_parity, export_onnx
-from training.models.ranker import RankerConfig, build_ranker
+from training.models.ranker import RankerConfig, build_ranker, serving_twin
 
 SPEC = FeatureSpec(
     n_user_tokens=30,
@@ -76,11 +76,11 @@ def test_a_ranker_reading_provenance_exports_with_parity_for_each_attention(atte
     spec = dataclasses.replace(SPEC, provenance_channels=("itemcf", "swing", "two_tower"))
     assert [item.name for item in spec.ranker_inputs()][-1] == "provenance"
     assert spec.provenance_width == 9
-    model = build_ranker(
-        spec,
-        RankerConfig(id_dim=4, side_dim=2, experts=2, expert_units=(8,), tower_units=4, attention=attention),
+    config = RankerConfig(
+        id_dim=4, side_dim=2, experts=2, expert_units=(8,), tower_units=4, attention=attention
     )
-    data = export_onnx(model, spec.ranker_inputs())
+    model = build_ranker(spec, config)
+    data = export_onnx(serving_twin(model, spec, config), spec.ranker_inputs())  # as the build does
     assert "provenance" in OnnxModel(data).input_names
     rng = np.random.default_rng(3)
     inputs = _inputs(1000)
@@ -89,6 +89,38 @@ def test_a_ranker_reading_provenance_exports_with_parity_for_each_attention(atte
     # The provenance moves the scores: the model reads it.
     moved = dict(inputs, provenance=np.zeros_like(inputs["provenance"]))
     assert not np.allclose(OnnxModel(data).run(moved)["click"], OnnxModel(data).run(inputs)["click"])
+
+
+@pytest.mark.parametrize("attention", ["dot", "din"])
+def test_the_exported_twin_computes_the_trained_ranker_with_matrix_products(attention: str) -> None:
+    """The build trains the broadcast formulation and exports the MatMul one (see
+    training.models.layers): same weights, same scores, and the sums over the history and
+    the experts leave the exported graph as MatMuls instead of Mul + ReduceSum."""
+    import onnx
+
+    config = RankerConfig(
+        id_dim=4, side_dim=2, experts=2, expert_units=(8,), tower_units=4, attention=attention
+    )
+    model = build_ranker(SPEC, config)
+    twin = serving_twin(model, SPEC, config)
+    assert check_parity(model, export_onnx(twin, SPEC.ranker_inputs()), _inputs(1000)).max_abs_diff <= 1e-5
+
+    def ops(data: bytes) -> list[str]:
+        return [node.op_type for node in onnx.load_from_string(data).graph.node]
+
+    trained, exported = (
+        ops(export_onnx(model, SPEC.ranker_inputs())),
+        ops(export_onnx(twin, SPEC.ranker_inputs())),
+    )
+    assert exported.count("MatMul") > trained.count("MatMul")
+    # history pooling, attention (dot: logits and pooling) and each head's expert mix
+    assert trained.count("ReduceSum") - exported.count("ReduceSum") >= (5 if attention == "dot" else 4)
+    # A twin of a differently seeded model would not pass: the weights are what is carried.
+    other = build_ranker(SPEC, RankerConfig(**{**config.__dict__, "seed": 1}))
+    with pytest.raises(ParityError):
+        check_parity(
+            model, export_onnx(serving_twin(other, SPEC, config), SPEC.ranker_inputs()), _inputs(1000)
+        )
 
 
 def test_an_unknown_attention_is_refused() -> None:

@@ -21,7 +21,14 @@ from keras import ops
 
 from recsys.evaluation.metrics import auc
 from recsys.features import FeatureSpec, Inputs
-from training.models.layers import din_attention, masked_mean, mlp, target_attention, weighted_mean
+from training.models.layers import (
+    din_attention,
+    masked_mean,
+    mlp,
+    target_attention,
+    weighted_mean,
+    weighted_sum,
+)
 
 ATTENTIONS = ("dot", "din")
 
@@ -58,7 +65,9 @@ class RankerConfig:
     seed: int = 0
 
 
-def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
+def build_ranker(spec: FeatureSpec, config: RankerConfig, matmul: bool = False) -> keras.Model:
+    """The multi-task ranker. `matmul`: the formulation to export (see training.models.layers);
+    the same layers in the same order, so a twin takes the trained model's weights."""
     if config.attention not in ATTENTIONS:
         raise ValueError(f"attention: must be one of {', '.join(ATTENTIONS)}, got {config.attention!r}")
     keras.utils.set_random_seed(config.seed)
@@ -74,11 +83,11 @@ def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
 
     target = item_ids(inputs["item_id"])
     history = item_ids(inputs["history"])
-    pooled = weighted_mean(history, inputs["history_weight"])
+    pooled = weighted_mean(history, inputs["history_weight"], matmul)
     if config.attention == "din":
-        attended = din_attention(history, inputs["history_weight"], target, name="din")
+        attended = din_attention(history, inputs["history_weight"], target, name="din", matmul=matmul)
     else:
-        attended = target_attention(history, inputs["history_weight"], target)
+        attended = target_attention(history, inputs["history_weight"], target, matmul)
     user = users(inputs["user_id"])
     features = keras.layers.Concatenate(name="features")(
         [
@@ -111,11 +120,25 @@ def build_ranker(spec: FeatureSpec, config: RankerConfig) -> keras.Model:
     outputs = {}
     for head in spec.heads:
         gate = keras.layers.Dense(config.experts, activation="softmax", name=f"{head}_gate")(features)
-        mixed = ops.sum(stacked * ops.expand_dims(gate, -1), axis=1)
+        mixed = weighted_sum(stacked, gate, matmul)  # Σ gateₑ·expertₑ
         tower = mlp([config.tower_units], f"{head}_tower")(mixed)
         logit = keras.layers.Dense(1, name=f"{head}_logit")(tower)
         outputs[head] = ops.squeeze(ops.sigmoid(logit), axis=-1)
     return keras.Model(inputs, outputs, name="ranker")
+
+
+def serving_twin(model: keras.Model, spec: FeatureSpec, config: RankerConfig) -> keras.Model:
+    """The trained ranker in the formulation that is exported (`matmul=True`), with its weights."""
+    twin = build_ranker(spec, config, matmul=True)
+    # By layer name (every layer with weights is named): the two graphs' ops differ, and so
+    # may the order Keras lists their weights in.
+    trained = {layer.name: layer for layer in model.layers if layer.weights}
+    for layer in twin.layers:
+        if layer.weights:
+            layer.set_weights(trained.pop(layer.name).get_weights())
+    if trained:
+        raise ValueError(f"model: layers {sorted(trained)} have no twin in the exported formulation")
+    return twin
 
 
 def train_ranker(
