@@ -8,12 +8,12 @@ EXTRAS ?= dev
 BUF := tools/buf/node_modules/.bin/buf
 BASELINE := protos/baseline/recsys-v1.binpb
 
-.PHONY: help demo install test lint typecheck pytest protos proto-check proto-baseline clean
+.PHONY: help demo install browser test lint typecheck pytest protos proto-check proto-baseline clean
 
 help:
 	@echo "make demo      - build a quick store if needed, run the stack, recommend, click, recommend again"
 	@echo "make test      - install into $(VENV), then ruff, mypy and pytest (what CI runs)"
-	@echo "make install   - create $(VENV) and install recsys with the [$(EXTRAS)] extra"
+	@echo "make install   - create $(VENV) and install recsys with the [$(EXTRAS)] extra (and, as root, chromium for the browser test)"
 	@echo "make protos    - regenerate recsys/v1 from protos/ (committed; a test checks it)"
 	@echo "make proto-check    - buf lint, and buf breaking against the released contract ($(BASELINE))"
 	@echo "make proto-baseline - at a release: record protos/ as the released contract"
@@ -24,8 +24,21 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python $(BUF)
+install: $(BIN)/python $(BUF) browser
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+
+# tests/services/gateway/test_ui.py drives the demo page in Debian's headless chromium (it skips
+# without it). As root with apt, install it when missing, so a fresh machine runs that test;
+# otherwise, or if apt fails, say so and carry on: the rest of the install needs no browser.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver (apt-get) for the browser test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	    >/dev/null 2>&1 || echo "apt-get could not install chromium: tests/services/gateway/test_ui.py will skip"; \
+	else \
+	  echo "no chromium/chromedriver: tests/services/gateway/test_ui.py will skip (apt-get install -y chromium chromium-driver)"; \
+	fi
 
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
 	npm ci --prefix tools/buf --ignore-scripts --no-audit --no-fund --loglevel=error

@@ -1,14 +1,17 @@
 """`make demo`: the whole system in a couple of minutes, as a newcomer would drive it.
 
 1. Build a quick MovieLens-100K store into ./store unless one exists.
-2. Start the stack (`recsys up`: recall, rank and gateway in one process, no Redis).
+2. Start the stack (`recsys up`: recall, rank and gateway in one process, no Redis), with the
+   demo page on the gateway's HTTP port (its address is printed).
 3. Show recommendations for two known users and one unknown user (`recsys recommend`).
 4. Report a click (`recsys report-event`) and show how that user's answer changes.
-5. Stop the stack (SIGTERM) and check nothing is left running.
+5. From a terminal: keep the stack (and the page) up until Enter. Then stop it (SIGTERM) and
+   check nothing is left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECSYS = [sys.executable, "-m", "recsys.cli"]
 STORE = Path(os.environ.get("RECSYS_DEMO_STORE", ROOT / "store"))
 PORT = int(os.environ.get("RECSYS_DEMO_PORT", "50061"))  # not the default: a running stack may hold it
+HTTP_PORT = int(os.environ.get("RECSYS_DEMO_HTTP_PORT", "8061"))  # likewise not 8080
 ADDR = f"127.0.0.1:{PORT}"
 
 
@@ -55,7 +59,8 @@ def main() -> int:
             "--rank-port",
             "0",
             "--http-port",
-            "-1",
+            str(HTTP_PORT),
+            "--ui",
             "--metrics-port",
             "-1",
             "--event-log",
@@ -68,8 +73,11 @@ def main() -> int:
     assert stack.stdout is not None
     try:
         started = time.monotonic()
+        page = ""
         for line in stack.stdout:
             print(f"  {line.rstrip()}", flush=True)
+            if line.startswith("ui "):  # `up` prints the page's address as it bound it
+                page = line.split()[-1]
             if line.startswith("SERVING"):
                 break
             if time.monotonic() - started > 180:
@@ -78,6 +86,7 @@ def main() -> int:
             raise SystemExit(f"demo: the stack exited with status {stack.wait()}")
         # Keep draining the stack's stdout so it never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in stack.stdout or []], daemon=True).start()
+        say(f"the demo page: open {page}?user=22 in a browser (pick a user, click items, watch the answer)")
 
         for user in ("196", "22", "someone-new"):
             say(f"recsys recommend --user {user} --count 8")
@@ -100,6 +109,10 @@ def main() -> int:
             f"\n  clicked item {clicked} is gone (consumed: {clicked not in ids_after}); "
             f"{len(ids_after - ids_before)} new items entered the top 20: {sorted(ids_after - ids_before)}"
         )
+        if sys.stdin.isatty():  # someone is watching: leave the page up until they are done
+            say(f"the stack keeps serving {page}?user={user} ; press Enter to stop it")
+            with contextlib.suppress(EOFError, KeyboardInterrupt):
+                input()
     finally:
         say("stopping the stack (SIGTERM)")
         if stack.poll() is None:

@@ -25,6 +25,15 @@ for _prefix in ("RECSYS_", "RECSYS_RECALL_", "RECSYS_RANK_", "RECSYS_GATEWAY_", 
     os.environ.setdefault(f"{_prefix}SHUTDOWN_DELAY_SECONDS", "0")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--ui-screenshot",
+        metavar="PNG",
+        help="tests/services/gateway/test_ui.py: save the demo page after its click as this PNG "
+        "(docs/ui.png is made so); normal runs write nothing",
+    )
+
+
 @dataclass
 class RunningHost:
     host: GrpcHost

@@ -67,6 +67,22 @@ def test_cli_works_in_an_environment_with_only_the_serve_extra(tmp_path: Path) -
     )
     assert versioned.returncode == 0, versioned.stderr
     assert versioned.stdout.strip() == f"recsys {recsys.__version__}"
+    # The gateway's demo page is served from the installed package: its files must be in it.
+    page = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "from services.gateway.http import UI_DIR, UI_FILES\n"
+            "print(UI_DIR); print(sorted(p.name for p in UI_DIR.iterdir()))\n"
+            "assert all((UI_DIR / name).is_file() for name, _ in UI_FILES.values())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+    )
+    assert page.returncode == 0, page.stderr
+    assert str(env_dir) in page.stdout  # the installed copy, not the checkout's
     imported = subprocess.run(
         [str(python), "-c", "import services.common.workers, services.common.channels, recsys.cli"],
         capture_output=True,

@@ -137,7 +137,7 @@ class Event:
 class Rejection:
     index: int  # of the event in the batch
     event_id: str
-    field: str  # e.g. "events[3].item_id"
+    field: str  # within the event, e.g. "item_id" (the event is `index`)
     reason: str
 
 

@@ -52,6 +52,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--http-port", dest="http_port", type=int, help="HTTP/JSON port (default 8080; -1: no HTTP)"
     )
     gateway.add_argument(
+        "--http-ui",
+        dest="http_ui",
+        action="store_const",
+        const=True,
+        help="serve the demo page at /ui and GET /v1/users/{id}/history (default off)",
+    )
+    gateway.add_argument(
         "--recall-addr", dest="recall_addr", help="recall host:port (default 127.0.0.1:50052)"
     )
     gateway.add_argument("--rank-addr", dest="rank_addr", help="rank host:port (default 127.0.0.1:50053)")

@@ -50,6 +50,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--gateway-port", type=int, default=50051)
     parser.add_argument("--http-port", type=int, default=8080, help="gateway HTTP/JSON port (-1: none)")
+    parser.add_argument(
+        "--ui",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the gateway's demo page at /ui and GET /v1/users/{id}/history on the HTTP port (default: on; "
+        "a deployment keeps it off)",
+    )
     parser.add_argument("--recall-port", type=int, default=50052)
     parser.add_argument("--rank-port", type=int, default=50053)
     parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port (-1: none)")
@@ -235,6 +242,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             store=args.store,
             port=args.gateway_port,
             http_port=None if args.http_port < 0 else args.http_port,
+            http_ui=args.ui,
             metrics_port=None,
             recall_addr=f"127.0.0.1:{recall.port}",
             rank_addr=f"127.0.0.1:{rank.port}",
@@ -259,11 +267,11 @@ async def _run_embedded(args: argparse.Namespace) -> None:
                     f"--store: the services did not load {args.store} within {STARTUP_SECONDS:.0f} s"
                 )
             await asyncio.sleep(0.05)
+        http = f"{_scheme(args)}://127.0.0.1:{gateway_app.http.port}" if gateway_app.http.port else None
         lines = {
             "gateway": f"127.0.0.1:{gateway.port}",
-            "http": f"{_scheme(args)}://127.0.0.1:{gateway_app.http.port}"
-            if gateway_app.http.port
-            else "off",
+            "http": http or "off",
+            "ui": f"{http}/ui" if http and args.ui else "off",
             "recall": f"127.0.0.1:{recall.port}",
             "rank": f"127.0.0.1:{rank.port}",
             "metrics": f"http://127.0.0.1:{metrics_server.port}/metrics" if metrics_server else "off",
@@ -338,6 +346,7 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
             f"127.0.0.1:{args.rank_port}",
             "--http-port",
             str(args.http_port),  # -1: none (leaving it out would mean the default, 8080)
+            *(["--http-ui"] if args.ui else []),
             *scenes,
             *(["--experiments", str(args.experiments)] if args.experiments else []),
             *(["--blocklist", str(args.blocklist)] if args.blocklist else []),
@@ -563,6 +572,9 @@ def _run_processes(args: argparse.Namespace) -> int:
             {
                 "gateway": f"127.0.0.1:{args.gateway_port}",
                 "http": f"{_scheme(args)}://127.0.0.1:{args.http_port}" if args.http_port >= 0 else "off",
+                "ui": f"{_scheme(args)}://127.0.0.1:{args.http_port}/ui"
+                if args.http_port >= 0 and args.ui
+                else "off",
                 "recall": f"127.0.0.1:{args.recall_port}",
                 "rank": f"127.0.0.1:{args.rank_port}",
                 "redis": args.redis,

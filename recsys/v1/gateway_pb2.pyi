@@ -466,7 +466,9 @@ class EventRejection(_message.Message):
     """Index of the event in the request."""
     event_id: _builtins.str
     field: _builtins.str
-    """The field at fault, e.g. "events[3].item_id"."""
+    """The field at fault within the event, e.g. "item_id" (the event is `index`; the name alone
+    keeps the servers' per-field rejection counts to a few series).
+    """
     reason: _builtins.str
     """Human-readable reason, e.g. "unknown item"."""
     def __init__(

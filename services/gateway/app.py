@@ -35,6 +35,7 @@ from services.gateway.clients import RankClient, RecallClient
 from services.gateway.downstream import Downstream
 from services.gateway.engine import GatewayEngine, GatewayLimits
 from services.gateway.events import EventIngestor
+from services.gateway.history import UserHistoryHydrator
 from services.gateway.http import GatewayHttp
 from services.gateway.metrics import GatewayMetrics, gateway_metrics
 from services.gateway.servicer import RecommenderServicer
@@ -210,6 +211,9 @@ class GatewayApp:
             read_timeout=settings.http_read_timeout_ms / 1000,
             idle_timeout=settings.http_idle_timeout_ms / 1000,
             auth=self.caller_auth,
+            history=UserHistoryHydrator(self.versions, self.features, settings.http_history_max_entries)
+            if settings.http_ui
+            else None,
         )
 
     async def _servable_downstream(self, version: str) -> bool:
@@ -274,7 +278,11 @@ class GatewayApp:
             )
             log.info(
                 "HTTP listening",
-                extra={"http_port": self.http.port, "tls": self.settings.tls_enabled},
+                extra={
+                    "http_port": self.http.port,
+                    "tls": self.settings.tls_enabled,
+                    "ui": self.settings.http_ui,
+                },
             )
 
     async def stop(self) -> None:

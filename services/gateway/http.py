@@ -6,6 +6,11 @@ validation and the same engine; JSON field names are the proto's.
     POST /v1/events      {"events": [{"user_id": "196", "item_id": "50", "type": "EVENT_TYPE_CLICK"}]}
     GET  /healthz        200 when serving, 503 otherwise
 
+With `http_ui` (off by default; `recsys up` turns it on), also the demo page and what it reads:
+
+    GET  /ui             the page (services/gateway/ui/: plain HTML, CSS and JS, no build step)
+    GET  /v1/users/{user_id}/history?limit=20   the user's recent history, newest first
+
 Errors: the gRPC status's HTTP equivalent (INVALID_ARGUMENT → 400, UNAUTHENTICATED → 401,
 PERMISSION_DENIED → 403, FAILED_PRECONDITION → 412,
 RESOURCE_EXHAUSTED → 429, UNAVAILABLE → 503, anything else → 500) with
@@ -28,6 +33,8 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,12 +45,13 @@ from google.protobuf.message import Message
 from recsys.errors import RecsysError
 from recsys.limits import valid_request_id
 from recsys.v1 import gateway_pb2
-from services.common.auth import CallerAuth, caller_var, ssl_certificate_names
+from services.common.auth import CallerAuth, authorize_user, caller_var, ssl_certificate_names
 from services.common.errors import safe_message, status_for
 from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
 from services.gateway.engine import GatewayEngine
 from services.gateway.events import EventIngestor
+from services.gateway.history import UserHistoryHydrator, UserHistoryView
 from services.gateway.metrics import gateway_metrics
 from services.gateway.servicer import recommend_query, recommend_response, report_events
 
@@ -85,6 +93,24 @@ _QUERY_FIELDS = {"user_id": str, "scene": str, "count": int, "debug": bool, "dry
 # The messages are at most three levels deep (events → event → time); anything much deeper is
 # an attack on the parser (Python's json recurses, and used to answer a deep body with a 500).
 MAX_JSON_DEPTH = 16
+HISTORY_DEFAULT_LIMIT = 20
+UI_DIR = Path(__file__).resolve().parent / "ui"
+# The page's files: route → (file, content type). Read once when the HTTP edge is built.
+UI_FILES = {
+    "/ui": ("index.html", "text/html"),
+    "/ui/app.js": ("app.js", "text/javascript"),
+    "/ui/style.css": ("style.css", "text/css"),
+}
+# The page loads nothing but its own files and calls only this origin; it renders every value
+# with textContent, and this forbids inline scripts and framing besides.
+UI_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -123,8 +149,10 @@ class GatewayHttp:
         read_timeout: float = 5.0,
         idle_timeout: float = 30.0,
         auth: CallerAuth | None = None,
+        history: UserHistoryHydrator | None = None,
     ) -> None:
         self._auth = auth
+        self._history = history
         self._engine = engine
         self._ingestor = ingestor
         self._max_events = max_events
@@ -138,6 +166,12 @@ class GatewayHttp:
         self.app.router.add_get("/v1/recommend", self._recommend)
         self.app.router.add_post("/v1/events", self._events)
         self.app.router.add_get("/healthz", self._health)
+        self._ui_files: dict[str, tuple[bytes, str]] = {}
+        if history is not None:  # the page and its data go together: off unless both are on
+            self.app.router.add_get("/v1/users/{user_id}/history", self._user_history)
+            for route, (name, content_type) in UI_FILES.items():
+                self._ui_files[route] = ((UI_DIR / name).read_bytes(), content_type)
+                self.app.router.add_get(route, self._ui_file)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.guard: CallGuard | None = None  # the gRPC port's admission, shared (see attach_guard)
@@ -208,8 +242,9 @@ class GatewayHttp:
     @web.middleware
     async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The gRPC port's authentication and rate limit (one `CallerAuth` for both);
-        /healthz stays open for probes. Errors become 401/429 in `_errors`."""
-        if self._auth is None or request.path == "/healthz":
+        /healthz stays open for probes, and the page's own files (no data in them: the page
+        asks for a token and sends it on its calls). Errors become 401/429 in `_errors`."""
+        if self._auth is None or request.path == "/healthz" or request.path in self._ui_files:
             return await handler(request)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
         caller = self._auth.admit(request.headers.get("Authorization"), ssl_certificate_names(peercert))
@@ -275,11 +310,63 @@ class GatewayHttp:
             response = await report_events(self._ingestor, message, self._max_events)
         return _json(response, request_id_var.get())
 
+    async def _user_history(self, request: web.Request) -> web.Response:
+        assert self._history is not None  # the route exists only with a hydrator
+        user_id = request.match_info["user_id"]
+        limit = min(HISTORY_DEFAULT_LIMIT, self._history.max_entries)
+        for name, value in request.query.items():
+            if name != "limit":
+                return _BadRequest(name, "unknown parameter (known: limit)").response()
+            try:
+                limit = int(value)  # out of [1, max] → the hydrator's 400 naming `limit`
+            except ValueError:
+                return _BadRequest("limit", f"expected int, got {value!r}").response()
+        self._history.validate(user_id, limit)
+        # The same rule as Recommend: a caller acting for one user may read only that user's.
+        authorize_user(user_id, "user_id")
+        async with self._slot():
+            view = await self._history.read(user_id, limit)
+        return web.json_response(_history_json(view), headers={"X-Request-Id": request_id_var.get()})
+
+    async def _ui_file(self, request: web.Request) -> web.Response:
+        body, content_type = self._ui_files[request.path]
+        return web.Response(body=body, content_type=content_type, charset="utf-8", headers=UI_HEADERS)
+
     async def _health(self, request: web.Request) -> web.Response:
         serving = self._serving()
         return web.json_response(
             {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
         )
+
+
+def _history_json(view: UserHistoryView) -> dict[str, Any]:
+    return {
+        "user_id": view.user_id,
+        "model_version": view.model_version,
+        "known_user": view.known_user,
+        "more": view.more,
+        "degraded_reasons": view.degraded,
+        "entries": [
+            {
+                "item_id": entry.item_id,
+                "title": entry.title,
+                "kind": entry.kind,
+                "time": None if entry.time is None else _rfc3339(entry.time),
+                "rating": entry.rating,
+                "live": entry.live,
+            }
+            for entry in view.entries
+        ],
+    }
+
+
+def _rfc3339(unix_seconds: float) -> str | None:
+    """As protobuf's JSON writes a Timestamp (UTC, `Z`), whole seconds; None past what a
+    datetime holds (a data set's time column may say anything)."""
+    try:
+        return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class _BadRequest(Exception):

@@ -44,6 +44,14 @@ class GatewaySettings(ServerSettings, AuthSettings):
     http_idle_timeout_ms: float = Field(
         30_000.0, gt=0, description="HTTP connections idle or with unfinished headers this long are closed."
     )
+    http_ui: bool = Field(
+        False,
+        description="Serve the demo page at /ui and GET /v1/users/{id}/history on the HTTP port. Off by "
+        "default: the history discloses what a user did (`recsys up` and `make demo` turn it on).",
+    )
+    http_history_max_entries: int = Field(
+        100, ge=1, le=1000, description="Most entries one GET /v1/users/{id}/history returns."
+    )
     scenes_file: Path | None = Field(None, description="JSON file declaring scenes; unset: `default` only.")
     experiments_file: Path | None = Field(None, description="JSON file declaring experiments and arms.")
     blocklist_file: Path | None = Field(None, description="Item ids never to show, one per line.")

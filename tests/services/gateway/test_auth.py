@@ -110,6 +110,7 @@ async def stack(
         auth_jwt_issuer=ISSUER,
         rate_limit_per_second=1.0,
         rate_limit_burst=BURST,
+        http_ui=True,
     )
     yield running
     await stop_stack(running)
@@ -227,6 +228,28 @@ async def test_a_service_scoped_caller_writes_events_for_any_user(stack: Stack) 
         {"Authorization": f"Bearer {SERVICE_KEY}"},
     )
     assert (status, body["accepted"]) == (200, 1)
+
+
+# -- the demo page's history ----------------------------------------------------------------------
+async def test_the_history_needs_credentials_for_its_own_user_but_the_page_itself_is_open(
+    stack: Stack, keys: Keys
+) -> None:
+    # Callers of their own (tokens for subjects no other test uses): the rate limit is per caller.
+    status, body = await http("GET", f"{http_base(stack)}/v1/users/ui-9/history")
+    assert (status, body["error"]["code"]) == (401, "UNAUTHENTICATED")
+    own = {"Authorization": f"Bearer {token(keys, 'ui-9')}"}
+    status, body = await http("GET", f"{http_base(stack)}/v1/users/ui-9/history", headers=own)
+    assert (status, body["user_id"], body["entries"]) == (200, "ui-9", [])
+    status, body = await http("GET", f"{http_base(stack)}/v1/users/196/history", headers=own)
+    assert (status, body["error"]["code"]) == (403, "PERMISSION_DENIED")
+    assert body["error"]["message"].startswith("user_id:")
+    service = {"Authorization": f"Bearer {token(keys, 'ui-backend', scope=SERVICE_SCOPE)}"}
+    status, body = await http("GET", f"{http_base(stack)}/v1/users/196/history?limit=3", headers=service)
+    assert (status, len(body["entries"])) == (200, 3)
+    # The page holds no data (it asks for a token and sends it on its calls): no credentials.
+    async with aiohttp.ClientSession() as session, session.get(f"{http_base(stack)}/ui") as page:
+        assert page.status == 200
+        assert "<title>recsys" in await page.text()
 
 
 # -- JWTs ---------------------------------------------------------------------------------------
