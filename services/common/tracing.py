@@ -95,7 +95,10 @@ class Tracing:
 
     def __init__(self, service: str, provider: TracerProvider) -> None:
         from opentelemetry import propagate, trace
+        from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+        # Looked up once: an import statement per span is a measurable share of its cost.
+        self._link, self._kind, self._status, self._code = Link, SpanKind, Status, StatusCode
         self.service = service
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(f"recsys.{service}")
@@ -136,17 +139,15 @@ class Tracing:
         """A span that has already happened, from time.perf_counter() readings (work done in
         a thread, where the call's context is not current). Parent: `parent`, else the
         current span. Returns the ended span, to parent others."""
-        from opentelemetry.trace import Link, Status, StatusCode
-
         span = self.tracer.start_span(
             name,
             context=None if parent is None else self._trace.set_span_in_context(parent),
             attributes=attributes,
-            links=[Link(other.get_span_context()) for other in links],
+            links=[self._link(other.get_span_context()) for other in links],
             start_time=unix_ns(started),
         )
         if error is not None:
-            span.set_status(Status(StatusCode.ERROR, error))
+            span.set_status(self._status(self._code.ERROR, error))
         span.end(end_time=unix_ns(finished))
         return span
 
@@ -154,13 +155,11 @@ class Tracing:
     def client_call(self, method: str) -> Iterator[tuple[tuple[str, str], ...]]:
         """A CLIENT span around one outgoing unary call to `method` ("/recsys.v1.Recall/Recall");
         yields the metadata that carries its context (traceparent) to the server."""
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
         service, _, name = method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         with self.tracer.start_as_current_span(
             f"{service}/{name}",
-            kind=SpanKind.CLIENT,
+            kind=self._kind.CLIENT,
             attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
@@ -173,7 +172,7 @@ class Tracing:
                 code = getattr(error, "code", None)  # DownstreamError carries the gRPC code
                 if isinstance(code, grpc.StatusCode):
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                span.set_status(self._status(self._code.ERROR, f"{type(error).__name__}: {error}"))
                 raise
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
 
@@ -334,11 +333,11 @@ def tracing_for(service: str, enabled: bool, exporter: SpanExporter | None = Non
 
 
 def span_or_nothing(
-    tracing: Tracing | None, name: str, attributes: Mapping[str, Any] | None = None
+    tracing: Tracing | None, name: str | None, attributes: Mapping[str, Any] | None = None
 ) -> contextlib.AbstractContextManager[Span | None]:
     """`with span_or_nothing(self.tracing, "recall.merge") as span:` — a span when tracing is
-    on, the shared no-op (span None) when it is off."""
-    if tracing is None:
+    on, the shared no-op (span None) when it is off or `name` is None (a stage not traced)."""
+    if tracing is None or name is None:
         return _NO_SPAN
     return tracing.span(name, attributes)
 

@@ -208,11 +208,11 @@ class MicroBatcher:
         tracing: Tracing, version: str, jobs: Sequence[ScoreJob], scored: ScoredBatch, started: float
     ) -> None:
         """The run's spans, recorded once it is done (it ran in the inference thread): one
-        `rank.batch` span parented by the first call's `rank.score` span and linked to every
-        call's, so each call's trace reaches the batch that served it; under it the feature
-        assembly (the user tower included, for calls without recall's embedding) and the
-        onnxruntime run."""
-        calls = [job.span for job in jobs if job.span is not None]
+        `rank.batch` span parented by the first sampled call's server span and linked to every
+        sampled call's, so each call's trace reaches the batch that served it; under it the
+        feature assembly (the user tower included, for calls without recall's embedding) and the
+        onnxruntime run. A batch of calls none of which is sampled records nothing."""
+        calls = [job.span for job in jobs if job.span is not None and job.span.is_recording()]
         if not calls:
             return
         rows = sum(job.rows for job in jobs)

@@ -208,18 +208,16 @@ class RankEngine:
         _check_deadline(query.deadline, "user_state")
         self._batcher.expect()
         try:
-            with span_or_nothing(tracing, "rank.user_features") as span:
-                user, problem = await self._user_inputs(loaded, model, query)
-                if span is not None:
-                    span.set_attribute("recsys.history_from_recall", query.history is not None)
+            user, problem = await self._user_inputs(loaded, model, query)
             _check_deadline(query.deadline, "batch")  # the caller gave up during the read
         except BaseException:
             self._batcher.unexpect()
             raise
-        with span_or_nothing(tracing, "rank.score") as span:  # the batch's wait and run
-            task_scores = await self._batcher.score(
-                ScoreJob(model, user, items, embedding, query.deadline, provenance, span), expected=True
-            )
+        # With tracing on, the call's server span: the batch that scores it is its child or linked.
+        call_span = None if tracing is None else tracing.current_span()
+        task_scores = await self._batcher.score(
+            ScoreJob(model, user, items, embedding, query.deadline, provenance, call_span), expected=True
+        )
         scores = fusion.fuse(task_scores)
         self._check_finite(loaded.version, scores, task_scores)
         degraded = () if problem is None else (problem,)

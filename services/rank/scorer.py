@@ -37,8 +37,8 @@ class ScoreJob:
     embedding: FloatArray | None  # recall's user embedding; None: the user tower computes it
     deadline: float | None = None  # time.monotonic() after which nobody waits for the scores
     provenance: Provenance | None = None  # recall's, aligned with `items`
-    # With tracing on: the call's `rank.score` span (an opentelemetry Span), which the batch's
-    # span is parented by or linked to; None when tracing is off.
+    # With tracing on: the call's server span (an opentelemetry Span), which the batch's span
+    # is parented by or linked to; None when tracing is off.
     span: Any = None
 
     @property

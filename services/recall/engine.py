@@ -188,8 +188,7 @@ class RecallEngine:
         self._check_deadline(started + budget, "user_state")
         tracing = self.tracing
 
-        with span_or_nothing(tracing, "recall.user_state"):
-            state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
+        state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
         # The read may have used the call's time up: then no channel starts.
         self._check_deadline(deadline, "channels")
         if state is not None and loaded is self._versions.current and not self._versions.snapshot_ready:
@@ -301,7 +300,7 @@ class RecallEngine:
             outcomes[name] = outcome
             self._metrics.outcome[name, "ok"].inc()
             self._metrics.channel_count[name].observe(len(kept))
-        if tracing is not None:
+        if tracing is not None and tracing.current_span().is_recording():  # sampled
             self._trace_channels(tracing, runnable, results, outcomes, channels_started)
         merge = WeightedMerge(ALL_CHANNELS, self._weights(model, cold_start))
         budget_items = query.max_candidates or limits.default_candidates

@@ -5,9 +5,10 @@ resource's service.name) and answers each export at once."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from grpc import aio
+import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -33,7 +34,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._receiver = receiver
 
-    async def Export(
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: object
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         self._receiver.take(request)
@@ -41,30 +42,32 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 class OtlpReceiver:
-    """`await receiver.start()` → `receiver.endpoint` (http://127.0.0.1:PORT) for
-    OTEL_EXPORTER_OTLP_ENDPOINT; `receiver.spans` grows as exports arrive."""
+    """`receiver.start()` → `receiver.endpoint` (http://127.0.0.1:PORT) for
+    OTEL_EXPORTER_OTLP_ENDPOINT; `receiver.spans` grows as exports arrive. A synchronous gRPC
+    server on threads of its own, so that it serves whatever event loops its user runs (an
+    async test's, or none: the benchmark calls asyncio.run per phase)."""
 
     def __init__(self, *, keep: bool = True) -> None:
         self.keep = keep  # False: count only (a benchmark's long run)
         self.spans: list[ReceivedSpan] = []
         self.received = 0
         self._lock = threading.Lock()
-        self._server: aio.Server | None = None
+        self._server: grpc.Server | None = None
         self.port = 0
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        self._server = aio.server()
+    def start(self) -> None:
+        self._server = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="otlp-receiver"))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
+        self._server.start()
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         if self._server is not None:
-            await self._server.stop(0)
+            self._server.stop(0).wait()
             self._server = None
 
     def take(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
