@@ -3,6 +3,7 @@
 
     python loadtest/bench_e2e.py --store ./store [--seconds 10] [--workers 1]
         [--concurrency 1 8 32 64 128] [--open-rates 0.5 1.0 2.0] [--burst-seconds 30]
+        [--tracing off|on|compare [--tracing-rounds 2]]
 
 1. Pushes the store's CURRENT features to Redis (a DB and key prefix of its own, deleted at
    the end), starts `recsys serve recall|rank|gateway` as separate processes with a scene of
@@ -18,6 +19,12 @@
    the phase, divided by the full answers.
 6. The floor: the same pipeline in this process without gRPC or Redis (the engines called
    directly), CPU per request.
+7. `--tracing on`: the services run with `--tracing`, every call sampled (or the share
+   `--tracing-ratio` says: parentbased_traceidratio), exporting over
+   OTLP/gRPC (the batch span processor) to a receiver in this process that counts the spans
+   (a collector's stand-in: its CPU is this process's, not the services'). `--tracing compare`
+   runs the phases on a stack with tracing off, then on a fresh one with it on, alternating
+   `--tracing-rounds` times on the same store and Redis, and prints on/off ratios per phase.
 Prints a table and a final JSON line.
 """
 
@@ -36,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +152,9 @@ class Tally:
 
 
 class Bench:
-    def __init__(self, client: Recommender, users: list[str], pids: dict[str, int]) -> None:
+    def __init__(self, client: Recommender, users: list[str], pids: dict[str, int], label: str = "") -> None:
         self.client, self.users, self.pids = client, users, pids
+        self.label = label  # e.g. "tracing on", prefixed to each row's mode
         self.rows: list[dict[str, Any]] = []
 
     def _cpu(self) -> dict[str, float]:
@@ -157,7 +164,8 @@ class Bench:
         after = self._cpu()
         used = {name: after[name] - before[name] for name in after}
         used["total"] = sum(used.values())
-        row = tally.row(mode, elapsed, used)
+        row = tally.row(f"{self.label} {mode}" if self.label else mode, elapsed, used)
+        row["phase"], row["variant"] = mode, self.label
         self.rows.append(row)
         print(_format(row), flush=True)
         return row
@@ -272,12 +280,27 @@ async def _wait_serving(port: int, seconds: float = 180.0) -> None:
 
 
 def start_stack(
-    args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str
+    args: argparse.Namespace, tmp: Path, redis_url: str, prefix: str, otlp_endpoint: str | None = None
 ) -> dict[str, subprocess.Popen[bytes]]:
+    """The three services; `otlp_endpoint`: with tracing on, exporting there."""
     scenes = tmp / "scenes.json"
     scenes.write_text(json.dumps(SCENE))
     ports = {name: _free_port() for name in SERVICES}
     env = {**os.environ, **{f"RECSYS_{name.upper()}_REDIS_PREFIX": prefix for name in SERVICES}}
+    for name in SERVICES:
+        env[f"RECSYS_{name.upper()}_TRACING"] = "true" if otlp_endpoint else "false"
+    if otlp_endpoint:
+        env.update(
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                # The gateway starts each trace (the bench sends no traceparent): every call
+                # (ratio 1, the worst case) or a share of them, as production would sample.
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(args.tracing_ratio),
+            }
+        )
     common = ["--store", args.store, "--redis", redis_url, "--log-level", "warning", "--workers",
               str(args.workers), "--metrics-port", "0", "--shutdown-delay-seconds", "0"]  # fmt: skip
     gateway = [
@@ -297,11 +320,13 @@ def start_stack(
     return processes
 
 
-async def drive(args: argparse.Namespace, pids: dict[str, int], users: list[str]) -> list[dict[str, Any]]:
+async def drive(
+    args: argparse.Namespace, pids: dict[str, int], users: list[str], label: str = ""
+) -> list[dict[str, Any]]:
     # Retries off: a shed call must stay visible as shed, and every call is one measured attempt.
     target = f"127.0.0.1:{args.gateway_port}"
     async with Recommender(target, timeout=args.deadline, retry=NO_RETRIES) as client:
-        bench = Bench(client, users, pids)
+        bench = Bench(client, users, pids, label)
         await bench.closed(8, 3.0, record=False)  # warm-up
         print(HEADER, flush=True)
         for concurrency in args.concurrency:
@@ -398,13 +423,73 @@ class _Ready:
     """Readiness without a health service (nothing serves gRPC in the floor run)."""
 
     serving = False
-    versions: tuple[str, ...] = ()
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
 
-    async def set_versions(self, versions: Sequence[str]) -> None:
-        self.versions = tuple(versions)
+    async def set_versions(self, versions: list[str]) -> None:
+        """Nothing asks this process which versions it serves (no health service here)."""
+
+
+def run_variant(
+    args: argparse.Namespace,
+    tmp: Path,
+    prefix: str,
+    users: list[str],
+    traced: bool,
+    label: str,
+    spans: dict[str, int],
+) -> list[dict[str, Any]]:
+    """Start the stack (tracing on: exporting to a receiver here), drive it, stop it."""
+    receiver = None
+    if traced:
+        sys.path.insert(0, str(ROOT))  # the receiver lives with the tests (as fuzz.py's inputs do)
+        from tests.support.otlp_receiver import OtlpReceiver
+
+        receiver = OtlpReceiver(keep=False)
+        receiver.start()
+    try:
+        processes = start_stack(args, tmp, args.redis, prefix, receiver.endpoint if receiver else None)
+        try:
+            rows = asyncio.run(drive(args, {name: p.pid for name, p in processes.items()}, users, label))
+        finally:
+            for process in processes.values():
+                process.terminate()
+            for process in processes.values():
+                process.wait(timeout=60)
+    finally:
+        if receiver is not None:
+            spans[label] = spans.get(label, 0) + receiver.received  # after the services' last flush
+            receiver.stop()
+    return rows
+
+
+def compare_tracing(rows: list[dict[str, Any]]) -> list[str]:
+    """Per phase: full answers/s, p99 and CPU per full answer with tracing off and on (the
+    medians over rounds), and on/off."""
+    lines = [
+        f"{'tracing on / off':<22} {'full/s off':>10} {'on':>7} {'ratio':>6} {'p99 off':>8} {'on':>7}"
+        f" {'ratio':>6} {'CPU ms off':>10} {'on':>6} {'ratio':>6}"
+    ]
+    for phase in dict.fromkeys(row["phase"] for row in rows):
+        off = [row for row in rows if row["phase"] == phase and row["variant"].startswith("tracing off")]
+        on = [row for row in rows if row["phase"] == phase and row["variant"].startswith("tracing on")]
+        if not off or not on:
+            continue
+        figures = []
+        for key in ("full_rps", "p99_ms", "cpu"):
+            values = [
+                [row["cpu_ms_per_full"]["total"] if key == "cpu" else row[key] for row in side]
+                for side in (off, on)
+            ]
+            low, high = (float(np.median(side)) for side in values)
+            figures += [low, high, high / low if low else float("nan")]
+        rps, p99, cpu = figures[0:3], figures[3:6], figures[6:9]
+        lines.append(
+            f"{phase:<22} {rps[0]:>10.1f} {rps[1]:>7.1f} {rps[2]:>6.3f} {p99[0]:>8.1f} {p99[1]:>7.1f}"
+            f" {p99[2]:>6.3f} {cpu[0]:>10.2f} {cpu[1]:>6.2f} {cpu[2]:>6.3f}"
+        )
+    return lines
 
 
 def main() -> None:
@@ -423,21 +508,27 @@ def main() -> None:
     parser.add_argument("--floor-requests", type=int, default=500)
     parser.add_argument("--service-flag", action="append", default=[],
                         help="an extra flag for every `recsys serve` (repeat)")  # fmt: skip
+    parser.add_argument("--tracing", choices=("off", "on", "compare"), default="off",
+                        help="OpenTelemetry tracing in the services: off, on (every call, OTLP to a "
+                        "receiver in this process) or compare (off then on, alternating)")  # fmt: skip
+    parser.add_argument("--tracing-rounds", type=int, default=1, help="off/on pairs with --tracing compare")
+    parser.add_argument("--tracing-ratio", type=float, default=1.0,
+                        help="share of calls sampled with tracing on (default 1: every call)")  # fmt: skip
     args = parser.parse_args()
 
     users = [str(user) for user in range(1, args.users + 1)]
     prefix = f"bench-e2e-{os.getpid()}"
+    variants = {"off": [False], "on": [True], "compare": [False, True] * args.tracing_rounds}[args.tracing]
+    spans: dict[str, int] = {}
     version = asyncio.run(_push(args.store, args.redis, prefix))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            processes = start_stack(args, Path(tmp), args.redis, prefix)
-            try:
-                rows = asyncio.run(drive(args, {name: p.pid for name, p in processes.items()}, users))
-            finally:
-                for process in processes.values():
-                    process.terminate()
-                for process in processes.values():
-                    process.wait(timeout=60)
+            rows: list[dict[str, Any]] = []
+            for index, traced in enumerate(variants):
+                label = ("tracing on" if traced else "tracing off") if args.tracing != "off" else ""
+                if args.tracing == "compare":
+                    label += f" #{index // 2 + 1}"
+                rows += run_variant(args, Path(tmp), prefix, users, traced, label, spans)
             scenes = Path(tmp) / "scenes.json"
             floor_ms = asyncio.run(floor(args.store, scenes, users, args.floor_requests))
     finally:
@@ -448,6 +539,12 @@ def main() -> None:
     print(HEADER)
     for row in rows:
         print(_format(row))
+    comparison = compare_tracing(rows) if args.tracing == "compare" else []
+    for line in comparison:
+        print(line)
+    for label, count in spans.items():
+        full = sum(row["full"] for row in rows if row["variant"] == label) or 1
+        print(f"{label}: {count} spans received ({count / full:.1f} per full answer, warm-up included)")
     print(f"floor (same pipeline in one process, no gRPC, no Redis): {floor_ms:.2f} CPU ms per request")
     print("floor stages, mean wall ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in PROFILE.items()))
     print(
@@ -461,6 +558,8 @@ def main() -> None:
                 "machine": machine,
                 "rows": rows,
                 "floor_cpu_ms": floor_ms,
+                "tracing": args.tracing,
+                "spans_received": spans,
                 "floor_stage_ms": PROFILE,
             }
         )

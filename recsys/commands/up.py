@@ -81,6 +81,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="seconds the gateway reports NOT_SERVING before refusing calls on stop (default 1)",
     )
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry tracing in every service, exported as the OTEL_* variables say "
+        "(default: OTLP/gRPC to localhost:4317); off by default",
+    )
     tls = parser.add_argument_group(
         "TLS (off by default; with --tls-client-ca every hop is mTLS, the HTTP port included)"
     )
@@ -222,6 +228,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             metrics_port=None,
             shutdown_delay_seconds=0.0,
             blocklist_file=args.blocklist,
+            tracing=args.tracing,
             **_server_tls(args),
         )
         recall = GrpcHost(RecallApp(recall_settings, features=features), recall_settings)
@@ -233,6 +240,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             metrics_port=None,
             scenes_file=args.scenes,
             shutdown_delay_seconds=0.0,
+            tracing=args.tracing,
             **_server_tls(args),
         )
         rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
@@ -252,6 +260,7 @@ async def _run_embedded(args: argparse.Namespace) -> None:
             blocklist_file=args.blocklist,
             shutdown_delay_seconds=args.shutdown_delay,
             client=ClientSettings(**_client_tls(args)),
+            tracing=args.tracing,
             **_server_tls(args),
         )
         gateway_app = GatewayApp(gateway_settings, features=features)
@@ -317,6 +326,8 @@ def service_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     service understands is forwarded (a flag `up` takes but drops would be a silent lie)."""
     base = [sys.executable, "-m", "recsys.cli", "serve"]
     common = ["--store", str(args.store), "--redis", args.redis, "--log-level", args.log_level]
+    if args.tracing:
+        common.append("--tracing")
     scenes = ["--scenes", str(args.scenes)] if args.scenes else []
     metrics = (
         {"recall": args.metrics_port + 1, "rank": args.metrics_port + 2, "gateway": args.metrics_port}

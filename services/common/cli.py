@@ -42,6 +42,14 @@ SERVER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "--shutdown-delay-seconds",
         {"type": float, "help": "NOT_SERVING this long before refusing calls on shutdown (default 5)"},
     ),
+    "tracing": (
+        "--tracing",
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "OpenTelemetry tracing (exporter from the OTEL_* variables; default off)",
+        },
+    ),
     "log_format": ("--log-format", {"choices": ("text", "json"), "help": "log format on stderr"}),
     "log_level": ("--log-level", {"choices": ("debug", "info", "warning", "error")}),
     "tls_cert_file": ("--tls-cert", {"type": Path, "help": "server certificate (PEM); enables TLS"}),

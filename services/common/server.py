@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc import aio
@@ -26,6 +26,10 @@ from services.common import metrics
 from services.common.interceptor import CallGuard
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
+from services.common.tracing import Tracing, tracing_for
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("recsys.server")
 
@@ -131,9 +135,20 @@ def _connection_age(settings: ServerSettings) -> tuple[tuple[str, int], ...]:
 class GrpcHost:
     """One grpc.aio server hosting one application."""
 
-    def __init__(self, app: Application, settings: ServerSettings, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        app: Application,
+        settings: ServerSettings,
+        *,
+        reuse_port: bool = False,
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
+        """`span_exporter` (tests): where this host's spans go when its settings switch
+        tracing on, instead of the exporter the OTEL_* variables name."""
         self.app = app
         self.settings = settings
+        # None when tracing is off: then no interceptor, no middleware, no span anywhere.
+        self.tracing: Tracing | None = tracing_for(app.name, settings.tracing, span_exporter)
         # An application serving a public API (the gateway) brings its caller authentication.
         self.guard = CallGuard(app.name, settings.admission_policy(), auth=getattr(app, "caller_auth", None))
         # An application with another edge (the gateway's HTTP port) admits its calls through
@@ -141,9 +156,16 @@ class GrpcHost:
         attach = getattr(app, "attach_guard", None)
         if attach is not None:
             attach(self.guard)
+        attach_tracing = getattr(app, "attach_tracing", None)
+        if self.tracing is not None and attach_tracing is not None:
+            attach_tracing(self.tracing)
+        # The tracing interceptor outermost: a call's span covers its admission too.
+        self.interceptors: tuple[aio.ServerInterceptor, ...] = (
+            (self.tracing.server_interceptor(), self.guard) if self.tracing is not None else (self.guard,)
+        )
         size = settings.max_message_bytes
         self.server = aio.server(
-            interceptors=(self.guard,),
+            interceptors=self.interceptors,
             options=(
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_receive_message_length", size),
@@ -199,6 +221,8 @@ class GrpcHost:
         self.guard.draining = True
         await self.server.stop(grace)
         await self.app.stop()
+        if self.tracing is not None:  # the spans still queued for export (a bounded wait)
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -145,6 +145,11 @@ class ServerSettings(TlsSettings):
         "load it from there instead of memory-mapping the store; unset: load from the store.",
     )
     reflection: bool = True
+    # Read once here, like every setting; the exporter itself is configured by the standard
+    # OTEL_* variables (see services.common.tracing). Off: no tracing code runs at all.
+    tracing: bool = Field(
+        False, description="OpenTelemetry spans for every call and stage, exported as OTEL_* configure."
+    )
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     use_uvloop: bool = True

@@ -24,6 +24,7 @@ from services.common.breaker import BreakerState, CircuitBreaker
 from services.common.channels import create_channel
 from services.common.interceptor import CallGuard
 from services.common.server import Readiness, ServiceSpec, version_health_name
+from services.common.tracing import Tracing
 from services.common.versions import ModelVersions, version_metrics
 from services.common.wiring import (
     ConfigReloader,
@@ -259,6 +260,14 @@ class GatewayApp:
     def attach_guard(self, guard: CallGuard) -> None:
         """The HTTP port admits its calls through the gRPC port's limit and queue."""
         self.http.guard = guard
+
+    def attach_tracing(self, tracing: Tracing) -> None:
+        """Tracing is on (GrpcHost): stage spans, client spans carrying the trace to recall
+        and rank, and a server span per HTTP request."""
+        self.engine.tracing = tracing
+        self.engine.recall_client.tracing = tracing
+        self.engine.rank_client.tracing = tracing
+        self.http.attach_tracing(tracing)
 
     def register(self, server: aio.Server) -> None:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(

@@ -6,7 +6,8 @@ the stubs, the deadline and the circuit breaker stay here, and failures are clas
 dependency does not have the version: retry on its own) or `Overloaded` (pass it on).
 
 The request id rides as call metadata set here, not through a client interceptor: an
-interceptor costs a task and a metadata copy per call on the gateway's busiest path.
+interceptor costs a task and a metadata copy per call on the gateway's busiest path. With
+tracing on, the CLIENT span and its `traceparent` are made here for the same reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb
 from services.common.interceptor import REQUEST_ID_KEY
 from services.common.logs import request_id_var
 from services.common.provenance import provenance_from_message, provenance_message
+from services.common.tracing import Tracing, client_metadata
 from services.gateway.downstream import Downstream, DownstreamError
+
+RECALL_METHOD = "/recsys.v1.Recall/Recall"
+RANK_METHOD = "/recsys.v1.Rank/Rank"
 
 _FUSION_METHODS = {
     "weighted_sum": rank_pb2.FUSION_METHOD_WEIGHTED_SUM,
@@ -133,6 +138,7 @@ class RecallClient:
         self._stub = stub
         self._link = link
         self.timeout = timeout  # what recall is normally given
+        self.tracing: Tracing | None = None  # set when tracing is on (GatewayApp.attach_tracing)
 
     async def recall(self, call: RecallCall, budget: float) -> Recalled:
         request = recall_pb2.RecallRequest(
@@ -144,13 +150,14 @@ class RecallClient:
             max_candidates=call.max_candidates,
             dry_run=call.dry_run,
         )
-        metadata = _metadata()
         try:
-            response = await self._link.call(
-                lambda timeout: self._stub.Recall(request, timeout=timeout, metadata=metadata),
-                min(budget, self.timeout),
-                self.timeout,
-            )
+            with client_metadata(self.tracing, RECALL_METHOD) as carried:
+                metadata = _metadata() + carried
+                response = await self._link.call(
+                    lambda timeout: self._stub.Recall(request, timeout=timeout, metadata=metadata),
+                    min(budget, self.timeout),
+                    self.timeout,
+                )
         except DownstreamError as error:
             raise _version_or_error(error) from error
         history = response.history if response.HasField("history") else None
@@ -180,6 +187,7 @@ class RankClient:
         self._stub = stub
         self._link = link
         self.timeout = timeout
+        self.tracing: Tracing | None = None  # set when tracing is on (GatewayApp.attach_tracing)
 
     async def rank(self, call: RankCall, budget: float) -> Ranked:
         fusion = call.fusion
@@ -206,13 +214,14 @@ class RankClient:
             if call.provenance is None
             else provenance_message(call.provenance, with_merge_scores=True),
         )
-        metadata = _metadata()
         try:
-            response = await self._link.call(
-                lambda timeout: self._stub.Rank(request, timeout=timeout, metadata=metadata),
-                min(budget, self.timeout),
-                self.timeout,
-            )
+            with client_metadata(self.tracing, RANK_METHOD) as carried:
+                metadata = _metadata() + carried
+                response = await self._link.call(
+                    lambda timeout: self._stub.Rank(request, timeout=timeout, metadata=metadata),
+                    min(budget, self.timeout),
+                    self.timeout,
+                )
         except DownstreamError as error:
             raise _version_or_error(error) from error
         scores = np.asarray(response.scores, dtype=np.float32)

@@ -40,6 +40,7 @@ from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import UserHistory
 from recsys.stages.sources import not_excluded
 from services.common.deadline import Deadline
+from services.common.tracing import Tracing, span_or_nothing
 from services.common.versions import Loaded, ModelVersions
 from services.gateway.clients import (
     RankCall,
@@ -146,6 +147,9 @@ class _Candidates:
 
 
 FALLBACK_CHANNELS = ("fallback_popular",)
+# The stages with a span when tracing is on; the blocklist (a binary search, usually on an empty
+# list) would cost more traced than it does.
+_STAGE_SPANS = {stage: f"gateway.{stage}" for stage in ("recall", "rank", "rerank")}
 
 
 @dataclass
@@ -202,6 +206,7 @@ class GatewayEngine:
         )
         self._blocklist_filters: dict[str, BlocklistFilter] = {}  # per model version
         self._stage_timers: dict[str, Any] = {}
+        self.tracing: Tracing | None = None  # set when tracing is on (GatewayApp.attach_tracing)
         self._stages: dict[str, Callable[[_Request], Awaitable[None]]] = {
             "recall": self._recall_stage,
             "blocklist": self._blocklist_stage,
@@ -237,14 +242,33 @@ class GatewayEngine:
             _EMPTY,
         )
         trace: list[StageTrace] = []
+        tracing = self.tracing
+        scene_name = request.scene.name
+        if tracing is not None:  # on the call's server span (gRPC or HTTP)
+            tracing.current_span().set_attributes(
+                {"recsys.scene": scene_name, "recsys.arm": assignment.arm, "recsys.count": query.count}
+            )
         for name in request.scene.pipeline:
             before, started = len(request.candidates), time.perf_counter()
-            await self._stages[name](request)
+            with span_or_nothing(tracing, _STAGE_SPANS.get(name)) as span:
+                await self._stages[name](request)
+                if span is not None:
+                    span.set_attributes(
+                        {
+                            "recsys.scene": scene_name,
+                            "recsys.candidates_in": before,
+                            "recsys.candidates_out": len(request.candidates),
+                        }
+                    )
             seconds = time.perf_counter() - started
             self._stage_timer(name).observe(seconds)
             detail = ",".join(request.degraded) if name == "recall" else ""
             detail = request.scene.rerank_method if name == "rerank" else detail
             trace.append(StageTrace(name, before, len(request.candidates), seconds * 1000, detail))
+        if tracing is not None:
+            tracing.current_span().set_attributes(
+                {"recsys.model_version": request.loaded.version, "recsys.degraded": request.degraded}
+            )
         if "rerank" not in request.scene.pipeline:  # the best `count` by score
             request.ranked = request.candidates
             best = np.argsort(-request.candidates.scores, kind="stable")[: query.count]

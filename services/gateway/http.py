@@ -49,6 +49,7 @@ from services.common.auth import CallerAuth, authorize_user, caller_var, ssl_cer
 from services.common.errors import safe_message, status_for
 from services.common.interceptor import CallGuard
 from services.common.logs import new_request_id, request_id_var
+from services.common.tracing import Tracing
 from services.gateway.engine import GatewayEngine
 from services.gateway.events import EventIngestor
 from services.gateway.history import UserHistoryHydrator, UserHistoryView
@@ -175,6 +176,10 @@ class GatewayHttp:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.guard: CallGuard | None = None  # the gRPC port's admission, shared (see attach_guard)
+
+    def attach_tracing(self, tracing: Tracing) -> None:
+        """A server span per request, outermost (before start: aiohttp freezes the list then)."""
+        self.app.middlewares.insert(0, tracing.http_middleware())
 
     def _slot(self) -> contextlib.AbstractAsyncContextManager[None]:
         # HTTP carries no deadline: the admission policy's default applies.

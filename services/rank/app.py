@@ -16,6 +16,7 @@ from recsys.store import ModelStore
 from recsys.v1 import rank_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.snapshots import SnapshotRepair
+from services.common.tracing import Tracing
 from services.common.versions import Loaded, ModelVersions, version_metrics
 from services.common.wiring import (
     ConfigReloader,
@@ -131,6 +132,12 @@ class RankApp:
         # The gateway switches to a version only once recall and rank say they serve it.
         if self._readiness is not None:
             await self._readiness.set_versions(versions)
+
+    def attach_tracing(self, tracing: Tracing) -> None:
+        """Tracing is on (GrpcHost): spans for pre-rank, the user's features, each call's wait
+        for its batch, and the micro-batch (feature assembly, onnxruntime)."""
+        self.engine.tracing = tracing
+        self.batcher.tracing = tracing
 
     def register(self, server: aio.Server) -> None:
         rank_pb2_grpc.add_RankServicer_to_server(RankServicer(self.engine), server)

@@ -25,6 +25,7 @@ from recsys.artifacts import FloatArray
 from recsys.errors import DeadlineExpired
 from recsys.serving_model import ServingModel
 from services.common.metrics import EXPIRED_WORK
+from services.common.tracing import Tracing
 from services.rank.metrics import RankMetrics
 from services.rank.scorer import OnnxScorer, ScoredBatch, ScoreJob
 
@@ -73,6 +74,7 @@ class MicroBatcher:
         self._expected = 0  # calls announced (reading features) but not yet submitted
         self._waiters: set[asyncio.Future[None]] = set()  # idle or waiting collectors
         self._tasks: list[asyncio.Task[None]] = []
+        self.tracing: Tracing | None = None  # set when tracing is on (RankApp.attach_tracing)
 
     # -- the calls' side -------------------------------------------------------------------
     def expect(self) -> None:
@@ -193,11 +195,40 @@ class MicroBatcher:
                 continue
             try:
                 self._record(group.model.version, group.pending, jobs, scored, started)
+                if self.tracing is not None:
+                    self._trace(self.tracing, group.model.version, jobs, scored, started)
             except Exception:  # metrics must never cost a call its answer
                 log.exception("recording batch metrics failed")
             for waiting, scores in zip(group.pending, scored.scores, strict=True):
                 if not waiting.future.done():
                     waiting.future.set_result(scores)
+
+    @staticmethod
+    def _trace(
+        tracing: Tracing, version: str, jobs: Sequence[ScoreJob], scored: ScoredBatch, started: float
+    ) -> None:
+        """The run's spans, recorded once it is done (it ran in the inference thread): one
+        `rank.batch` span parented by the first sampled call's server span and linked to every
+        sampled call's, so each call's trace reaches the batch that served it; under it the
+        feature assembly (the user tower included, for calls without recall's embedding) and the
+        onnxruntime run. A batch of calls none of which is sampled records nothing."""
+        calls = [job.span for job in jobs if job.span is not None and job.span.is_recording()]
+        if not calls:
+            return
+        rows = sum(job.rows for job in jobs)
+        sizes = {"recsys.batch.calls": len(jobs), "recsys.batch.rows": rows}
+        for span in calls:  # still open: each call awaits its scores
+            span.set_attributes(sizes)
+        batch = tracing.record_span(
+            "rank.batch",
+            started,
+            time.perf_counter(),
+            {**sizes, "recsys.model_version": version},
+            parent=calls[0],
+            links=calls,
+        )
+        tracing.record_span("rank.feature_assembly", scored.started, scored.run_started, sizes, parent=batch)
+        tracing.record_span("onnxruntime.run", scored.run_started, scored.finished, sizes, parent=batch)
 
     def _record(
         self,

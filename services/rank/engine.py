@@ -30,7 +30,8 @@ from recsys.stages.fusion import Fusion
 from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import UserHistory, liked_mask
 from services.common.metrics import EXPIRED_WORK
-from services.common.versions import ModelVersions
+from services.common.tracing import Tracing, span_or_nothing
+from services.common.versions import Loaded, ModelVersions
 from services.rank.batcher import MicroBatcher
 from services.rank.metrics import RankMetrics
 from services.rank.scenes import FUSION_METHODS, SceneFusions
@@ -152,6 +153,7 @@ class RankEngine:
         self.scenes = scenes or SceneFusions()
         self._hydrator = UserFeatureHydrator()
         self.limits = limits or RankLimits()
+        self.tracing: Tracing | None = None  # set when tracing is on (RankApp.attach_tracing)
 
     async def rank(self, query: RankQuery) -> RankResult:
         if not query.user_id:
@@ -168,8 +170,17 @@ class RankEngine:
         if embedding is not None:
             self._check_embedding(model, embedding)
         items, provenance = query.items, query.provenance
+        tracing = self.tracing
         if query.prerank_keep > 0 and embedding is not None and items.shape[0] > query.prerank_keep:
-            kept = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, query.prerank_keep)
+            with span_or_nothing(tracing, "rank.prerank") as span:
+                kept = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, query.prerank_keep)
+                if span is not None:
+                    span.set_attributes(
+                        {
+                            "recsys.candidates_in": int(items.shape[0]),
+                            "recsys.candidates_out": int(kept.positions.shape[0]),
+                        }
+                    )
             self._metrics.prerank_in.inc(items.shape[0])
             self._metrics.prerank_kept.inc(kept.positions.shape[0])
             positions = np.sort(kept.positions)  # the kept candidates in request order
@@ -197,29 +208,15 @@ class RankEngine:
         _check_deadline(query.deadline, "user_state")
         self._batcher.expect()
         try:
-            history = query.history
-            problem: str | None = None
-            if history is None:  # no recall answer to score from: read the user's state here
-                state, problem = await self._user_state(
-                    loaded.version, query.user_id, query.now or time.time()
-                )
-                if (
-                    state is not None
-                    and loaded is self._versions.current
-                    and not self._versions.snapshot_ready
-                ):
-                    # The version's features are gone from the feature store: its own data
-                    # stands in for the snapshot (recall flags the answer).
-                    state = with_version_snapshot(state, model.core, model.user_lookup.get(query.user_id, -1))
-                if state is not None:
-                    history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
-            user = self._hydrator.inputs(model, query.user_id, query.region, history)
+            user, problem = await self._user_inputs(loaded, model, query)
             _check_deadline(query.deadline, "batch")  # the caller gave up during the read
         except BaseException:
             self._batcher.unexpect()
             raise
+        # With tracing on, the call's server span: the batch that scores it is its child or linked.
+        call_span = None if tracing is None else tracing.current_span()
         task_scores = await self._batcher.score(
-            ScoreJob(model, user, items, embedding, query.deadline, provenance), expected=True
+            ScoreJob(model, user, items, embedding, query.deadline, provenance, call_span), expected=True
         )
         scores = fusion.fuse(task_scores)
         self._check_finite(loaded.version, scores, task_scores)
@@ -241,6 +238,23 @@ class RankEngine:
         return PreRankResult(loaded.version, items[kept.positions], kept.scores)
 
     # -- pieces ------------------------------------------------------------------------------
+    async def _user_inputs(
+        self, loaded: Loaded[ServingModel], model: ServingModel, query: RankQuery
+    ) -> tuple[Inputs, str | None]:
+        """The user's ranker inputs, from the history recall read or from the feature store
+        here, and the degraded reason when the store could not be read."""
+        history = query.history
+        problem: str | None = None
+        if history is None:  # no recall answer to score from: read the user's state here
+            state, problem = await self._user_state(loaded.version, query.user_id, query.now or time.time())
+            if state is not None and loaded is self._versions.current and not self._versions.snapshot_ready:
+                # The version's features are gone from the feature store: its own data
+                # stands in for the snapshot (recall flags the answer).
+                state = with_version_snapshot(state, model.core, model.user_lookup.get(query.user_id, -1))
+            if state is not None:
+                history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
+        return self._hydrator.inputs(model, query.user_id, query.region, history), problem
+
     def _fusion(self, query: RankQuery, model: ServingModel) -> Fusion:
         """The scene's fusion, or the call's own. A call that brings a complete fusion (the
         gateway resolves scenes and experiment arms itself) does not need the scene to be

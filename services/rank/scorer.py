@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class ScoreJob:
     embedding: FloatArray | None  # recall's user embedding; None: the user tower computes it
     deadline: float | None = None  # time.monotonic() after which nobody waits for the scores
     provenance: Provenance | None = None  # recall's, aligned with `items`
+    # With tracing on: the call's server span (an opentelemetry Span), which the batch's span
+    # is parented by or linked to; None when tracing is off.
+    span: Any = None
 
     @property
     def rows(self) -> int:
@@ -51,6 +55,11 @@ class ScoredBatch:
     # waited for a core or the GIL (the benchmark's overhead figures subtract these).
     feature_cpu_seconds: float
     inference_cpu_seconds: float
+    # time.perf_counter() at the start, at the ranker run's start and at its end: the batch's
+    # feature-assembly and onnxruntime spans with tracing on (read anyway, so free when off).
+    started: float = 0.0
+    run_started: float = 0.0
+    finished: float = 0.0
 
 
 class OnnxScorer:
@@ -119,4 +128,7 @@ class OnnxScorer:
             inference,
             finished_cpu - started_cpu - inference_cpu,
             inference_cpu,
+            started,
+            run_started,
+            finished,
         )

@@ -17,6 +17,7 @@ from recsys.store import ModelStore
 from recsys.v1 import recall_pb2_grpc
 from services.common.server import Readiness, ServiceSpec
 from services.common.snapshots import SnapshotRepair
+from services.common.tracing import Tracing
 from services.common.versions import Loaded, ModelVersions, version_metrics
 from services.common.wiring import feature_store_for, load_serving_model, local_copies_for, version_loaded
 from services.recall.engine import RecallEngine, RecallLimits
@@ -92,6 +93,11 @@ class RecallApp:
         # The gateway switches to a version only once recall and rank say they serve it.
         if self._readiness is not None:
             await self._readiness.set_versions(versions)
+
+    def attach_tracing(self, tracing: Tracing) -> None:
+        """Tracing is on (GrpcHost): spans for the user state, each channel, the exposure
+        filter and the merge."""
+        self.engine.tracing = tracing
 
     def register(self, server: aio.Server) -> None:
         recall_pb2_grpc.add_RecallServicer_to_server(RecallServicer(self.engine), server)

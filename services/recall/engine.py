@@ -34,6 +34,7 @@ from recsys.stages.merge import MergedCandidates, WeightedMerge
 from recsys.stages.query import UserHistory, UserQuery, build_query
 from recsys.stages.sources import Candidates, top_candidates
 from services.common.metrics import EXPIRED_WORK
+from services.common.tracing import Tracing, span_or_nothing
 from services.common.versions import ModelVersions
 from services.recall.metrics import RecallMetrics
 
@@ -121,6 +122,7 @@ class ChannelRun:
     milliseconds: float
     error: Exception | None = None
     late: bool = False  # finished after its own deadline: dropped like a timeout
+    started: float = 0.0  # time.perf_counter() when it started (its span, with tracing on)
 
 
 @dataclass
@@ -164,6 +166,7 @@ class RecallEngine:
         self.limits = limits or RecallLimits()
         # Test hook and operations knob: extra seconds a channel sleeps (to exercise deadlines).
         self.channel_delays: dict[str, float] = {}
+        self.tracing: Tracing | None = None  # set when tracing is on (RecallApp.attach_tracing)
 
     async def recall(self, query: RecallQuery) -> RecallResult:
         limits = self.limits
@@ -183,6 +186,7 @@ class RecallEngine:
         now = query.now or time.time()
         degraded: list[str] = []
         self._check_deadline(started + budget, "user_state")
+        tracing = self.tracing
 
         state = await self._user_state(loaded.version, query.user_id, now, deadline, degraded)
         # The read may have used the call's time up: then no channel starts.
@@ -218,6 +222,7 @@ class RecallEngine:
             else:
                 runnable.append(name)
         results: dict[str, ChannelRun] = {}
+        channels_started = time.perf_counter()
         remaining = max(0.0, deadline - loop.time())
         now_monotonic = time.monotonic()
         stop_at = {name: now_monotonic + min(limits.timeout_for(name), remaining) for name in runnable}
@@ -278,10 +283,15 @@ class RecallEngine:
         if state is not None and state.exposure_filter is not None:
             exposure = ExposureFilter(state.exposure_filter, model.item_digests)
             if exposure.active:
-                for name, candidates in lists.items():
-                    filtered = exposure.apply(candidates)
-                    self._metrics.exposure_filtered[name].inc(filtered.removed)
-                    lists[name] = filtered.kept
+                with span_or_nothing(tracing, "recall.exposure_filter") as span:
+                    removed = 0
+                    for name, candidates in lists.items():
+                        filtered = exposure.apply(candidates)
+                        self._metrics.exposure_filtered[name].inc(filtered.removed)
+                        lists[name] = filtered.kept
+                        removed += filtered.removed
+                    if span is not None:
+                        span.set_attribute("recsys.removed", removed)
         for name, candidates in lists.items():
             kept = Candidates(candidates.items[: quotas[name]], candidates.scores[: quotas[name]])
             lists[name] = kept
@@ -290,9 +300,20 @@ class RecallEngine:
             outcomes[name] = outcome
             self._metrics.outcome[name, "ok"].inc()
             self._metrics.channel_count[name].observe(len(kept))
+        if tracing is not None and tracing.current_span().is_recording():  # sampled
+            self._trace_channels(tracing, runnable, results, outcomes, channels_started)
         merge = WeightedMerge(ALL_CHANNELS, self._weights(model, cold_start))
         budget_items = query.max_candidates or limits.default_candidates
-        merged = merge.merge(lists, budget_items)
+        with span_or_nothing(tracing, "recall.merge") as span:
+            merged = merge.merge(lists, budget_items)
+            if span is not None:
+                span.set_attributes(
+                    {"recsys.channels": len(lists), "recsys.candidates_out": int(merged.items.shape[0])}
+                )
+        if tracing is not None:
+            tracing.current_span().set_attributes(
+                {"recsys.model_version": loaded.version, "recsys.cold_start": cold_start}
+            )
         if cold_start:
             self._metrics.cold_start.inc()
         stats = [outcomes[name] for name in ALL_CHANNELS]
@@ -300,6 +321,34 @@ class RecallEngine:
         return RecallResult(loaded.version, merged, stats, embedding, cold_start, degraded, ranker_history)
 
     # -- pieces ------------------------------------------------------------------------------
+    @staticmethod
+    def _trace_channels(
+        tracing: Tracing,
+        runnable: list[str],
+        results: Mapping[str, ChannelRun],
+        outcomes: Mapping[str, ChannelOutcome],
+        channels_started: float,
+    ) -> None:
+        """One span per channel that ran, recorded now from its own timings: the channels ran
+        in worker threads, where the call's span is not current. A channel with no result
+        (timed out) gets a span from the start of the channels to now, marked as an error."""
+        now = time.perf_counter()
+        for name in runnable:
+            run, outcome = results.get(name), outcomes[name]
+            attributes = {
+                "recsys.channel": name,
+                "recsys.channel.outcome": outcome.status,
+                "recsys.channel.candidates": outcome.count,
+            }
+            if run is None:
+                tracing.record_span(
+                    f"recall.channel {name}", channels_started, now, attributes, error="timeout"
+                )
+                continue
+            error = "timeout" if run.late else None if run.error is None else type(run.error).__name__
+            finished = run.started + run.milliseconds / 1000
+            tracing.record_span(f"recall.channel {name}", run.started, finished, attributes, error=error)
+
     @staticmethod
     def _check_deadline(at: float, stage: str) -> None:
         if asyncio.get_running_loop().time() >= at:
@@ -405,11 +454,15 @@ class RecallEngine:
                     candidates = model.sources[name].candidates(query, fetch)
                 late = time.monotonic() > stop_at[name]
                 results[name] = ChannelRun(
-                    candidates, vector, (time.perf_counter() - started) * 1000, late=late
+                    candidates, vector, (time.perf_counter() - started) * 1000, late=late, started=started
                 )
             except Exception as error:  # fail-open: the other channels still answer
                 results[name] = ChannelRun(
-                    Candidates.empty(), None, (time.perf_counter() - started) * 1000, error=error
+                    Candidates.empty(),
+                    None,
+                    (time.perf_counter() - started) * 1000,
+                    error=error,
+                    started=started,
                 )
 
     def _fetch(self, quota: int) -> int:
@@ -447,13 +500,15 @@ class RecallEngine:
             # Cache scores are ranker scores; shift so every kept item scores above zero.
             shifted = scores - scores.min() + 1e-3 if scores.size else scores
             candidates = top_candidates(items, shifted, self._fetch(quotas["cache"]), user_query.excluded)
-            results["cache"] = ChannelRun(candidates, None, (time.perf_counter() - started) * 1000)
+            results["cache"] = ChannelRun(
+                candidates, None, (time.perf_counter() - started) * 1000, started=started
+            )
         except TimeoutError:
             return  # no result: reported as a timeout
         except Exception as error:  # fail-open
             self._metrics.feature_store_errors.labels(type(error).__name__).inc()
             results["cache"] = ChannelRun(
-                Candidates.empty(), None, (time.perf_counter() - started) * 1000, error=error
+                Candidates.empty(), None, (time.perf_counter() - started) * 1000, error=error, started=started
             )
 
     @staticmethod
