@@ -16,16 +16,16 @@ from typing import Any
 
 from recsys.feature_store.base import (
     CONSUMING_KINDS,
+    EVENT_KINDS,
     MAX_CATEGORIES,
     CatalogueItem,
     CatalogueState,
-    StoredItem,
-    EVENT_KINDS,
     FeatureStore,
     FeatureStoreUnavailable,
     LiveDataPolicy,
     LiveEvent,
     Snapshot,
+    StoredItem,
     UserState,
 )
 from recsys.feature_store.bloom import BloomFilter, BloomParameters, ExposureFilterConfig, ExposureSnapshot

@@ -9,13 +9,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from recsys.catalogue import CatalogueWatcher, NewItems
 from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
 from recsys.probe import probe
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from services.common.metrics import ServiceMetrics
 from services.common.server import Readiness
-from services.common.versions import Loaded, LocalVersionCopies
+from services.common.versions import Loaded, LocalVersionCopies, ModelVersions
 
 log = logging.getLogger("recsys.config")
 
@@ -148,3 +149,17 @@ class ConfigReloader(Generic[ConfigT]):
         self._metrics.valid.set(1)
         log.info("configuration files reloaded", extra={"files": [str(path) for path in self.paths]})
         return True
+
+
+def catalogue_watcher_for(
+    features: FeatureStore,
+    versions: ModelVersions[ServingModel],
+    poll_seconds: float,
+    prepare: Callable[[ServingModel, NewItems], None] | None = None,
+) -> CatalogueWatcher:
+    """The service's watcher of the live catalogue, laying it out for every servable version."""
+
+    def servable() -> list[tuple[str, ServingModel]]:
+        return [(version, versions.get(version).model) for version in versions.available()]
+
+    return CatalogueWatcher(features, servable, poll_seconds, prepare=prepare)
