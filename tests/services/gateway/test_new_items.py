@@ -13,12 +13,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc import aio
 
+from recsys.cli import main
 from recsys.feature_store import InProcessFeatureStore
 from recsys.feature_store.push import push_core
 from recsys.feature_store.redis_store import RedisFeatureStore
@@ -380,3 +382,40 @@ async def test_the_catalogue_refuses_unauthenticated_callers_and_callers_without
     upserted = await stub.UpsertItems(upsert, metadata=bearer(CATALOGUE_KEY), timeout=5)
     assert upserted.added == 1
     assert (await stub.WithdrawItems(withdraw, metadata=bearer(CATALOGUE_KEY), timeout=5)).withdrawn == 1
+
+
+# -- the command line ----------------------------------------------------------------------------
+async def test_recsys_catalogue_add_and_withdraw_over_the_running_gateway(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    genre = favourite_genre(stack.model, USER)
+    suffix = unique_prefix()[-8:]
+    first, second = f"cli-a-{suffix}", f"cli-b-{suffix}"
+    path = tmp_path / "new.csv"
+    path.write_text(
+        "item_id,title,author,categories,publisher,published_at\n"
+        f"{first},From the command line,Someone,{genre}|Other,Pub,2026-01-01\n"
+        f"{second},Another one,,{genre},,\n",
+        encoding="utf-8",
+    )
+    addr = ["--addr", f"127.0.0.1:{stack.gateway.port}"]
+    # The CLI blocks (a sync client): off the loop the servers run on.
+    assert await asyncio.to_thread(main, ["catalogue", "add", str(path), "--batch-size", "1", *addr]) == 0
+    assert capsys.readouterr().out == f"2 items from {path}: 2 added, 0 updated\n"
+    assert await seconds_until(stack, {first: True, second: True}) <= WITHIN
+
+    assert await asyncio.to_thread(main, ["catalogue", "withdraw", first, *addr]) == 0
+    assert capsys.readouterr().out == "1 withdrawn, 0 already withdrawn\n"
+    assert await seconds_until(stack, {first: False, second: True}) <= WITHIN
+
+    # The gateway's refusal is one line naming the field; nothing of the file is applied.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"item_id": f"cli-c-{suffix}", "title": "t" * 600}) + "\n", encoding="utf-8")
+    revision = await stack.features.catalogue_revision()
+    assert await asyncio.to_thread(main, ["catalogue", "add", str(bad), *addr]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error
+        == "recsys catalogue: error: INVALID_ARGUMENT: items[0].title: at most 512 characters, got 600\n"
+    )
+    assert await stack.features.catalogue_revision() == revision
