@@ -125,9 +125,12 @@ class NewItems:
         self.exposure_digests: npt.NDArray[np.uint64] | None = None
         self.source: NewItemSource | None = None
 
-    def new_item_source(self, version_categories: npt.NDArray[Any]) -> NewItemSource:
+    def new_item_source(
+        self, version_categories: npt.NDArray[Any], clock: Callable[[], float] = time.time
+    ) -> NewItemSource:
         """The new_items channel over the servable items (`version_categories`: the version's
-        `Catalogue.categories`, to read a user's engaged categories)."""
+        `Catalogue.categories`, to read a user's engaged categories; `clock`: what items'
+        ages are measured from)."""
         ordinals = self.servable - self.base
         return NewItemSource(
             self.servable,
@@ -135,6 +138,7 @@ class NewItems:
             self.authors[ordinals],
             self.categories[ordinals],
             version_categories,
+            clock,
         )
 
     def __len__(self) -> int:
@@ -217,6 +221,7 @@ class CatalogueWatcher:
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         *,
         prepare: Callable[[Any, NewItems], None] | None = None,
+        on_poll: Callable[[CatalogueWatcher, bool], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if poll_seconds <= 0:
@@ -225,6 +230,7 @@ class CatalogueWatcher:
         self._models = models
         self.poll_seconds = poll_seconds
         self._prepare = prepare  # per service: what its requests need built up front (digests)
+        self._on_poll = on_poll  # after each poll, whether it succeeded (the service's metrics)
         self._clock = clock
         self._state = CatalogueState.empty()
         self._views: dict[str, NewItems] = {}
@@ -272,9 +278,13 @@ class CatalogueWatcher:
         while True:
             try:
                 await self.poll()
+                succeeded = True
             except Exception as error:  # a feature store that is down: keep the last views
                 self.failures += 1
+                succeeded = False
                 log.warning("polling the live catalogue failed: %s", error)
+            if self._on_poll is not None:
+                self._on_poll(self, succeeded)
             await asyncio.sleep(self.poll_seconds)
 
     async def poll(self) -> bool:

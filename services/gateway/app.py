@@ -166,7 +166,9 @@ class GatewayApp:
         )
         config = load_config(settings)
         # Items upserted or withdrawn while serving: answers name them, filters drop the withdrawn.
-        self.catalogue = catalogue_watcher_for(self.features, self.versions, settings.catalogue_poll_seconds)
+        self.catalogue = catalogue_watcher_for(
+            "gateway", self.features, self.versions, settings.catalogue_poll_seconds
+        )
         self.editor = CatalogueEditor(
             self.features, self._catalogued_item, max_items=settings.max_catalogue_items
         )

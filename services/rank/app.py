@@ -105,7 +105,9 @@ class RankApp:
             collectors=settings.inference_threads,
         )
         # Items upserted or withdrawn while serving: new ones are scored from their content.
-        self.catalogue = catalogue_watcher_for(self.features, self.versions, settings.catalogue_poll_seconds)
+        self.catalogue = catalogue_watcher_for(
+            "rank", self.features, self.versions, settings.catalogue_poll_seconds
+        )
         self.engine = RankEngine(
             self.versions,
             self.features,

@@ -83,7 +83,7 @@ class RecallApp:
         self.blocklist_file = BlocklistFile(settings.blocklist_file) if settings.blocklist_file else None
         # Items upserted or withdrawn while serving, laid out per servable version.
         self.catalogue = catalogue_watcher_for(
-            self.features, self.versions, settings.catalogue_poll_seconds, prepare_new_items
+            "recall", self.features, self.versions, settings.catalogue_poll_seconds, prepare_new_items
         )
         self.engine = RecallEngine(
             self.versions,

@@ -3,6 +3,7 @@ channel (`NewItemSource`), on a tiny version and the embedded feature store."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 
 from recsys.artifacts import CoreArtifacts
 from recsys.catalogue import CatalogueWatcher, NewItems, VersionVocabulary
-from recsys.feature_store import CatalogueItem, InProcessFeatureStore
+from recsys.feature_store import CatalogueItem, FeatureStoreUnavailable, InProcessFeatureStore
 from recsys.stages.query import build_query
 from tests.recsys.feature_store import tiny_core
 
@@ -171,8 +172,7 @@ async def test_the_new_items_channel_puts_the_users_authors_and_categories_first
         await store.catalogue_state(),
         NOW,
     )
-    source = view.new_item_source(np.asarray(core.catalogue.categories))
-    source._clock = lambda: NOW  # the channel's age is measured from now
+    source = view.new_item_source(np.asarray(core.catalogue.categories), clock=lambda: NOW)
     alice = build_query(core, 0, extra_excluded=np.array([view.index("consumed")], dtype=np.int64))
     found = source.candidates(alice, 10)
     ids = [view.item_id(int(item)) for item in found.items]
@@ -189,3 +189,44 @@ async def test_the_new_items_channel_puts_the_users_authors_and_categories_first
         "history",
     ]
     assert len(source.candidates(alice, 0)) == 0
+
+
+class FlakyStore(InProcessFeatureStore):
+    """The embedded store, whose catalogue reads fail while `down` (Redis gone)."""
+
+    down = False
+
+    async def catalogue_revision(self) -> int:
+        if self.down:
+            raise FeatureStoreUnavailable("down for the test")
+        return await super().catalogue_revision()
+
+
+async def test_a_failed_poll_keeps_the_last_views_and_is_reported() -> None:
+    store = FlakyStore()
+    core = core_with_metadata()
+    polls: list[bool] = []
+    watcher = CatalogueWatcher(
+        store, lambda: [("v1", model_of(core))], 0.02, on_poll=lambda _, succeeded: polls.append(succeeded)
+    )
+    await store.upsert_items([book("new-a")], NOW)
+    await watcher.start()
+    try:
+        async with asyncio.timeout(5):
+            while watcher.view("v1") is None:
+                await asyncio.sleep(0.01)
+            store.down = True
+            await store.withdraw_items(["new-a"], NOW)  # made while this process cannot see it
+            while polls.count(False) < 2:
+                await asyncio.sleep(0.01)
+            view = watcher.view("v1")
+            assert view is not None
+            assert view.servable.tolist() == [6]  # still served: the last good view
+            assert watcher.failures >= 2
+            store.down = False
+            while (view := watcher.view("v1")) is not None and len(view):
+                await asyncio.sleep(0.01)
+    finally:
+        await watcher.stop()
+    assert polls[0] is True
+    assert polls[-1] is True
