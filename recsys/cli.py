@@ -18,7 +18,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 # Command modules under recsys.commands, in the order `recsys --help` lists them.
-COMMAND_MODULES = ("build", "evaluate", "serve", "up", "client", "store", "version")
+COMMAND_MODULES = ("build", "evaluate", "serve", "up", "client", "catalogue", "store", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:

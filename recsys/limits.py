@@ -26,6 +26,8 @@ DEFAULT_TEXT_CHARS = 1024  # any string field not listed below
 DEFAULT_LIST_ITEMS = 10_000  # any repeated or map field not listed below
 EMBEDDING_VALUES = 1024  # a user embedding (the models use 32 to 128)
 PROVENANCE_CELLS = 10_000 * 64  # candidates × channels of a provenance matrix
+TITLE_CHARS = 512  # a catalogue item's title
+CREDIT_CHARS = 256  # a catalogue item's author or publisher
 
 TEXT_CHARS: dict[str, int] = {
     "recsys.v1.RequestContext.region": NAME_CHARS,
@@ -49,6 +51,12 @@ TEXT_CHARS: dict[str, int] = {
     "recsys.v1.Fusion.ExponentsEntry.key": NAME_CHARS,
     "recsys.v1.PreRankRequest.model_version": VERSION_CHARS,
     "recsys.v1.Provenance.channels": NAME_CHARS,
+    "recsys.v1.CatalogueItem.item_id": ID_CHARS,
+    "recsys.v1.CatalogueItem.title": TITLE_CHARS,
+    "recsys.v1.CatalogueItem.author": CREDIT_CHARS,
+    "recsys.v1.CatalogueItem.publisher": CREDIT_CHARS,
+    "recsys.v1.CatalogueItem.categories": NAME_CHARS,
+    "recsys.v1.WithdrawItemsRequest.item_ids": ID_CHARS,
 }
 TEXT_BYTES: dict[str, int] = {
     "recsys.v1.RequestContext.AttributesEntry.key": ATTRIBUTE_BYTES,
@@ -76,6 +84,10 @@ LIST_ITEMS: dict[str, int] = {
     "recsys.v1.PreRankRequest.user_embedding": EMBEDDING_VALUES,
     "recsys.v1.UserHistory.item_indexes": 1000,
     "recsys.v1.UserHistory.liked": 1000,
+    # The gateway's `max_catalogue_items` (1,000) is checked by its engine; these are ceilings.
+    "recsys.v1.UpsertItemsRequest.items": 10_000,
+    "recsys.v1.WithdrawItemsRequest.item_ids": 10_000,
+    "recsys.v1.CatalogueItem.categories": 16,
 }
 
 # google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.

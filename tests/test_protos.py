@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from recsys.v1 import common_pb2, gateway_pb2, rank_pb2, recall_pb2
+from recsys.v1 import catalogue_pb2, common_pb2, gateway_pb2, rank_pb2, recall_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 BUF = ROOT / "tools" / "buf" / "node_modules" / ".bin" / "buf"
@@ -130,7 +130,7 @@ def test_buf_breaking_allows_an_added_field(tmp_path: Path) -> None:
 
 # -- other languages: packages from the files alone, no generator flags ----------------------
 def test_every_proto_names_its_package_for_go_java_and_csharp() -> None:
-    for module in (common_pb2, gateway_pb2, rank_pb2, recall_pb2):
+    for module in (catalogue_pb2, common_pb2, gateway_pb2, rank_pb2, recall_pb2):
         options = module.DESCRIPTOR.GetOptions()
         name = module.DESCRIPTOR.name
         assert options.go_package == "github.com/recsys/recsys/gen/go/recsys/v1;recsysv1", name

@@ -29,6 +29,7 @@ from __future__ import annotations
 from recsys.client.channels import Tls, create_channel, create_sync_channel
 from recsys.client.recommender import DEFAULT_TARGET, Recommender, RecommenderError, SyncRecommender
 from recsys.client.results import (
+    CatalogueItem,
     Event,
     EventKind,
     EventsReport,
@@ -36,6 +37,8 @@ from recsys.client.results import (
     RecommendedItem,
     Rejection,
     StageTrace,
+    UpsertReport,
+    WithdrawReport,
 )
 from recsys.client.retry import NO_RETRIES, RETRYABLE, RetryPolicy
 
@@ -43,6 +46,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "NO_RETRIES",
     "RETRYABLE",
+    "CatalogueItem",
     "Event",
     "EventKind",
     "EventsReport",
@@ -55,6 +59,8 @@ __all__ = [
     "StageTrace",
     "SyncRecommender",
     "Tls",
+    "UpsertReport",
+    "WithdrawReport",
     "create_channel",
     "create_sync_channel",
 ]

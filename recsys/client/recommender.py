@@ -18,9 +18,16 @@ import grpc
 from grpc import aio
 
 from recsys.client.channels import Tls, create_channel, create_sync_channel
-from recsys.client.results import Event, EventsReport, Recommendation
+from recsys.client.results import (
+    CatalogueItem,
+    Event,
+    EventsReport,
+    Recommendation,
+    UpsertReport,
+    WithdrawReport,
+)
 from recsys.client.retry import RetryPolicy
-from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from recsys.v1 import catalogue_pb2, catalogue_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 REQUEST_ID_KEY = "x-request-id"
@@ -169,6 +176,8 @@ class Recommender(_Client):
         self._owns_channel = channel is None
         self.channel = channel if channel is not None else create_channel(target, tls, options)
         self._stub = gateway_pb2_grpc.RecommenderStub(self.channel)
+        # The live catalogue's calls, on the gateway's port (they need the recsys:catalogue scope).
+        self._catalogue = catalogue_pb2_grpc.CatalogueServiceStub(self.channel)
 
     async def recommend(
         self,
@@ -209,6 +218,23 @@ class Recommender(_Client):
         request, ids = self._events_request(events)
         response = await self._call(self._stub.ReportEvents, request, timeout, new_request_id())
         return EventsReport.from_proto(response, ids)
+
+    async def upsert_items(
+        self, items: Sequence[CatalogueItem], *, timeout: float | None = None
+    ) -> UpsertReport:
+        """Add or update items of the live catalogue (1 … the gateway's maximum, 1,000 by
+        default, per call); served within the services' catalogue poll. Idempotent."""
+        request = catalogue_pb2.UpsertItemsRequest(items=[item.to_proto() for item in items])
+        response = await self._call(self._catalogue.UpsertItems, request, timeout, new_request_id())
+        return UpsertReport.from_proto(response)
+
+    async def withdraw_items(
+        self, item_ids: Sequence[str], *, timeout: float | None = None
+    ) -> WithdrawReport:
+        """Withdraw items (upserted or the model version's own) from every answer. Idempotent."""
+        request = catalogue_pb2.WithdrawItemsRequest(item_ids=list(item_ids))
+        response = await self._call(self._catalogue.WithdrawItems, request, timeout, new_request_id())
+        return WithdrawReport.from_proto(response)
 
     async def _call(
         self, method: Callable[..., Awaitable[Response]], request: Any, timeout: float | None, request_id: str
@@ -259,6 +285,8 @@ class SyncRecommender(_Client):
         self._owns_channel = channel is None
         self.channel = channel if channel is not None else create_sync_channel(target, tls, options)
         self._stub = gateway_pb2_grpc.RecommenderStub(self.channel)
+        # The live catalogue's calls, on the gateway's port (they need the recsys:catalogue scope).
+        self._catalogue = catalogue_pb2_grpc.CatalogueServiceStub(self.channel)
 
     def recommend(
         self,
@@ -296,6 +324,18 @@ class SyncRecommender(_Client):
         request, ids = self._events_request(events)
         response = self._call(self._stub.ReportEvents, request, timeout, new_request_id())
         return EventsReport.from_proto(response, ids)
+
+    def upsert_items(self, items: Sequence[CatalogueItem], *, timeout: float | None = None) -> UpsertReport:
+        """See Recommender.upsert_items."""
+        request = catalogue_pb2.UpsertItemsRequest(items=[item.to_proto() for item in items])
+        response = self._call(self._catalogue.UpsertItems, request, timeout, new_request_id())
+        return UpsertReport.from_proto(response)
+
+    def withdraw_items(self, item_ids: Sequence[str], *, timeout: float | None = None) -> WithdrawReport:
+        """See Recommender.withdraw_items."""
+        request = catalogue_pb2.WithdrawItemsRequest(item_ids=list(item_ids))
+        response = self._call(self._catalogue.WithdrawItems, request, timeout, new_request_id())
+        return WithdrawReport.from_proto(response)
 
     def _call(
         self, method: Callable[..., Response], request: Any, timeout: float | None, request_id: str

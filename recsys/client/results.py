@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from recsys.v1 import gateway_pb2
+from recsys.v1 import catalogue_pb2, gateway_pb2
 
 EventKind = Literal["impression", "click", "like", "rating", "consume"]
 
@@ -165,3 +165,50 @@ class EventsReport:
             event_ids=event_ids,
             response=response,
         )
+
+
+@dataclass(frozen=True)
+class CatalogueItem:
+    """An item for `upsert_items`: its external id and the metadata new items are served by."""
+
+    item_id: str
+    title: str = ""
+    author: str = ""
+    categories: tuple[str, ...] = ()
+    publisher: str = ""
+    published_at: float | None = None  # unix seconds; None: unknown
+
+    def to_proto(self) -> catalogue_pb2.CatalogueItem:
+        message = catalogue_pb2.CatalogueItem(
+            item_id=self.item_id,
+            title=self.title,
+            author=self.author,
+            categories=list(self.categories),
+            publisher=self.publisher,
+        )
+        if self.published_at is not None:
+            message.published_at.FromNanoseconds(int(self.published_at * 1e9))
+        return message
+
+
+@dataclass(frozen=True)
+class UpsertReport:
+    added: int
+    updated: int
+    response: catalogue_pb2.UpsertItemsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: catalogue_pb2.UpsertItemsResponse) -> UpsertReport:
+        return cls(response.added, response.updated, response)
+
+
+@dataclass(frozen=True)
+class WithdrawReport:
+    withdrawn: int
+    already_withdrawn: int
+    unknown: int
+    response: catalogue_pb2.WithdrawItemsResponse = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, response: catalogue_pb2.WithdrawItemsResponse) -> WithdrawReport:
+        return cls(response.withdrawn, response.already_withdrawn, response.unknown, response)

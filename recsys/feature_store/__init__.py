@@ -17,11 +17,15 @@ from typing import Any
 from recsys.feature_store.base import (
     CONSUMING_KINDS,
     EVENT_KINDS,
+    MAX_CATEGORIES,
+    CatalogueItem,
+    CatalogueState,
     FeatureStore,
     FeatureStoreUnavailable,
     LiveDataPolicy,
     LiveEvent,
     Snapshot,
+    StoredItem,
     UserState,
 )
 from recsys.feature_store.bloom import BloomFilter, BloomParameters, ExposureFilterConfig, ExposureSnapshot
@@ -44,9 +48,12 @@ def open_feature_store(url: str, **options: Any) -> FeatureStore:
 __all__ = [
     "CONSUMING_KINDS",
     "EVENT_KINDS",
+    "MAX_CATEGORIES",
     "MEMORY_URL",
     "BloomFilter",
     "BloomParameters",
+    "CatalogueItem",
+    "CatalogueState",
     "ExposureFilterConfig",
     "ExposureSnapshot",
     "FeatureStore",
@@ -55,6 +62,7 @@ __all__ = [
     "LiveDataPolicy",
     "LiveEvent",
     "Snapshot",
+    "StoredItem",
     "UserState",
     "open_feature_store",
 ]

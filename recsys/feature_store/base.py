@@ -8,7 +8,12 @@ Two kinds of data:
   version is *ready*;
 - **live data**, keyed by external ids and independent of versions: real-time events
   appended to the history, exposures (items shown, in time-sliced Bloom filters), the cache
-  channel's items (ranked but not shown) and the ids of events already applied.
+  channel's items (ranked but not shown) and the ids of events already applied;
+- the **live catalogue**, independent of versions too: items upserted while serving
+  (`UpsertItems`) with their metadata and a stable *ordinal* each (0, 1, 2, … in the order
+  they first arrived, never reused), and the withdrawn item ids (upserted ones or a
+  version's own). A version serves new item `o` as dense index `n_items + o`
+  (`recsys.catalogue`), so every process agrees on it without talking to the others.
 
 Implementations: `InProcessFeatureStore` (embedded, no Redis) and `RedisFeatureStore`. One
 contract suite (tests/recsys/feature_store/test_contract.py) runs against both.
@@ -16,6 +21,8 @@ contract suite (tests/recsys/feature_store/test_contract.py) runs against both.
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,6 +177,82 @@ class LiveDataPolicy:
             raise ValueError(f"cache_max_age_seconds: expected > 0, got {self.cache_max_age_seconds}")
 
 
+MAX_CATEGORIES = 16  # per catalogue item (a content tower's multi-hot input stays small)
+
+
+@dataclass(frozen=True)
+class CatalogueItem:
+    """An item as `UpsertItems` gives it: what a content-based model (and the next build)
+    needs to place an item nobody has interacted with yet. Bounds are checked at the edge."""
+
+    item_id: str
+    title: str = ""
+    author: str = ""
+    categories: tuple[str, ...] = ()
+    publisher: str = ""
+    published_at: float | None = None  # unix seconds; None: unknown
+
+    def __post_init__(self) -> None:
+        if not self.item_id:
+            raise ValueError("item_id: must not be empty")
+        if len(self.categories) > MAX_CATEGORIES:
+            raise ValueError(f"categories: at most {MAX_CATEGORIES}, got {len(self.categories)}")
+        if self.published_at is not None and not math.isfinite(self.published_at):
+            raise ValueError(f"published_at: must be finite, got {self.published_at!r}")
+
+    def to_json(self, upserted_at: float) -> str:
+        """The stored form (a JSON object; the ordinal is kept beside it, assigned once)."""
+        return json.dumps(
+            {
+                "title": self.title,
+                "author": self.author,
+                "categories": list(self.categories),
+                "publisher": self.publisher,
+                "published_at": self.published_at,
+                "upserted_at": upserted_at,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, item_id: str, text: str | bytes) -> tuple[CatalogueItem, float]:
+        """(the item, when it was last upserted) from `to_json`'s form."""
+        data = json.loads(text)
+        published = data.get("published_at")
+        item = cls(
+            item_id,
+            str(data.get("title", "")),
+            str(data.get("author", "")),
+            tuple(str(name) for name in data.get("categories", ())),
+            str(data.get("publisher", "")),
+            None if published is None else float(published),
+        )
+        return item, float(data.get("upserted_at", 0.0))
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An upserted item as the store holds it."""
+
+    item: CatalogueItem
+    ordinal: int  # assigned on the item's first upsert, never changed or reused
+    upserted_at: float  # unix seconds of its latest upsert
+
+
+@dataclass(frozen=True)
+class CatalogueState:
+    """The whole live catalogue at one revision (what the services poll for)."""
+
+    revision: int  # grows with every change; 0: nothing was ever upserted or withdrawn
+    items: tuple[StoredItem, ...]  # by ordinal
+    withdrawn: frozenset[str]  # item ids (upserted ones or a version's own)
+
+    @classmethod
+    def empty(cls) -> CatalogueState:
+        return cls(0, (), frozenset())
+
+
 class FeatureStore(Protocol):
     """Per-user features for serving. Every method may raise FeatureStoreUnavailable."""
 
@@ -219,6 +302,24 @@ class FeatureStore(Protocol):
 
     async def delete_version(self, version: str) -> int:
         """Delete a version's snapshot and ready marker; return how many entries went."""
+        ...
+
+    async def upsert_items(self, items: Sequence[CatalogueItem], now: float) -> list[tuple[int, bool]]:
+        """Add or update items (the last one wins for an id given twice); each gets its
+        (ordinal, whether it is new). An upsert lifts an earlier withdrawal. Atomic per call."""
+        ...
+
+    async def withdraw_items(self, item_ids: Sequence[str], now: float) -> list[bool]:
+        """Withdraw items (upserted or a version's own) until upserted again; for each id,
+        whether it was not withdrawn already."""
+        ...
+
+    async def catalogue_revision(self) -> int:
+        """The live catalogue's revision (one cheap read, for polling)."""
+        ...
+
+    async def catalogue_state(self) -> CatalogueState:
+        """The whole live catalogue (read again only when the revision changed)."""
         ...
 
     async def close(self) -> None: ...

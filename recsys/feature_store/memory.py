@@ -21,9 +21,12 @@ import numpy as np
 
 from recsys.artifacts import CoreArtifacts
 from recsys.feature_store.base import (
+    CatalogueItem,
+    CatalogueState,
     LiveDataPolicy,
     LiveEvent,
     Snapshot,
+    StoredItem,
     UserState,
     best_first,
     cache_entry_alive,
@@ -66,6 +69,10 @@ class InProcessFeatureStore:
         self._cache: dict[str, dict[str, _CacheEntry]] = {}
         self._seen_events: dict[str, float] = {}  # event id → expiry on the clock
         self._seen_sweep_at = 1_024
+        self._catalogue: dict[str, StoredItem] = {}
+        self._withdrawn: set[str] = set()
+        self._catalogue_revision = 0
+        self._catalogue_state = CatalogueState.empty()  # rebuilt when read after a change
 
     def __repr__(self) -> str:
         return f"InProcessFeatureStore(versions={sorted(self._versions)})"
@@ -216,6 +223,39 @@ class InProcessFeatureStore:
         if not entries:
             del self._cache[user_id]
         return taken
+
+    # --- the live catalogue -----------------------------------------------------------------------
+    async def upsert_items(self, items: Sequence[CatalogueItem], now: float) -> list[tuple[int, bool]]:
+        outcomes: list[tuple[int, bool]] = []
+        for item in items:
+            previous = self._catalogue.get(item.item_id)
+            ordinal = len(self._catalogue) if previous is None else previous.ordinal
+            self._catalogue[item.item_id] = StoredItem(item, ordinal, now)
+            self._withdrawn.discard(item.item_id)
+            outcomes.append((ordinal, previous is None))
+        if items:
+            self._catalogue_revision += 1
+        return outcomes
+
+    async def withdraw_items(self, item_ids: Sequence[str], now: float) -> list[bool]:
+        fresh = []
+        for item_id in item_ids:
+            fresh.append(item_id not in self._withdrawn)
+            self._withdrawn.add(item_id)
+        if item_ids:
+            self._catalogue_revision += 1
+        return fresh
+
+    async def catalogue_revision(self) -> int:
+        return self._catalogue_revision
+
+    async def catalogue_state(self) -> CatalogueState:
+        if self._catalogue_state.revision != self._catalogue_revision:
+            items = sorted(self._catalogue.values(), key=lambda stored: stored.ordinal)
+            self._catalogue_state = CatalogueState(
+                self._catalogue_revision, tuple(items), frozenset(self._withdrawn)
+            )
+        return self._catalogue_state
 
     def _alive(self, entry: _CacheEntry, now: float) -> bool:
         return cache_entry_alive(entry.added, entry.uses, now, self.policy)

@@ -13,6 +13,11 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
 | `P:evt:EVENT_ID` | string | "1", SET NX EX: the event was applied (idempotency) |
 | `P:events` | stream | the durable event log (`RedisEventLog`): one entry per accepted event, capped ~N |
+| `P:{catalogue}:items` | hash | live catalogue: item id → `CatalogueItem.to_json` (metadata, time upserted) |
+| `P:{catalogue}:ordinals` | hash | item id → its ordinal, assigned by the first upsert, never changed |
+| `P:{catalogue}:next` | string | the next ordinal (INCR) |
+| `P:{catalogue}:withdrawn` | hash | item id → unix time it was withdrawn (an upsert removes it) |
+| `P:{catalogue}:rev` | string | the catalogue's revision, INCR on every change (what services poll) |
 
 - A snapshot is `16 + 16·n` bytes: header `<4sIiI` (b"RSS1", n, region token, 0), then
   times int64[n], items int32[n], ratings float32[n], little-endian. Users with no
@@ -24,6 +29,9 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
   grows the string to exactly m/8 bytes) and expire N + 1 slices after the slice began. The
   cache hash expires `cache_max_age_seconds` after its last put; `put_cache` and `take_cache`
   are Lua scripts, so concurrent takes never serve an item more than `cache_max_uses` times.
+- The catalogue keys share the hash tag `{catalogue}` (one slot in a cluster), so that the
+  upsert and withdraw scripts change them atomically and a poll reads them in one pipeline.
+  They never expire: an item stays until a build absorbs it (a later concern).
 - Every key of one user carries the hash tag `{U}`, so in Redis Cluster they share a slot and
   `user_state` (GET + LRANGE + MGET + HGETALL) is one pipeline to one node. No command spans
   users except the event-id SETs, which a cluster pipeline splits by slot.
@@ -74,10 +82,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsys.feature_store.base import (
+    CatalogueItem,
+    CatalogueState,
     FeatureStoreUnavailable,
     LiveDataPolicy,
     LiveEvent,
     Snapshot,
+    StoredItem,
     UserState,
     best_first,
     cache_entry_alive,
@@ -204,6 +215,40 @@ return 1
 """
 
 
+# KEYS: items, ordinals, next, withdrawn, rev; ARGV: now, then (id, json) pairs. Returns the
+# flat (ordinal, 1 if new else 0) pairs. One script: two writers upserting the same new id at
+# once must not give it two ordinals.
+_UPSERT_ITEMS = """
+local out = {}
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local ordinal = redis.call('HGET', KEYS[2], id)
+  local new = 0
+  if not ordinal then
+    ordinal = redis.call('INCR', KEYS[3]) - 1
+    redis.call('HSET', KEYS[2], id, ordinal)
+    new = 1
+  end
+  redis.call('HSET', KEYS[1], id, ARGV[i + 1])
+  redis.call('HDEL', KEYS[4], id)
+  out[#out + 1] = tonumber(ordinal)
+  out[#out + 1] = new
+end
+if #ARGV > 1 then redis.call('INCR', KEYS[5]) end
+return out
+"""
+
+# KEYS: withdrawn, rev; ARGV: now, then ids. Returns 1 per id not withdrawn before, else 0.
+_WITHDRAW_ITEMS = """
+local out = {}
+for i = 2, #ARGV do
+  out[#out + 1] = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[1])
+end
+if #ARGV > 1 then redis.call('INCR', KEYS[2]) end
+return out
+"""
+
+
 class RedisKeys:
     """The key schema (see the module docstring) under one prefix."""
 
@@ -252,6 +297,10 @@ class RedisKeys:
     def events_log(self) -> str:
         return f"{self.prefix}:events"
 
+    def catalogue(self, part: str) -> str:
+        """One of the live catalogue's keys: items, ordinals, next, withdrawn, rev."""
+        return f"{self.prefix}:{{catalogue}}:{part}"
+
 
 class RedisFeatureStore:
     """The feature store on Redis at `url` (`redis://`, `rediss://`, `unix://`; cluster with
@@ -299,6 +348,8 @@ class RedisFeatureStore:
         self._take_cache = self._writes.register_script(_TAKE_CACHE)
         self._put_cache = self._writes.register_script(_PUT_CACHE)
         self._release_lock = self._writes.register_script(_RELEASE_LOCK)
+        self._upsert_items = self._writes.register_script(_UPSERT_ITEMS)
+        self._withdraw_items = self._writes.register_script(_WITHDRAW_ITEMS)
 
     def __repr__(self) -> str:
         return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
@@ -652,6 +703,66 @@ class RedisFeatureStore:
             (flat[index].decode("utf-8"), _SCORE.unpack(flat[index + 1])[0])
             for index in range(0, len(flat), 2)
         ]
+
+    # --- the live catalogue ---------------------------------------------------------------------
+    async def upsert_items(self, items: Sequence[CatalogueItem], now: float) -> list[tuple[int, bool]]:
+        if not items:
+            return []
+        arguments: list[str] = [repr(float(now))]
+        for item in items:
+            arguments += [item.item_id, item.to_json(now)]
+        keys = [self.keys.catalogue(part) for part in ("items", "ordinals", "next", "withdrawn", "rev")]
+        flat = await self._call(
+            "upsert_items", self.write_timeout, self._upsert_items(keys=keys, args=arguments)
+        )
+        return [(int(flat[index]), bool(flat[index + 1])) for index in range(0, len(flat), 2)]
+
+    async def withdraw_items(self, item_ids: Sequence[str], now: float) -> list[bool]:
+        if not item_ids:
+            return []
+        keys = [self.keys.catalogue("withdrawn"), self.keys.catalogue("rev")]
+        flat = await self._call(
+            "withdraw_items",
+            self.write_timeout,
+            self._withdraw_items(keys=keys, args=[repr(float(now)), *item_ids]),
+        )
+        return [bool(value) for value in flat]
+
+    async def catalogue_revision(self) -> int:
+        value = await self._call(
+            "catalogue_revision", self.read_timeout, self._reads.get(self.keys.catalogue("rev"))
+        )
+        return 0 if value is None else int(value)
+
+    async def catalogue_state(self) -> CatalogueState:
+        # Read with the write budget: a poll off the request path, and a catalogue of many
+        # thousand items is more than a user's read.
+        pipeline = self._reads.pipeline(transaction=not self.cluster)
+        pipeline.get(self.keys.catalogue("rev"))
+        pipeline.hgetall(self.keys.catalogue("items"))
+        pipeline.hgetall(self.keys.catalogue("ordinals"))
+        pipeline.hgetall(self.keys.catalogue("withdrawn"))
+        revision, records, ordinals, withdrawn = await self._call(
+            "catalogue_state", max(self.read_timeout, self.write_timeout), pipeline.execute()
+        )
+        stored = []
+        for raw_id, text in records.items():
+            item_id = raw_id.decode("utf-8")
+            ordinal = ordinals.get(raw_id)
+            if ordinal is None:  # the script writes both at once: only a hand-made key lacks it
+                continue
+            try:
+                item, upserted_at = CatalogueItem.from_json(item_id, text)
+            except ValueError as error:
+                logger.warning("catalogue item %r unreadable, skipped: %s", item_id, error)
+                continue
+            stored.append(StoredItem(item, int(ordinal), upserted_at))
+        stored.sort(key=lambda entry: entry.ordinal)
+        return CatalogueState(
+            0 if revision is None else int(revision),
+            tuple(stored),
+            frozenset(raw.decode("utf-8") for raw in withdrawn),
+        )
 
     # --- the durable event log (see recsys.feature_store.event_log) ----------------------------
     async def log_append(self, entries: Sequence[Mapping[str, str]], max_length: int) -> None:

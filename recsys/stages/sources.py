@@ -7,6 +7,8 @@ recall service runs them off its event loop; offline evaluation calls them direc
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -239,3 +241,78 @@ class TwoTowerAnnSource:
         return top_candidates(
             items.astype(np.int32), (similarity + 1.0).astype(np.float32), quota, query.excluded
         )
+
+
+def engaged_categories(
+    categories: npt.NDArray[Any], items: npt.NDArray[Any], liked: npt.NDArray[np.bool_], limit: int = 10
+) -> tuple[IntArray, FloatArray]:
+    """Category tokens of a user's items (a version's `Catalogue.categories` rows), weighted
+    by engagement (a like counts double), most engaged first, weights summing to 1."""
+    if items.shape[0] == 0 or categories.shape[1] == 0:
+        return EMPTY_INT, EMPTY_FLOAT
+    rows = np.asarray(categories)[np.asarray(items, dtype=np.int64)]
+    weights = np.broadcast_to((1.0 + liked.astype(np.float32))[:, None], rows.shape)
+    present = rows > 0
+    if not present.any():
+        return EMPTY_INT, EMPTY_FLOAT
+    unique, totals = group_sum(rows[present], weights[present])
+    order = np.argsort(-totals, kind="stable")[:limit]
+    return unique[order].astype(np.int32), (totals[order] / totals[order].sum()).astype(np.float32)
+
+
+CATEGORY_HISTORY = 100  # the newest history items whose categories say what a user engages with
+
+
+class NewItemSource:
+    """Items upserted while serving (the live catalogue, `recsys.catalogue.NewItems`), for
+    the course's simple cold-start channel: first the new items by the authors and in the
+    categories the user engaged with, newest first; then every other new item, newest first,
+    so that a brand-new item with an author and categories nobody knows still reaches users.
+
+    Score: `2 + freshness` for a match, `freshness` otherwise, with freshness = 1 / (1 + age
+    in days) in (0, 1], so a match always comes first and, within each tier, the newest.
+    Until a content tower embeds new items, this is what brings them to recall at all."""
+
+    identifier = "new_items"
+
+    def __init__(
+        self,
+        items: IntArray,
+        times: npt.NDArray[Any],
+        authors: IntArray,
+        categories: IntArray,
+        version_categories: npt.NDArray[Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`items`: dense indexes of the servable new items; `times` (unix seconds),
+        `authors` (tokens) and `categories` ([n, k] tokens) aligned with them;
+        `version_categories`: the version's `Catalogue.categories`, to read the user's."""
+        self._items = np.asarray(items, dtype=np.int32)
+        self._times = np.asarray(times, dtype=np.float64)
+        self._authors = np.asarray(authors, dtype=np.int32)
+        self._categories = np.asarray(categories, dtype=np.int32)
+        self._version_categories = version_categories
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return int(self._items.shape[0])
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        if quota <= 0 or self._items.shape[0] == 0:
+            return Candidates.empty()
+        age_days = np.maximum(self._clock() - self._times, 0.0) / 86_400.0
+        scores = 1.0 / (1.0 + age_days)
+        matched = np.zeros(self._items.shape[0], dtype=bool)
+        for author in query.engaged_authors.tolist():
+            if author > 0:
+                matched |= self._authors == author
+        history, history_liked = query.last_items(CATEGORY_HISTORY)
+        if self._categories.shape[1] and history.shape[0]:
+            inside = history < self._version_categories.shape[0]
+            categories, _ = engaged_categories(
+                self._version_categories, history[inside], history_liked[inside]
+            )
+            if categories.shape[0]:
+                matched |= np.isin(self._categories, categories).any(axis=1)
+        scores = np.where(matched, 2.0 + scores, scores).astype(np.float32)
+        return top_candidates(self._items, scores, quota, query.excluded)

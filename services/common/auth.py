@@ -35,6 +35,9 @@ from services.common.settings import AuthSettings, TlsSettings
 
 # A back end acting for many users (a web server reporting its users' clicks) carries this.
 SERVICE_SCOPE = "recsys:service"
+# Changing what is served (the live catalogue: `UpsertItems`, `WithdrawItems`) is an
+# operator's or the content back end's right, not every service's: a scope of its own.
+CATALOGUE_SCOPE = "recsys:catalogue"
 _MAX_TOKEN_CHARS = 8192  # a JWT with a few claims is well under 2 KB; anything longer is junk
 _MAX_SUBJECT_CHARS = 256
 
@@ -64,6 +67,14 @@ def authorize_user(user_id: str, field_name: str) -> None:
         f"{field_name}: caller {caller.subject!r} may act only for user_id {caller.subject!r} "
         f"(or needs the {SERVICE_SCOPE} scope)"
     )
+
+
+def authorize_scope(scope: str, what: str) -> None:
+    """Refuse (PERMISSION_DENIED) a caller without `scope`. A no-op with authentication off."""
+    caller = caller_var.get()
+    if caller is None or scope in caller.scopes:
+        return
+    raise PermissionDenied(f"{what}: caller {caller.subject!r} needs the {scope} scope")
 
 
 def load_api_keys(path: Path) -> dict[str, Caller]:

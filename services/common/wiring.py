@@ -9,13 +9,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from recsys.catalogue import CatalogueWatcher, NewItems
 from recsys.feature_store import FeatureStore, InProcessFeatureStore, open_feature_store
 from recsys.probe import probe
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from services.common.metrics import ServiceMetrics
 from services.common.server import Readiness
-from services.common.versions import Loaded, LocalVersionCopies
+from services.common.versions import Loaded, LocalVersionCopies, ModelVersions
 
 log = logging.getLogger("recsys.config")
 
@@ -148,3 +149,55 @@ class ConfigReloader(Generic[ConfigT]):
         self._metrics.valid.set(1)
         log.info("configuration files reloaded", extra={"files": [str(path) for path in self.paths]})
         return True
+
+
+class CatalogueMetrics:
+    def __init__(self, service: str) -> None:
+        metrics = ServiceMetrics(service)
+        self.revision = metrics.gauge(
+            "catalogue_revision",
+            "The live catalogue's revision this process serves (grows with every change).",
+        )
+        self.new_items = metrics.gauge(
+            "catalogue_new_items", "Items upserted while serving that the current model version serves."
+        )
+        self.withdrawn = metrics.gauge(
+            "catalogue_withdrawn_items",
+            "Items withdrawn (upserted ones or the version's own) on the current version.",
+        )
+        self.poll_failures = metrics.counter(
+            "catalogue_poll_failures_total",
+            "Polls of the live catalogue that failed (the last view keeps serving).",
+        )
+
+
+@functools.cache
+def catalogue_metrics(service: str) -> CatalogueMetrics:
+    return CatalogueMetrics(service)
+
+
+def catalogue_watcher_for(
+    service: str,
+    features: FeatureStore,
+    versions: ModelVersions[ServingModel],
+    poll_seconds: float,
+    prepare: Callable[[ServingModel, NewItems], None] | None = None,
+) -> CatalogueWatcher:
+    """The service's watcher of the live catalogue, laying it out for every servable version,
+    with its metrics (`recsys_<service>_catalogue_…`)."""
+    metrics = catalogue_metrics(service)
+
+    def servable() -> list[tuple[str, ServingModel]]:
+        return [(version, versions.get(version).model) for version in versions.available()]
+
+    def observe(watcher: CatalogueWatcher, succeeded: bool) -> None:
+        if not succeeded:
+            metrics.poll_failures.inc()
+            return
+        metrics.revision.set(watcher.revision)
+        current = versions.current
+        view = None if current is None else watcher.view(current.version)
+        metrics.new_items.set(0 if view is None else len(view))
+        metrics.withdrawn.set(0 if view is None else int(view.withdrawn.shape[0]))
+
+    return CatalogueWatcher(features, servable, poll_seconds, prepare=prepare, on_poll=observe)

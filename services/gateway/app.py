@@ -18,7 +18,7 @@ from recsys.probe import check_item_embeddings
 from recsys.scenes import ExperimentConfig, Scene, load_scenes
 from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.store import ModelStore
-from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
+from recsys.v1 import catalogue_pb2_grpc, gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
 from services.common.auth import caller_auth_from, server_ssl_context
 from services.common.breaker import BreakerState, CircuitBreaker
 from services.common.channels import create_channel
@@ -28,10 +28,12 @@ from services.common.tracing import Tracing
 from services.common.versions import ModelVersions, version_metrics
 from services.common.wiring import (
     ConfigReloader,
+    catalogue_watcher_for,
     config_metrics,
     feature_store_for,
     local_copies_for,
 )
+from services.gateway.catalogue import CatalogueEditor
 from services.gateway.clients import RankClient, RecallClient
 from services.gateway.downstream import Downstream
 from services.gateway.engine import GatewayEngine, GatewayLimits
@@ -39,7 +41,7 @@ from services.gateway.events import EventIngestor
 from services.gateway.history import UserHistoryHydrator
 from services.gateway.http import GatewayHttp
 from services.gateway.metrics import GatewayMetrics, gateway_metrics
-from services.gateway.servicer import RecommenderServicer
+from services.gateway.servicer import CatalogueServicer, RecommenderServicer
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("recsys.gateway")
@@ -138,7 +140,7 @@ def _link(name: str, settings: GatewaySettings, metrics: GatewayMetrics) -> Down
 
 class GatewayApp:
     name = "gateway"
-    service_names = ("recsys.v1.Recommender",)
+    service_names = ("recsys.v1.Recommender", "recsys.v1.CatalogueService")
 
     def __init__(self, settings: GatewaySettings, features: FeatureStore | None = None) -> None:
         self.settings = settings
@@ -165,6 +167,13 @@ class GatewayApp:
             settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT, forward_request_id=False
         )
         config = load_config(settings)
+        # Items upserted or withdrawn while serving: answers name them, filters drop the withdrawn.
+        self.catalogue = catalogue_watcher_for(
+            "gateway", self.features, self.versions, settings.catalogue_poll_seconds
+        )
+        self.editor = CatalogueEditor(
+            self.features, self._catalogued_item, max_items=settings.max_catalogue_items
+        )
         self.engine = GatewayEngine(
             self.versions,
             self.features,
@@ -183,6 +192,7 @@ class GatewayApp:
             config.blocklist,
             metrics,
             limits_from(settings),
+            catalogue=self.catalogue,
         )
         self.config = ConfigReloader(
             (settings.scenes_file, settings.experiments_file, settings.blocklist_file),
@@ -248,7 +258,17 @@ class GatewayApp:
         self.ingestor.set_label_values(config.scenes, config.arm_names)
 
     def _known_item(self, item_id: str) -> bool:
-        return item_id in self.versions.get().model.item_lookup
+        """Whether an event may name the item: the current version's (not withdrawn) or a new
+        item it serves from the live catalogue."""
+        loaded = self.versions.get()
+        return item_id in loaded.model.item_lookup or self.catalogue.known_item(item_id, loaded.version)
+
+    def _catalogued_item(self, item_id: str) -> bool:
+        """For WithdrawItems' `unknown` count: in the current version or upserted (as of the
+        last poll)."""
+        current = self.versions.current
+        in_version = current is not None and item_id in current.model.item_lookup
+        return in_version or self.catalogue.upserted(item_id)
 
     def _serving(self) -> bool:
         return self._readiness is not None and self._readiness.serving
@@ -273,10 +293,12 @@ class GatewayApp:
         gateway_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderServicer(self.engine, self.ingestor, self.settings.max_events), server
         )
+        catalogue_pb2_grpc.add_CatalogueServiceServicer_to_server(CatalogueServicer(self.editor), server)
 
     async def start(self, readiness: Readiness) -> None:
         self._readiness = readiness
         await self.versions.start()
+        await self.catalogue.start()
         if self.settings.http_port is not None:
             # The same TLS as the gRPC port: with --tls-client-ca, HTTP requires client certificates too.
             await self.http.start(
@@ -297,6 +319,7 @@ class GatewayApp:
     async def stop(self) -> None:
         await self.http.stop()
         await self.engine.drain()
+        await self.catalogue.stop()
         await self.versions.stop()
         await self._recall_channel.close()
         await self._rank_channel.close()

@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, BlocklistFilter
+from recsys.catalogue import CatalogueWatcher, NewItems
 from recsys.errors import InvalidArgument, RecsysError, WrongModelVersion
 from recsys.feature_store import FeatureStore
 from recsys.features import Provenance
@@ -188,8 +189,11 @@ class GatewayEngine:
         blocklist: Blocklist,
         metrics: GatewayMetrics,
         limits: GatewayLimits | None = None,
+        *,
+        catalogue: CatalogueWatcher | None = None,
     ) -> None:
         self._versions = versions
+        self.catalogue = catalogue
         self._features = features
         self.recall_client = recall
         self.rank_client = rank
@@ -219,6 +223,10 @@ class GatewayEngine:
         if timer is None:  # labels() per call costs a lock and a key: look each up once
             timer = self._stage_timers[stage] = self._metrics.stage_seconds.labels(stage)
         return timer
+
+    def _new_items(self, request: _Request) -> NewItems | None:
+        """The live catalogue on the request's version; None (nothing to do) when it is empty."""
+        return None if self.catalogue is None else self.catalogue.view(request.loaded.version)
 
     # -- the request --------------------------------------------------------------------
     async def recommend(self, query: RecommendQuery) -> RecommendResult:
@@ -280,10 +288,13 @@ class GatewayEngine:
     ) -> RecommendResult:
         query, model, chosen = request.query, request.model, request.candidates
         catalogue = model.core.catalogue
+        new_items = self._new_items(request)
+        item_id = _namer(catalogue.item_ids, new_items)
+        title = _namer(catalogue.titles, new_items, title=True)
         items = [
             Recommended(
-                item_id=str(catalogue.item_ids[item]),
-                title=str(catalogue.titles[item]),
+                item_id=item_id(item),
+                title=title(item),
                 score=float(chosen.scores[position]),
                 position=position + 1,
                 channels=_channels(int(chosen.masks[position]), chosen.channel_names),
@@ -305,7 +316,7 @@ class GatewayEngine:
                 for item, score in zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True)
                 if item not in shown
             ][: self.limits.cache_items]
-            unshown = [(str(catalogue.item_ids[item]), score) for item, score in rest]
+            unshown = [(item_id(item), score) for item, score in rest]
             now = query.request_time or time.time()
             self.recorder.submit(AnswerWrites(query.user_id, [item.item_id for item in items], unshown, now))
         return RecommendResult(
@@ -328,6 +339,9 @@ class GatewayEngine:
         # Blocked items are not sent: recall applies the blocklist itself (per model version,
         # reloaded when it changes); the gateway's filter after rank is the backstop.
         exclude = [model.item_lookup[item] for item in query.exclude_item_ids if item in model.item_lookup]
+        new_items = self._new_items(request)
+        if new_items is not None:
+            exclude += [new_items.index_of[i] for i in query.exclude_item_ids if i in new_items.index_of]
         call = RecallCall(
             user_id=query.user_id,
             context=RequestContext(query.region, query.request_time),
@@ -351,6 +365,7 @@ class GatewayEngine:
                 request.loaded = self._versions.get(recalled.model_version)  # WrongModelVersion → below
                 request.degraded.append("version_retry")
                 self._take_recalled(request, recalled, drop_excluded=True)
+                self._keep_servable(request)
                 return
         except DownstreamError as error:
             request.degraded.append(f"recall_{error.reason.replace(' ', '_')}")
@@ -361,8 +376,9 @@ class GatewayEngine:
             request.degraded.append("recall_version_unavailable")
         else:
             self._take_recalled(request, recalled, drop_excluded=False)
+            self._keep_servable(request)
             return
-        request.candidates = self._fallback(request.model, query)
+        request.candidates = self._fallback(request.model, query, self._new_items(request))
         request.cold_start = request.model.user_lookup.get(query.user_id) is None
 
     @staticmethod
@@ -388,11 +404,35 @@ class GatewayEngine:
         request.cold_start = recalled.cold_start
         request.degraded.extend(recalled.degraded)
 
-    def _fallback(self, model: ServingModel, query: RecommendQuery) -> _Candidates:
+    def _keep_servable(self, request: _Request) -> None:
+        """Drop candidates this process may not serve: withdrawn items, and new items it has
+        not polled yet (recall may poll the live catalogue a moment before the gateway does:
+        an index it cannot name is not shown). Without a live catalogue, one comparison."""
+        candidates = request.candidates
+        if len(candidates) == 0:
+            return
+        new_items = self._new_items(request)
+        if new_items is not None:
+            keep = new_items.servable_mask(candidates.items)
+        elif int(candidates.items.max()) >= request.model.core.catalogue.n_items:
+            keep = candidates.items < request.model.core.catalogue.n_items
+        else:
+            return
+        removed = int(len(candidates) - np.count_nonzero(keep))
+        if removed:
+            self._metrics.filtered.labels("catalogue").inc(removed)
+            request.candidates = candidates.take(np.flatnonzero(keep))
+
+    def _fallback(
+        self, model: ServingModel, query: RecommendQuery, new_items: NewItems | None = None
+    ) -> _Candidates:
         """The version's global popular list minus the user's consumed items (as the version
-        knows them) and the request's exclusions: useful, cheap and needing no dependency."""
+        knows them), the request's exclusions and withdrawn items: useful, cheap and needing
+        no dependency."""
         top = np.asarray(model.core.popularity.global_top[: self.limits.fallback_items], dtype=np.int32)
         drop = {model.item_lookup[item] for item in query.exclude_item_ids if item in model.item_lookup}
+        if new_items is not None:
+            drop.update(new_items.withdrawn.tolist())
         user = model.user_lookup.get(query.user_id)
         if user is not None:
             drop.update(np.asarray(model.core.history.items.row(user)).tolist())
@@ -492,13 +532,22 @@ class GatewayEngine:
             ranked.scores = np.linspace(1.0, 0.0, num=len(ranked), dtype=np.float32)
             request.degraded.append("nonfinite_scores")
         catalogue = model.core.catalogue
+        new_items = self._new_items(request)
+        if new_items is None:
+            embeddings = np.asarray(model.item_embeddings[ranked.items], dtype=np.float32)
+            categories = np.asarray(catalogue.categories[ranked.items])
+            authors = np.asarray(catalogue.authors[ranked.items])
+        else:
+            # New items have no embedding yet (zeros: similar to nothing) but their metadata's
+            # categories and author, so the diversity rules hold for them too.
+            embeddings = new_items.gather(np.asarray(model.item_embeddings), None, ranked.items)
+            embeddings = embeddings.astype(np.float32, copy=False)
+            categories = new_items.gather(
+                np.asarray(catalogue.categories), new_items.categories, ranked.items
+            )
+            authors = new_items.gather(np.asarray(catalogue.authors), new_items.authors, ranked.items)
         positions = request.scene.selector().select(
-            ranked.items,
-            ranked.scores,
-            np.asarray(model.item_embeddings[ranked.items], dtype=np.float32),
-            np.asarray(catalogue.categories[ranked.items]),
-            np.asarray(catalogue.authors[ranked.items]),
-            request.query.count,
+            ranked.items, ranked.scores, embeddings, categories, authors, request.query.count
         )
         request.candidates = ranked.take(np.asarray(positions, dtype=np.intp))
 
@@ -508,6 +557,17 @@ class GatewayEngine:
 
 
 _EMPTY = _Candidates(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.uint64), ())
+
+
+def _namer(
+    values: npt.NDArray[Any], new_items: NewItems | None, *, title: bool = False
+) -> Callable[[int], str]:
+    """index → the version's id (or title), or a new item's from the live catalogue."""
+    if new_items is None:
+        return lambda index: str(values[index])
+    base = new_items.base
+    new = new_items.title if title else new_items.item_id
+    return lambda index: str(values[index]) if index < base else new(index)
 
 
 def _channels(mask: int, names: tuple[str, ...]) -> list[str]:

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from grpc import aio
 
 from recsys.errors import InvalidArgument
+from recsys.feature_store import CatalogueItem
 from recsys.limits import ID_CHARS, check_request, first_problem, valid_request_id
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common.auth import authorize_user
+from recsys.v1 import catalogue_pb2, catalogue_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from services.common.auth import CATALOGUE_SCOPE, authorize_scope, authorize_user
 from services.common.logs import request_id_var
+from services.gateway.catalogue import CatalogueEditor
 from services.gateway.engine import GatewayEngine, RecommendQuery, RecommendResult
 from services.gateway.events import EventIngestor, EventsOutcome, IncomingEvent
 
@@ -156,3 +158,45 @@ async def report_events(
     for index, event in enumerate(request.events):
         authorize_user(event.user_id, f"events[{index}].user_id")
     return events_response(await ingestor.ingest(incoming_events(request.events)))
+
+
+def catalogue_item(message: catalogue_pb2.CatalogueItem, path: str) -> CatalogueItem:
+    """The engine's item from the message (its limits already checked by `check_request`)."""
+    if not message.item_id.strip():
+        raise InvalidArgument(f"{path}.item_id", "must not be empty")
+    published = message.published_at
+    return CatalogueItem(
+        item_id=message.item_id,
+        title=message.title,
+        author=message.author,
+        categories=tuple(message.categories),
+        publisher=message.publisher,
+        published_at=published.seconds + published.nanos / 1e9 if message.HasField("published_at") else None,
+    )
+
+
+class CatalogueServicer(catalogue_pb2_grpc.CatalogueServiceServicer):
+    def __init__(self, editor: CatalogueEditor) -> None:
+        self._editor = editor
+
+    async def UpsertItems(
+        self, request: catalogue_pb2.UpsertItemsRequest, context: aio.ServicerContext[object, object]
+    ) -> catalogue_pb2.UpsertItemsResponse:
+        # The scope first: a caller that may not write learns nothing about the input's rules.
+        authorize_scope(CATALOGUE_SCOPE, "UpsertItems")
+        check_request(request)
+        items = [catalogue_item(item, f"items[{index}]") for index, item in enumerate(request.items)]
+        outcome = await self._editor.upsert(items)
+        return catalogue_pb2.UpsertItemsResponse(added=outcome.added, updated=outcome.updated)
+
+    async def WithdrawItems(
+        self, request: catalogue_pb2.WithdrawItemsRequest, context: aio.ServicerContext[object, object]
+    ) -> catalogue_pb2.WithdrawItemsResponse:
+        authorize_scope(CATALOGUE_SCOPE, "WithdrawItems")
+        check_request(request)
+        outcome = await self._editor.withdraw(list(request.item_ids))
+        return catalogue_pb2.WithdrawItemsResponse(
+            withdrawn=outcome.withdrawn,
+            already_withdrawn=outcome.already_withdrawn,
+            unknown=outcome.unknown,
+        )

@@ -57,6 +57,15 @@ class GatewaySettings(ServerSettings, AuthSettings):
     blocklist_file: Path | None = Field(None, description="Item ids never to show, one per line.")
     poll_seconds: float = Field(5.0, gt=0)
     version_grace_seconds: float = Field(60.0, ge=0)
+    catalogue_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the live catalogue (items upserted or withdrawn while serving) is "
+        "checked in the feature store: a change is served within this long.",
+    )
+    max_catalogue_items: int = Field(
+        1000, ge=1, le=10_000, description="Most items (or ids) one UpsertItems (WithdrawItems) may carry."
+    )
     default_deadline_ms: float = Field(300.0, gt=0, description="When the caller sets no deadline.")
     recall_timeout_ms: float = Field(120.0, gt=0, description="At most this for the recall call.")
     rank_timeout_ms: float = Field(120.0, gt=0, description="At most this for the rank call.")

@@ -20,6 +20,7 @@ from services.common.tracing import Tracing
 from services.common.versions import Loaded, ModelVersions, version_metrics
 from services.common.wiring import (
     ConfigReloader,
+    catalogue_watcher_for,
     config_metrics,
     feature_store_for,
     local_copies_for,
@@ -104,8 +105,18 @@ class RankApp:
             max_rows=settings.max_batch_rows,
             collectors=settings.inference_threads,
         )
+        # Items upserted or withdrawn while serving: new ones are scored from their content.
+        self.catalogue = catalogue_watcher_for(
+            "rank", self.features, self.versions, settings.catalogue_poll_seconds
+        )
         self.engine = RankEngine(
-            self.versions, self.features, self.batcher, rank_metrics(), self.scenes, limits_from(settings)
+            self.versions,
+            self.features,
+            self.batcher,
+            rank_metrics(),
+            self.scenes,
+            limits_from(settings),
+            self.catalogue,
         )
         self.config = ConfigReloader(
             (settings.scenes_file,), self._parse_scenes, self._apply_scenes, config_metrics("rank")
@@ -146,8 +157,10 @@ class RankApp:
         self._readiness = readiness
         await self.batcher.start()
         await self.versions.start()
+        await self.catalogue.start()
 
     async def stop(self) -> None:
+        await self.catalogue.stop()
         await self.versions.stop()
         if self.repair is not None:
             await self.repair.stop()

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, Int64Array
+from recsys.catalogue import CatalogueWatcher, NewItems
 from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
@@ -145,8 +146,10 @@ class RankEngine:
         metrics: RankMetrics,
         scenes: SceneFusions | None = None,
         limits: RankLimits | None = None,
+        catalogue: CatalogueWatcher | None = None,
     ) -> None:
         self._versions = versions
+        self.catalogue = catalogue
         self._features = features
         self._batcher = batcher
         self._metrics = metrics
@@ -171,19 +174,17 @@ class RankEngine:
             self._check_embedding(model, embedding)
         items, provenance = query.items, query.provenance
         tracing = self.tracing
+        new_items = None if self.catalogue is None else self.catalogue.view(loaded.version)
         if query.prerank_keep > 0 and embedding is not None and items.shape[0] > query.prerank_keep:
             with span_or_nothing(tracing, "rank.prerank") as span:
-                kept = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, query.prerank_keep)
+                positions = self._prerank(model, items, embedding, query.prerank_keep, new_items)
                 if span is not None:
                     span.set_attributes(
                         {
                             "recsys.candidates_in": int(items.shape[0]),
-                            "recsys.candidates_out": int(kept.positions.shape[0]),
+                            "recsys.candidates_out": int(positions.shape[0]),
                         }
                     )
-            self._metrics.prerank_in.inc(items.shape[0])
-            self._metrics.prerank_kept.inc(kept.positions.shape[0])
-            positions = np.sort(kept.positions)  # the kept candidates in request order
             items = items[positions]
             if provenance is not None:
                 provenance = provenance.take(positions)
@@ -202,7 +203,10 @@ class RankEngine:
                 0,
                 unknown_user,
             )
-        unknown_items = int(np.count_nonzero((items < 0) | (items >= model.core.catalogue.n_items)))
+        unknown = (items < 0) | (items >= model.core.catalogue.n_items)
+        if new_items is not None:
+            unknown &= ~new_items.is_new(items)  # scored from their content features
+        unknown_items = int(np.count_nonzero(unknown))
         if unknown_items:
             version_metrics.unknown_items.inc(unknown_items)
         _check_deadline(query.deadline, "user_state")
@@ -216,7 +220,8 @@ class RankEngine:
         # With tracing on, the call's server span: the batch that scores it is its child or linked.
         call_span = None if tracing is None else tracing.current_span()
         task_scores = await self._batcher.score(
-            ScoreJob(model, user, items, embedding, query.deadline, provenance, call_span), expected=True
+            ScoreJob(model, user, items, embedding, query.deadline, provenance, call_span, new_items),
+            expected=True,
         )
         scores = fusion.fuse(task_scores)
         self._check_finite(loaded.version, scores, task_scores)
@@ -254,6 +259,28 @@ class RankEngine:
             if state is not None:
                 history = UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
         return self._hydrator.inputs(model, query.user_id, query.region, history), problem
+
+    def _prerank(
+        self,
+        model: ServingModel,
+        items: Int64Array,
+        embedding: FloatArray,
+        keep: int,
+        new_items: NewItems | None,
+    ) -> npt.NDArray[np.intp]:
+        """Positions (in request order) of the candidates pre-rank keeps. New items have no
+        item-tower embedding yet, so the dot product cannot judge them: they all go on to the
+        ranker, which scores them from their content (recall's quota bounds how many come)."""
+        fresh = None if new_items is None else new_items.is_new(items)
+        if fresh is not None and fresh.any():
+            others = np.flatnonzero(~fresh)
+            kept = EmbeddingPreRanker(model.item_embeddings).select(items[others], embedding, keep)
+            chosen = np.concatenate([others[kept.positions], np.flatnonzero(fresh)])
+        else:
+            chosen = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, keep).positions
+        self._metrics.prerank_in.inc(items.shape[0])
+        self._metrics.prerank_kept.inc(chosen.shape[0])
+        return np.sort(chosen)  # the kept candidates in request order
 
     def _fusion(self, query: RankQuery, model: ServingModel) -> Fusion:
         """The scene's fusion, or the call's own. A call that brings a complete fusion (the

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from recsys.artifacts import FloatArray, Int64Array
+from recsys.catalogue import NewItems
 from recsys.errors import NotReady
 from recsys.features import Inputs, Provenance
 from recsys.serving_model import ServingModel
@@ -40,6 +41,7 @@ class ScoreJob:
     # With tracing on: the call's server span (an opentelemetry Span), which the batch's span
     # is parented by or linked to; None when tracing is off.
     span: Any = None
+    new_items: NewItems | None = None  # the live catalogue on `model`'s version, when not empty
 
     @property
     def rows(self) -> int:
@@ -82,6 +84,7 @@ class OnnxScorer:
             items = np.concatenate([job.items for job in jobs])
         batch = {name: np.repeat(value, counts, axis=0) for name, value in user.items()}
         batch.update(model.item_features.inputs(items))
+        _new_item_features(batch, items, [job.new_items for job in jobs if job.new_items is not None])
         # Calls without recall's embedding get theirs from one user-tower run for all of them.
         without = [job.user for job in jobs if job.embedding is None]
         computed: Iterator[FloatArray] = iter(())
@@ -132,3 +135,23 @@ class OnnxScorer:
             run_started,
             finished,
         )
+
+
+def _new_item_features(batch: Inputs, items: Int64Array, views: Sequence[NewItems]) -> None:
+    """Content features for items upserted while serving: their categories and author as the
+    version's tokens (from their metadata), where `ItemFeatures` gave an unknown index token 0
+    everywhere. The id-based inputs keep their defaults for unknown items (item token 0, zero
+    statistics, no neighbours, a zero item vector), which the ranker was trained to read as
+    "never seen". The calls of one batch share a version; of their layouts the newest wins
+    (ordinals never change, only metadata could)."""
+    if not views:
+        return
+    view = max(views, key=lambda candidate: candidate.revision)
+    new = view.is_new(items)
+    if not new.any():
+        return
+    ordinals = np.asarray(items, dtype=np.int64)[new] - view.base
+    categories = batch["categories"]
+    width = min(categories.shape[1], view.categories.shape[1])
+    categories[new, :width] = view.categories[ordinals, :width]
+    batch["author"][new] = view.authors[ordinals]

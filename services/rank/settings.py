@@ -31,6 +31,12 @@ class RankSettings(ServerSettings):
         "(one process of the tier does, under a lock in Redis).",
     )
     poll_seconds: float = Field(5.0, gt=0, description="How often the store's CURRENT is checked.")
+    catalogue_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the live catalogue (items upserted or withdrawn while serving) is "
+        "checked in the feature store: a change is served within this long.",
+    )
     version_grace_seconds: float = Field(
         60.0, ge=0, description="How long the previous version stays servable."
     )

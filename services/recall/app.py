@@ -19,8 +19,14 @@ from services.common.server import Readiness, ServiceSpec
 from services.common.snapshots import SnapshotRepair
 from services.common.tracing import Tracing
 from services.common.versions import Loaded, ModelVersions, version_metrics
-from services.common.wiring import feature_store_for, load_serving_model, local_copies_for, version_loaded
-from services.recall.engine import RecallEngine, RecallLimits
+from services.common.wiring import (
+    catalogue_watcher_for,
+    feature_store_for,
+    load_serving_model,
+    local_copies_for,
+    version_loaded,
+)
+from services.recall.engine import RecallEngine, RecallLimits, prepare_new_items
 from services.recall.metrics import recall_metrics
 from services.recall.servicer import RecallServicer
 from services.recall.settings import RecallSettings
@@ -37,6 +43,7 @@ def limits_from(settings: RecallSettings) -> RecallLimits:
         channel_timeouts={name: ms / 1000 for name, ms in settings.channel_timeouts_ms.items()},
         workers=settings.channel_workers,
         default_deadline=settings.default_deadline_ms / 1000,
+        new_items_quota=settings.new_items_quota,
     )
 
 
@@ -75,6 +82,10 @@ class RecallApp:
             on_snapshot_lost=None if self.repair is None else self.repair.lost,
         )
         self.blocklist_file = BlocklistFile(settings.blocklist_file) if settings.blocklist_file else None
+        # Items upserted or withdrawn while serving, laid out per servable version.
+        self.catalogue = catalogue_watcher_for(
+            "recall", self.features, self.versions, settings.catalogue_poll_seconds, prepare_new_items
+        )
         self.engine = RecallEngine(
             self.versions,
             self.features,
@@ -82,6 +93,7 @@ class RecallApp:
             recall_metrics(),
             limits_from(settings),
             VersionBlocklists(self.blocklist_file.blocklist if self.blocklist_file else Blocklist.of(())),
+            self.catalogue,
         )
         self._blocklist_task: asyncio.Task[None] | None = None
         self._readiness: Readiness | None = None
@@ -105,6 +117,7 @@ class RecallApp:
     async def start(self, readiness: Readiness) -> None:
         self._readiness = readiness
         await self.versions.start()
+        await self.catalogue.start()
         if self.blocklist_file is not None:
             self._blocklist_task = asyncio.create_task(self._watch_blocklist(self.blocklist_file))
 
@@ -127,6 +140,7 @@ class RecallApp:
             self._blocklist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._blocklist_task
+        await self.catalogue.stop()
         await self.versions.stop()
         if self.repair is not None:
             await self.repair.stop()

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, VersionBlocklists
+from recsys.catalogue import CatalogueWatcher, NewItems
 from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
@@ -41,6 +42,9 @@ from services.recall.metrics import RecallMetrics
 log = logging.getLogger("recsys.recall")
 
 COLD_START_CHANNELS = ("geo", "popular")
+# Channels from the live catalogue (items upserted while serving): they keep their own quota
+# for cold-start users too, since a new item reaches no one else.
+LIVE_CHANNELS = ("new_items",)
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,21 @@ class ChannelKind:
     - `from_model`: the model version provides it (skipped when the version lacks it);
     - `needs_state`: it reads the user's feature-store state (skipped without it);
     - `first`: started before the other thread channels (the longest one);
-    - `embeds`: it computes the user embedding (the user tower), which recall returns."""
+    - `embeds`: it computes the user embedding (the user tower), which recall returns;
+    - `live`: it serves the live catalogue (skipped while no new item exists)."""
 
     on_loop: bool = False
     from_model: bool = True
     needs_state: bool = False
     first: bool = False
     embeds: bool = False
+    live: bool = False
 
 
 CHANNEL_KINDS: Mapping[str, ChannelKind] = {
     "two_tower": ChannelKind(first=True, embeds=True),  # ONNX user tower + ANN: the longest
     "cache": ChannelKind(on_loop=True, from_model=False, needs_state=True),
+    "new_items": ChannelKind(from_model=False, live=True),
 }
 THREAD_CHANNEL = ChannelKind()
 
@@ -81,6 +88,7 @@ class RecallLimits:
     default_deadline: float = 0.2  # when the caller sets none
     cold_start_quota: int = 200
     exposure_overfetch: float = 1.5  # a channel fetches this × its quota before exposure filtering
+    new_items_quota: int = 50  # the new_items channel's quota unless the call sets one
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.channel_timeouts) - set(ALL_CHANNELS))
@@ -157,8 +165,10 @@ class RecallEngine:
         metrics: RecallMetrics,
         limits: RecallLimits | None = None,
         blocklists: VersionBlocklists | None = None,
+        catalogue: CatalogueWatcher | None = None,
     ) -> None:
         self._versions = versions
+        self.catalogue = catalogue
         self.blocklists = blocklists or VersionBlocklists(Blocklist.of(()))
         self._features = features
         self._executor = executor
@@ -202,7 +212,8 @@ class RecallEngine:
             if state is None
             else UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
         )
-        user_query = self._query(model, query, history)
+        new_items = None if self.catalogue is None else self.catalogue.view(loaded.version)
+        user_query = self._query(model, query, history, _live_exclusions(new_items, state))
         cold_start = user_query.cold_start
         quotas = self._quotas(model, query, cold_start)
 
@@ -219,6 +230,8 @@ class RecallEngine:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="quota 0")
             elif kind.needs_state and state is None:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="feature store unavailable")
+            elif kind.live and (new_items is None or new_items.source is None or not len(new_items.source)):
+                outcomes[name] = ChannelOutcome(name, "skipped", detail="no new items")
             else:
                 runnable.append(name)
         results: dict[str, ChannelRun] = {}
@@ -232,7 +245,15 @@ class RecallEngine:
         queue = deque(sorted(cpu, key=lambda name: not CHANNEL_KINDS.get(name, THREAD_CHANNEL).first))
         jobs: list[asyncio.Future[None]] = [
             loop.run_in_executor(
-                self._executor, self._run_worker, queue, model, user_query, quotas, results, stop_at
+                self._executor,
+                self._run_worker,
+                queue,
+                model,
+                user_query,
+                quotas,
+                results,
+                stop_at,
+                new_items,
             )
             for _ in range(min(limits.workers, len(cpu)))
         ]
@@ -280,8 +301,21 @@ class RecallEngine:
                 filtered = blocked.apply(candidates)
                 self._metrics.blocklist_filtered[name].inc(filtered.removed)
                 lists[name] = filtered.kept
+            if new_items is not None and "new_items" in lists:
+                # The version's blocked indexes know only its own items: new ones by their ids.
+                candidates = lists["new_items"]
+                blocklist = self.blocklists.blocklist
+                keep = np.asarray(
+                    [new_items.item_id(item) not in blocklist for item in candidates.items.tolist()],
+                    dtype=bool,
+                )
+                self._metrics.blocklist_filtered["new_items"].inc(int(len(candidates) - keep.sum()))
+                lists["new_items"] = Candidates(candidates.items[keep], candidates.scores[keep])
         if state is not None and state.exposure_filter is not None:
-            exposure = ExposureFilter(state.exposure_filter, model.item_digests)
+            digests = model.item_digests
+            if new_items is not None and new_items.exposure_digests is not None:
+                digests = new_items.exposure_digests  # the version's, then the new items'
+            exposure = ExposureFilter(state.exposure_filter, digests)
             if exposure.active:
                 with span_or_nothing(tracing, "recall.exposure_filter") as span:
                     removed = 0
@@ -370,7 +404,13 @@ class RecallEngine:
             degraded.extend(["feature_store_unavailable", "exposure_filter_unavailable"])
             return None
 
-    def _query(self, model: ServingModel, query: RecallQuery, history: UserHistory | None) -> UserQuery:
+    def _query(
+        self,
+        model: ServingModel,
+        query: RecallQuery,
+        history: UserHistory | None,
+        live_excluded: IntArray | None = None,
+    ) -> UserQuery:
         """The user's query: from the feature store's snapshot plus live events (for an id the
         version does not know, the live events alone: a real user, not a cold start, once
         they name a known item), or, without the feature store, from the profile the model
@@ -388,7 +428,9 @@ class RecallEngine:
             user_index,
             recent_limit=model.defaults.recent_items,
             region_token=region,
-            extra_excluded=query.exclude.astype(np.int64),
+            extra_excluded=query.exclude.astype(np.int64)
+            if live_excluded is None
+            else np.concatenate([query.exclude.astype(np.int64), live_excluded.astype(np.int64)]),
             history_items=items,
             history_liked=liked,
         )
@@ -396,12 +438,16 @@ class RecallEngine:
     def _quotas(self, model: ServingModel, query: RecallQuery, cold_start: bool) -> dict[str, int]:
         defaults = dict(model.defaults.channel_quotas)
         defaults.setdefault("cache", 50)
+        defaults.setdefault("new_items", self.limits.new_items_quota)
         if cold_start:
-            # Personalised channels have nothing to start from: geo and popular answer.
+            # Personalised channels have nothing to start from: geo and popular answer (and
+            # the newest items, which reach no one otherwise).
             defaults = {
                 name: (
                     max(defaults.get(name, 0), self.limits.cold_start_quota)
                     if name in COLD_START_CHANNELS
+                    else defaults.get(name, 0)
+                    if name in LIVE_CHANNELS
                     else 0
                 )
                 for name in ALL_CHANNELS
@@ -412,8 +458,10 @@ class RecallEngine:
     def _weights(model: ServingModel, cold_start: bool) -> dict[str, float]:
         weights = dict(model.defaults.channel_weights)
         weights.setdefault("cache", 1.0)
+        # The build tuned no weight for new items (they did not exist): as much as a channel's.
+        weights.setdefault("new_items", 1.0)
         if cold_start:
-            weights = dict.fromkeys(COLD_START_CHANNELS, 1.0)
+            weights = dict.fromkeys((*COLD_START_CHANNELS, *LIVE_CHANNELS), 1.0)
         # A channel the tuned defaults switched off still counts when a caller asks for it.
         return {name: weights.get(name) or 0.25 for name in ALL_CHANNELS}
 
@@ -425,6 +473,7 @@ class RecallEngine:
         quotas: Mapping[str, int],
         results: dict[str, ChannelRun],
         stop_at: Mapping[str, float],
+        new_items: NewItems | None = None,
     ) -> None:
         """Take channels off the request's queue and run them one after another in this
         worker thread, publishing each result as soon as it is ready. A channel past its own
@@ -448,8 +497,13 @@ class RecallEngine:
                     time.sleep(delay)
                 fetch = self._fetch(quotas[name])
                 vector: FloatArray | None = None
-                if CHANNEL_KINDS.get(name, THREAD_CHANNEL).embeds:
+                kind = CHANNEL_KINDS.get(name, THREAD_CHANNEL)
+                if kind.embeds:
                     candidates, vector = self._embedding_source(model, name, query, fetch)
+                elif kind.live:
+                    source = None if new_items is None else new_items.source
+                    assert source is not None  # the channel is skipped without one
+                    candidates = source.candidates(query, fetch)
                 else:
                     candidates = model.sources[name].candidates(query, fetch)
                 late = time.monotonic() > stop_at[name]
@@ -494,7 +548,11 @@ class RecallEngine:
                     taken = await self._features.take_cache(
                         query.user_id, self._fetch(quotas["cache"]), query.now or time.time()
                     )
-            known = [(model.item_lookup.get(item, -1), score) for item, score in taken]
+            new_items = None if self.catalogue is None else self.catalogue.view(model.version)
+            if new_items is None:
+                known = [(model.item_lookup.get(item, -1), score) for item, score in taken]
+            else:  # cached new items too (withdrawn ones are in the query's exclusions)
+                known = [(_index_or(new_items.index(item), -1), score) for item, score in taken]
             items = np.asarray([index for index, _ in known if index >= 0], dtype=np.int32)
             scores = np.asarray([score for index, score in known if index >= 0], dtype=np.float32)
             # Cache scores are ranker scores; shift so every kept item scores above zero.
@@ -522,3 +580,25 @@ class RecallEngine:
             raise ModelOutputInvalid(f"version {model.version}: the user tower gave a non-finite embedding")
         with_vector = dataclasses.replace(query, embedding=vector)
         return model.sources[name].candidates(with_vector, fetch), vector
+
+
+def _live_exclusions(new_items: NewItems | None, state: UserState | None) -> IntArray | None:
+    """What the live catalogue adds to a user's exclusions: withdrawn items (the version's own
+    included) and the new items the user consumed (their live events name them by id; the
+    history the other channels read keeps the version's items only). None without one."""
+    if new_items is None:
+        return None
+    consumed = [] if state is None else [new_items.index_of.get(item) for item in state.consumed_live_items()]
+    mine = np.asarray([index for index in consumed if index is not None], dtype=np.int32)
+    return np.concatenate([new_items.withdrawn, mine]) if mine.shape[0] else new_items.withdrawn
+
+
+def prepare_new_items(model: ServingModel, new_items: NewItems) -> None:
+    """What recall's requests read of a catalogue layout, built with it off the request path:
+    the new_items channel and the exposure digests over the version's items and the new ones."""
+    new_items.source = new_items.new_item_source(np.asarray(model.core.catalogue.categories))
+    new_items.exposure_digests = np.concatenate([model.item_digests, new_items.digests()])
+
+
+def _index_or(index: int | None, missing: int) -> int:
+    return missing if index is None else index

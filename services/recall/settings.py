@@ -36,6 +36,15 @@ class RecallSettings(ServerSettings):
         "(one process of the tier does, under a lock in Redis).",
     )
     poll_seconds: float = Field(5.0, gt=0, description="How often the store's CURRENT is checked.")
+    catalogue_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the live catalogue (items upserted or withdrawn while serving) is "
+        "checked in the feature store: a change is served within this long.",
+    )
+    new_items_quota: int = Field(
+        50, ge=0, description="Candidates of the new_items channel unless the scene sets its quota."
+    )
     version_grace_seconds: float = Field(
         60.0, ge=0, description="How long the previous version stays servable."
     )

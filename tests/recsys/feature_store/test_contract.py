@@ -13,6 +13,8 @@ import pytest
 
 from recsys.artifacts import CoreArtifacts
 from recsys.feature_store import (
+    CatalogueItem,
+    CatalogueState,
     ExposureFilterConfig,
     FeatureStore,
     InProcessFeatureStore,
@@ -311,3 +313,81 @@ async def test_open_feature_store_by_url() -> None:
         assert redis.policy is POLICY
     finally:
         await redis.close()
+
+
+# --- the live catalogue -----------------------------------------------------------------------
+def book(item_id: str, **fields: object) -> CatalogueItem:
+    values: dict[str, object] = {
+        "title": f"The {item_id}",
+        "author": "Ursula K. Le Guin",
+        "categories": ("fiction", "sf"),
+        "publisher": "Ace",
+        "published_at": 1_700_000_000.0,
+    }
+    values.update(fields)
+    return CatalogueItem(item_id, **values)  # type: ignore[arg-type]
+
+
+async def test_an_empty_catalogue_is_revision_zero(harness: Harness) -> None:
+    assert await harness.store.catalogue_revision() == 0
+    assert await harness.store.catalogue_state() == CatalogueState.empty()
+
+
+async def test_upserted_items_get_stable_ordinals_and_keep_their_metadata(harness: Harness) -> None:
+    first = await harness.store.upsert_items([book("new-a"), book("new-b", author="", categories=())], NOW)
+    assert first == [(0, True), (1, True)]
+    revision = await harness.store.catalogue_revision()
+    assert revision > 0
+    # An update keeps the ordinal and replaces the metadata; a new id takes the next ordinal.
+    second = await harness.store.upsert_items([book("new-b", title="Revised"), book("new-c")], NOW + 10)
+    assert second == [(1, False), (2, True)]
+    assert await harness.store.catalogue_revision() > revision
+    state = await harness.store.catalogue_state()
+    assert state.revision == await harness.store.catalogue_revision()
+    assert [(entry.item.item_id, entry.ordinal) for entry in state.items] == [
+        ("new-a", 0),
+        ("new-b", 1),
+        ("new-c", 2),
+    ]
+    a, b, _ = state.items
+    assert a.item == book("new-a")
+    assert a.upserted_at == NOW
+    assert b.item == book("new-b", title="Revised")
+    assert b.upserted_at == NOW + 10
+    assert state.withdrawn == frozenset()
+
+
+async def test_metadata_round_trips_unicode_and_unknown_times(harness: Harness) -> None:
+    item = CatalogueItem("ü-1", "Der Zauberberg — “Roman”", "Thomas Mann", ("Roman",), "S. Fischer", None)
+    await harness.store.upsert_items([item], NOW)
+    (stored,) = (await harness.store.catalogue_state()).items
+    assert stored.item == item
+
+
+async def test_withdrawn_items_stay_withdrawn_until_upserted_again(harness: Harness) -> None:
+    await harness.store.upsert_items([book("new-a"), book("new-b")], NOW)
+    before = await harness.store.catalogue_revision()
+    # A version's own item ("item-3") can be withdrawn too; a repeat says it was already.
+    assert await harness.store.withdraw_items(["new-a", "item-3"], NOW + 1) == [True, True]
+    assert await harness.store.withdraw_items(["new-a"], NOW + 2) == [False]
+    assert await harness.store.catalogue_revision() > before
+    state = await harness.store.catalogue_state()
+    assert state.withdrawn == {"new-a", "item-3"}
+    assert [entry.item.item_id for entry in state.items] == ["new-a", "new-b"]  # the ordinal stays
+    assert await harness.store.upsert_items([book("new-a")], NOW + 3) == [(0, False)]
+    assert (await harness.store.catalogue_state()).withdrawn == {"item-3"}
+
+
+async def test_empty_catalogue_calls_change_nothing(harness: Harness) -> None:
+    assert await harness.store.upsert_items([], NOW) == []
+    assert await harness.store.withdraw_items([], NOW) == []
+    assert await harness.store.catalogue_revision() == 0
+
+
+async def test_concurrent_upserts_of_one_new_id_give_it_one_ordinal(harness: Harness) -> None:
+    import asyncio
+
+    results = await asyncio.gather(*[harness.store.upsert_items([book("same")], NOW) for _ in range(8)])
+    assert {ordinal for ((ordinal, _),) in results} == {0}
+    assert sum(new for ((_, new),) in results) == 1
+    assert len((await harness.store.catalogue_state()).items) == 1

@@ -56,6 +56,15 @@ SCENES = {
         },
         "unranked": {"pipeline": ["recall", "blocklist", "rerank"]},
         "short": {"count": {"default": 4, "max": 8}},
+        # Only the live catalogue's channel recalls (tests/services/gateway/test_new_items.py).
+        "new_items_only": {
+            "quotas": {
+                **dict.fromkeys(
+                    ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular"), 0
+                ),
+                "new_items": 50,
+            }
+        },
     }
 }
 
