@@ -213,8 +213,16 @@ _LOAD_LOCK = threading.Lock()
 def load_npy(path: Path, mmap: bool = True) -> npt.NDArray[Any]:
     """`np.load` of one array (memory-mapped by default), never two at once in a process."""
     with _LOAD_LOCK:
-        loaded: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    return loaded
+        for attempt in range(3):
+            try:
+                loaded: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+                return loaded
+            except SystemError:
+                # The lock cannot cover every parser in the process (another thread's import
+                # or literal_eval can race it, seen in CI): the mismatch is transient, retry.
+                if attempt == 2:
+                    raise
+    raise AssertionError("unreachable")
 
 
 def _npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
