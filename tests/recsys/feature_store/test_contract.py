@@ -400,7 +400,12 @@ async def test_item_impressions_add_up_for_catalogue_items_only(harness: Harness
     await harness.store.add_item_impressions({"new-a": 3, "item-3": 5, "never-upserted": 7})
     # Ids outside the live catalogue (a version's own, unknown ones) are not counted: the
     # counts stay bounded by the catalogue, whatever the callers send.
-    assert await harness.store.item_impressions(["new-a", "new-b", "item-3", "never-upserted"]) == [5, 1, 0, 0]
+    assert await harness.store.item_impressions(["new-a", "new-b", "item-3", "never-upserted"]) == [
+        5,
+        1,
+        0,
+        0,
+    ]
     # Counting is not a catalogue change: services need not re-read the catalogue for it.
     revision = await harness.store.catalogue_revision()
     await harness.store.add_item_impressions({"new-b": 1})
