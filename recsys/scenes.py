@@ -434,6 +434,10 @@ class ExperimentConfig:
     def empty(cls) -> ExperimentConfig:
         return cls({})
 
+    def variant_scenes(self) -> list[Scene]:
+        """Every (scene, arm) variant built at load (empty when loaded without scenes)."""
+        return [variant for _, variant in self._variants.values()]
+
     def experiment_for(self, scene_name: str) -> Experiment | None:
         return self._by_scene.get(scene_name)
 

@@ -382,14 +382,21 @@ TEN = np.linspace(1.0, 0.1, 10).astype(np.float32)
 
 
 def new_candidates(
-    fresh: list[int], impressions: dict[int, int] | None = None, n: int = 10, **traffic: float
+    fresh: list[int],
+    impressions: dict[int, int] | None = None,
+    n: int = 10,
+    *,
+    slots: int,
+    boost: float = 0.0,
+    boost_half_life_impressions: float = 100.0,
 ) -> NewCandidates:
     mask = np.zeros(n, dtype=bool)
     mask[fresh] = True
     shown = np.zeros(n, np.int64)
     for position, count in (impressions or {}).items():
         shown[position] = count
-    return NewCandidates(NewItemTraffic(**traffic), mask, shown)  # type: ignore[arg-type]
+    traffic = NewItemTraffic(slots, boost=boost, boost_half_life_impressions=boost_half_life_impressions)
+    return NewCandidates(traffic, mask, shown)
 
 
 def select_new(
@@ -424,12 +431,22 @@ def test_slots_not_filled_by_score_are_filled_by_the_best_remaining_new_items_la
 
 def test_the_boost_lifts_a_new_item_and_halves_every_half_life_of_impressions() -> None:
     # The new item is the worst (rescaled reward 0); boost 0.5 puts it between 4 (5/9) and 5 (4/9).
-    traffic = {"slots": 1, "boost": 0.5, "boost_half_life_impressions": 100}
-    assert select_new(TopKSelector(), new_candidates([9], **traffic), 10) == [0, 1, 2, 3, 4, 9, 5, 6, 7, 8]
+    assert select_new(TopKSelector(), new_candidates([9], slots=1, boost=0.5), 10) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        9,
+        5,
+        6,
+        7,
+        8,
+    ]
     # 100 impressions: 0.25, between 6 (3/9) and 7 (2/9); 300: 0.0625, below 8 (1/9).
-    shown_100 = new_candidates([9], {9: 100}, **traffic)
+    shown_100 = new_candidates([9], {9: 100}, slots=1, boost=0.5)
     assert select_new(TopKSelector(), shown_100, 10) == [0, 1, 2, 3, 4, 5, 6, 9, 7, 8]
-    shown_300 = new_candidates([9], {9: 300}, **traffic)
+    shown_300 = new_candidates([9], {9: 300}, slots=1, boost=0.5)
     assert select_new(TopKSelector(), shown_300, 10) == list(range(10))
     # Boosted to nothing, it still holds its reserved slot in a shorter list.
     assert select_new(TopKSelector(), shown_300, 5) == [0, 1, 2, 3, 9]
