@@ -29,6 +29,8 @@ to their rescaled reward that halves every `boost_half_life_impressions` impress
 rules: when only new items are left the list stops short of `count`), and when fewer made
 it by their boosted score, the best remaining new candidates fill the last positions, so a
 scene shows `min(slots, new candidates)` new items in every answer long enough to hold them.
+Cap and reservation come before the business rules: among the candidates they allow, the
+rules decide as above (so a rule gives way in a reserved position if every new item breaks it).
 """
 
 from __future__ import annotations

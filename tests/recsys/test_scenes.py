@@ -89,6 +89,29 @@ def test_new_item_traffic_is_off_by_default_and_overrides_field_by_field() -> No
     )
 
 
+def test_experiments_list_their_variants_for_the_new_item_horizon() -> None:
+    parsed = scenes({"home": {"new_items": {"max_age": "2h"}}})
+    config = ExperimentConfig.from_json(
+        {
+            "experiments": {
+                "cold": {
+                    "salt": "s",
+                    "scenes": ["home"],
+                    "arms": [
+                        {"name": "control", "share": 0.5},
+                        {"name": "treatment", "share": 0.5, "overrides": {"new_items": {"slots": 2}}},
+                    ],
+                }
+            }
+        },
+        parsed,
+        channels=CHANNELS,
+    )
+    variants = {scene.new_items.slots: scene.new_items.max_age_seconds for scene in config.variant_scenes()}
+    assert variants == {0: 7200.0, 2: 7200.0}
+    assert ExperimentConfig.empty().variant_scenes() == []
+
+
 def test_scene_without_diversity_uses_top_k() -> None:
     related = scenes({"related": {"rerank": {"method": "none", "rules": {"max_consecutive_author": None}}}})
     selector = related["related"].selector()

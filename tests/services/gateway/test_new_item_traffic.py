@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -109,10 +109,10 @@ async def answer(stack: Stack, scene: str, user_id: str = USER, dry_run: bool = 
     return [item.item_id for item in response.items]
 
 
-async def until(stack: Stack, check: object, what: str) -> None:
-    """Wait (at most a few poll intervals) until `check()` (an async callable) is true."""
+async def until(stack: Stack, check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait (at most a few poll intervals) until `check()` is true."""
     started = time.monotonic()
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if time.monotonic() - started > 4 * WITHIN:
             pytest.fail(f"{what}: not within {4 * WITHIN} s")
         await asyncio.sleep(0.05)
