@@ -25,15 +25,17 @@ build time. With a cap set to None the result is exact; the defaults trade a lit
 cost:
 
 - `max_items_per_user` (both; default 1000): a user with more interactions keeps only the latest
-  `max_items_per_user` by `order` (larger is more recent), or a uniform sample seeded by `seed` without
-  `order`. It bounds a user's ItemCF cost at 10⁶ pairs. What is lost is the older history of the
-  heaviest users (on the synthetic benchmark of loadtest/bench_cf_build.py: 0.2 % of the users, 4 % of
-  the interactions, and 70 % of ItemCF's multiply-adds), whose co-occurrences are the weakest evidence
-  anyway: a user who consumed everything says little about what goes together. ItemCF's norms and
-  Swing's overlaps are computed on the capped histories. MovieLens-100K (at most 737 ratings a user) is
-  unaffected.
-- `max_users_per_item` (Swing; default 200): an item with a bigger audience is computed from a uniform
-  sample of `max_users_per_item` of its users (seeded by `seed`), bounding an item's cost at
+  `max_items_per_user` by `order` (larger is more recent; the larger item index on ties), or without
+  `order` a seeded pseudo-random sample (the items with the largest `member_hash(seed, user, item)`,
+  which Spark computes identically: training/spark_cf.py). It bounds a user's ItemCF cost at 10⁶ pairs.
+  What is lost is the older history of the heaviest users (on the synthetic benchmark of
+  loadtest/bench_cf_build.py: 0.2 % of the users, 4 % of the interactions, and 70 % of ItemCF's
+  multiply-adds), whose co-occurrences are the weakest evidence anyway: a user who consumed everything
+  says little about what goes together. ItemCF's norms and Swing's overlaps are computed on the capped
+  histories. MovieLens-100K (at most 737 ratings a user) is unaffected.
+- `max_users_per_item` (Swing; default 200): an item with a bigger audience is computed from a
+  pseudo-random sample of `max_users_per_item` of its users (the largest `member_hash(seed, item,
+  user)`), bounding an item's cost at
   19,900 user pairs and its memory at a 200 × 200 overlap matrix. What is lost: a popular item's
   neighbours rest on a sample of its users (on the synthetic benchmark 0.5 % of the items, holding half
   the interactions; 117 of MovieLens-100K's 1,682 items), enough to rank them, and its scores are
@@ -105,7 +107,7 @@ def build_itemcf(
     _check_top_k(top_k)
     _check_cap("max_items_per_user", max_items_per_user)
 
-    keep = _keep_per_group(users, n_users, max_items_per_user, recency, np.random.default_rng(seed))
+    keep = _keep_per_group(users, items, n_users, max_items_per_user, recency, seed)
     users, items, weights = users[keep], items[keep], weights[keep]
 
     # Unit-length columns make Xᵀ X the cosine; every item with a row in X has a positive norm.
@@ -164,12 +166,11 @@ def build_swing(
     _check_cap("max_items_per_user", max_items_per_user)
     _check_cap("max_users_per_item", max_users_per_item)
 
-    random = np.random.default_rng(seed)
-    keep = _keep_per_group(users, n_users, max_items_per_user, recency, random)
+    keep = _keep_per_group(users, items, n_users, max_items_per_user, recency, seed)
     users, items = users[keep], items[keep]
     ones = np.ones(users.size, dtype=np.float32)
     histories = _csr(users, items, ones, n_users, n_items, "user_index", "item_index")
-    sampled = _keep_per_group(items, n_items, max_users_per_item, None, random)
+    sampled = _keep_per_group(items, users, n_items, max_users_per_item, None, seed)
     audiences = _csr(
         items[sampled], users[sampled], ones[sampled], n_items, n_users, "item_index", "user_index"
     )
@@ -193,7 +194,9 @@ def build_swing(
 
 def cap_items_per_user(
     user_index: np.ndarray,
+    item_index: np.ndarray,
     n_users: int,
+    n_items: int,
     max_items_per_user: int | None,
     *,
     order: np.ndarray | None = None,
@@ -201,14 +204,14 @@ def cap_items_per_user(
 ) -> np.ndarray:
     """The boolean mask of the interactions kept when each user keeps at most `max_items_per_user`.
 
-    A user over the cap keeps the latest by `order` (larger is more recent; among equal values, the later
-    positions), or a uniform sample seeded by `seed` when `order` is None. This is the cap both builders
-    apply first (with the same `seed`).
+    A user over the cap keeps the latest by `order` (larger is more recent; among equal values, the larger
+    item indexes), or without `order` the items with the largest `member_hash(seed, user, item)`, a
+    seeded pseudo-random sample. This is the cap both builders apply first (with the same `seed`).
     """
-    users = _check_index("user_index", user_index, n_users, "n_users")
+    users, items = _check_interactions(user_index, item_index, n_users, n_items)
     _check_cap("max_items_per_user", max_items_per_user)
     recency = _check_order(order, users.size)
-    return _keep_per_group(users, n_users, max_items_per_user, recency, np.random.default_rng(seed))
+    return _keep_per_group(users, items, n_users, max_items_per_user, recency, seed)
 
 
 # --- the computations --------------------------------------------------------------------------------
@@ -369,15 +372,51 @@ def _blocks(row_products: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def member_hash(seed: int, group: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """Spark SQL's `xxhash64(seed, group, member)` over int columns, as int64: XXH64 of each value's
+    four bytes, chained from Spark's seed 42. The caps' samples are "the members with the largest
+    hash", which numpy and Spark (training/spark_cf.py) compute identically, so both engines keep
+    the same interactions; a random generator's stream could not be reproduced on a cluster."""
+    state = np.full(np.shape(group), 42, dtype=np.uint64)
+    for column in (np.full(np.shape(group), seed, dtype=np.int64), group, member):
+        state = _xxh64_int(np.asarray(column, dtype=np.int64), state)
+    hashed: np.ndarray = state.view(np.int64)
+    return hashed
+
+
+_P1, _P2, _P3, _P5 = (
+    np.uint64(0x9E3779B185EBCA87),
+    np.uint64(0xC2B2AE3D27D4EB4F),
+    np.uint64(0x165667B19E3779F9),
+    np.uint64(0x27D4EB2F165667C5),
+)
+
+
+def _xxh64_int(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """XXH64 of 4-byte little-endian ints with per-row seeds (Spark's `XXH64.hashInt`)."""
+    with np.errstate(over="ignore"):  # the arithmetic is modulo 2⁶⁴ by design
+        state = seed + _P5 + np.uint64(4)
+        state ^= (values.astype(np.uint64) & np.uint64(0xFFFFFFFF)) * _P1
+        state = ((state << np.uint64(23)) | (state >> np.uint64(41))) * _P2 + _P3
+        state ^= state >> np.uint64(33)
+        state *= _P2
+        state ^= state >> np.uint64(29)
+        state *= _P3
+        state ^= state >> np.uint64(32)
+    return state
+
+
 def _keep_per_group(
     group: np.ndarray,
+    member: np.ndarray,
     n_groups: int,
     cap: int | None,
     recency: np.ndarray | None,
-    random: np.random.Generator,
+    seed: int,
 ) -> np.ndarray:
-    """Mask keeping at most `cap` entries per group: the largest `recency` (later positions on ties), or
-    a uniform sample drawn from `random` when `recency` is None."""
+    """Mask keeping at most `cap` entries per group: the largest `recency` (the larger `member` on
+    ties), or without `recency` the largest `member_hash(seed, group, member)` (a pseudo-random sample
+    Spark reproduces)."""
     keep = np.ones(group.size, dtype=bool)
     if cap is None:
         return keep
@@ -386,8 +425,9 @@ def _keep_per_group(
     if not crowded.any():
         return keep
     positions = np.flatnonzero(crowded[group])
-    key = random.random(positions.size) if recency is None else recency[positions]
-    by_group = np.lexsort((key, group[positions]))  # stable: equal keys stay in position order
+    members = member[positions]
+    key = member_hash(seed, group[positions], members) if recency is None else recency[positions]
+    by_group = np.lexsort((members, key, group[positions]))  # within a group: key, then member ascending
     positions = positions[by_group]
     groups = group[positions]
     group_counts = np.where(crowded, counts, 0)

@@ -11,7 +11,7 @@ import pytest
 
 from recsys.neighbors import PAD, NeighborTable
 from training import cf
-from training.cf import build_itemcf, build_swing, cap_items_per_user
+from training.cf import build_itemcf, build_swing, cap_items_per_user, member_hash
 
 # Like weights of 5 users (rows) for 6 items (columns); 0 means no interaction. Item 5 has no users.
 LIKES = np.array(
@@ -189,7 +189,7 @@ def test_the_item_cap_keeps_a_heavy_users_latest_items() -> None:
     users, items, likes = interactions(HEAVY)
     # User 0 consumed item 6 first and item 0 last; everybody else's order does not matter.
     order = np.where(users == 0, 100 - items, 0)
-    kept = cap_items_per_user(users, 5, 3, order=order)
+    kept = cap_items_per_user(users, items, 5, 7, 3, order=order)
     assert sorted(items[kept & (users == 0)].tolist()) == [0, 1, 2]
     assert kept[users != 0].all()
 
@@ -205,18 +205,30 @@ def test_the_item_cap_keeps_a_heavy_users_latest_items() -> None:
 
 def test_the_item_cap_without_order_keeps_a_seeded_sample() -> None:
     users, items, _ = interactions(HEAVY)
-    first = cap_items_per_user(users, 5, 3, seed=1)
+    first = cap_items_per_user(users, items, 5, 7, 3, seed=1)
     assert first.sum() == items.size - 4
     assert np.count_nonzero(first & (users == 0)) == 3
-    assert (cap_items_per_user(users, 5, 3, seed=1) == first).all()
-    samples = {tuple(items[cap_items_per_user(users, 5, 3, seed=seed) & (users == 0)]) for seed in range(20)}
+    assert (cap_items_per_user(users, items, 5, 7, 3, seed=1) == first).all()
+    samples = {
+        tuple(items[cap_items_per_user(users, items, 5, 7, 3, seed=seed) & (users == 0)])
+        for seed in range(20)
+    }
     assert len(samples) > 1
 
 
-def test_equal_recency_keeps_the_later_positions() -> None:
+def test_equal_recency_keeps_the_larger_items() -> None:
     users = np.zeros(5, dtype=np.int32)
-    kept = cap_items_per_user(users, 1, 2, order=np.zeros(5))
-    assert kept.tolist() == [False, False, False, True, True]
+    items = np.array([4, 0, 3, 1, 2], dtype=np.int32)
+    kept = cap_items_per_user(users, items, 1, 5, 2, order=np.zeros(5))
+    assert kept.tolist() == [True, False, True, False, False]
+
+
+def test_member_hash_is_spark_sqls_xxhash64() -> None:
+    # Reference values from Spark 4.3's `SELECT xxhash64(CAST(a AS INT), CAST(b AS INT), CAST(c AS INT))`.
+    hashed = member_hash(
+        0, np.array([0, 1, 12345], dtype=np.int32), np.array([0, 7, 2**31 - 1], dtype=np.int32)
+    )
+    assert hashed.tolist() == [5176820137479049743, 2953823649899710885, 1911284082235354385]
 
 
 def test_the_user_cap_computes_a_popular_item_from_a_sample_of_its_users(swing_method: str) -> None:
