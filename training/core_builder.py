@@ -23,6 +23,7 @@ from recsys.artifacts import (
     UserBase,
     UserHistory,
 )
+from recsys.neighbors import NeighborTable
 from training.cf import build_itemcf, build_swing
 from training.encode import Interactions
 
@@ -40,6 +41,10 @@ class CoreConfig:
     max_items_per_user: int | None = 1000
     max_users_per_item: int | None = 200
     seed: int = 0
+    # "spark": the ItemCF and Swing tables on Spark (training/spark_cf.py, the same tables); the
+    # rest of the core stays in numpy here.
+    engine: str = "numpy"
+    spark_master: str = "local[*]"
 
 
 def recency_weights(time: npt.NDArray[np.int64], half_life_days: float) -> FloatArray:
@@ -159,30 +164,33 @@ def build_core(
     authors = build_author_index(catalogue, popularity)
     statistics = build_statistics(train, n_users, n_items, popularity)
     like_weight = 1.0 + train.liked.astype(np.float32)
-    step("itemcf")
-    itemcf = build_itemcf(
-        train.user,
-        train.item,
-        like_weight,
-        n_users,
-        n_items,
-        top_k=config.neighbors,
-        max_items_per_user=config.max_items_per_user,
-        order=train.time,
-    )
-    step("swing")
-    swing = build_swing(
-        train.user,
-        train.item,
-        n_users,
-        n_items,
-        top_k=config.neighbors,
-        alpha=config.swing_alpha,
-        max_users_per_item=config.max_users_per_item,
-        max_items_per_user=config.max_items_per_user,
-        order=train.time,
-        seed=config.seed,
-    )
+    if config.engine == "spark":
+        itemcf, swing = _cf_on_spark(train, like_weight, n_items, config, step)
+    else:
+        step("itemcf")
+        itemcf = build_itemcf(
+            train.user,
+            train.item,
+            like_weight,
+            n_users,
+            n_items,
+            top_k=config.neighbors,
+            max_items_per_user=config.max_items_per_user,
+            order=train.time,
+        )
+        step("swing")
+        swing = build_swing(
+            train.user,
+            train.item,
+            n_users,
+            n_items,
+            top_k=config.neighbors,
+            alpha=config.swing_alpha,
+            max_users_per_item=config.max_users_per_item,
+            max_items_per_user=config.max_items_per_user,
+            order=train.time,
+            seed=config.seed,
+        )
     return CoreArtifacts(
         catalogue=catalogue,
         users=users,
@@ -194,3 +202,34 @@ def build_core(
         swing=swing,
         like_threshold=like_threshold,
     )
+
+
+def _cf_on_spark(
+    train: Interactions,
+    like_weight: FloatArray,
+    n_items: int,
+    config: CoreConfig,
+    step: Callable[[str], None],
+) -> tuple[NeighborTable, NeighborTable]:
+    """ItemCF and Swing on `config.spark_master`, from the training interactions handed to Spark as
+    Arrow (a build whose data Spark reads itself skips this copy)."""
+    from training import spark_cf
+
+    spark = spark_cf.spark_session(config.spark_master)
+    frame = spark_cf.interactions_frame(spark, train.user, train.item, like_weight, train.time).cache()
+    step("itemcf (spark)")
+    itemcf = spark_cf.itemcf(
+        frame, n_items, top_k=config.neighbors, max_items_per_user=config.max_items_per_user, seed=config.seed
+    )
+    step("swing (spark)")
+    swing = spark_cf.swing(
+        frame,
+        n_items,
+        top_k=config.neighbors,
+        alpha=config.swing_alpha,
+        max_users_per_item=config.max_users_per_item,
+        max_items_per_user=config.max_items_per_user,
+        seed=config.seed,
+    )
+    frame.unpersist()
+    return itemcf, swing

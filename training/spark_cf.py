@@ -52,7 +52,12 @@ def spark_session(master: str = DEFAULT_MASTER, *, app: str = "recsys-build", **
     and on a shared machine the UI's port is one more thing to collide on."""
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.master(master).appName(app).config("spark.ui.enabled", "false")
+    builder = (
+        SparkSession.builder.master(master)
+        .appName(app)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")  # the build prints its own stages
+    )
     if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         # Local workers run this interpreter (its packages), not whatever `python3` the PATH finds;
         # on a cluster the executors' image decides (PYSPARK_PYTHON or spark.pyspark.python).

@@ -76,6 +76,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="no ranker: recall artifacts only, evaluated on a sample of users (for very large catalogues)",
     )
     parser.add_argument(
+        "--engine",
+        choices=("numpy", "spark"),
+        default="numpy",
+        help="where the ItemCF and Swing tables are computed: numpy in this process (default), or Spark "
+        "(needs the spark extra and Java 17; the same tables, for logs past one machine)",
+    )
+    parser.add_argument(
+        "--spark-master",
+        default="local[*]",
+        help="Spark master URL with --engine spark (default local[*]: every core of this machine)",
+    )
+    parser.add_argument(
         "--ranker-int8",
         action="store_true",
         help="publish an int8-quantised ranker if its validation NDCG@10 is within 0.005 of the fp32 one "
@@ -136,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--keep: must be at least 1")
     if args.ranker_int8 and args.retrieval_only:
         raise UsageError("--ranker-int8: a --retrieval-only build has no ranker")
+    if args.engine == "spark":
+        _check_spark()
+    elif args.spark_master != "local[*]":
+        raise UsageError("--spark-master: only with --engine spark")
     raw = _raw(args)  # data errors surface before TensorFlow is imported
     from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
 
@@ -144,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
         profile = retrieval_only(profile)
     if args.ranker_int8:
         profile = dataclasses.replace(profile, ranker_int8=True)
+    if args.engine == "spark":
+        profile = dataclasses.replace(
+            profile, core=dataclasses.replace(profile.core, engine="spark", spark_master=args.spark_master)
+        )
     result = build(raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet)
     if args.json:
         print(metrics_json(result.metrics))
@@ -153,3 +173,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value}")
     print(f"report: {result.path / 'eval' / 'report.md'}", file=sys.stderr)
     return 0
+
+
+def _check_spark() -> None:
+    """--engine spark needs PySpark, pyarrow and a Java runtime: say which is missing, in one line."""
+    import importlib.util
+    import shutil
+
+    for module in ("pyspark", "pyarrow"):
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"--engine spark: {module} is not installed (pip install '.[spark]')")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise UsageError("--engine spark: no Java runtime found (Spark needs Java 17; set JAVA_HOME)")

@@ -262,6 +262,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (("build", "--dataset", "ml-100k", "--data-dir", "/nonexistent"), "--data-dir: no such directory"),
         (("build", "--dataset", "ml-100k", "--keep", "0"), "--keep: must be at least 1"),
         (
+            ("build", "--dataset", "ml-100k", "--spark-master", "spark://x:7077"),
+            "--spark-master: only with --engine spark",
+        ),
+        (
             ("build", "--dataset", "ml-100k", "--retrieval-only", "--ranker-int8"),
             "--ranker-int8: a --retrieval-only build has no ranker",
         ),
