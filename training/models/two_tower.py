@@ -36,9 +36,12 @@ class TwoTowerConfig:
     user_id_dropout: float = 0.2  # so the tower also works from history alone (new users)
     item_id_dropout: float = 0.2  # so the item tower also works from content alone (new items)
     # Content inputs (0 title buckets: none, the tower reads id, categories and author only).
+    # Few title buckets and words: on MovieLens-100K (quick profile) 16,384 buckets × 8 words
+    # gave two_tower recall@200 0.675, 2,048 × 4 gave 0.693 (0.709 without content inputs):
+    # a title's words are nearly an item's id, and fewer of them memorise less.
     publisher_buckets: int = 4096
-    title_buckets: int = 16384
-    max_title_tokens: int = 8
+    title_buckets: int = 2048
+    max_title_tokens: int = 4
     holdout_fraction: float = 0.05  # users whose rows pick the best epoch
     seed: int = 0
 
