@@ -73,6 +73,7 @@ class InProcessFeatureStore:
         self._withdrawn: set[str] = set()
         self._catalogue_revision = 0
         self._catalogue_state = CatalogueState.empty()  # rebuilt when read after a change
+        self._impressions: dict[str, int] = {}  # upserted item id → times shown
 
     def __repr__(self) -> str:
         return f"InProcessFeatureStore(versions={sorted(self._versions)})"
@@ -256,6 +257,14 @@ class InProcessFeatureStore:
                 self._catalogue_revision, tuple(items), frozenset(self._withdrawn)
             )
         return self._catalogue_state
+
+    async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
+        for item_id, count in counts.items():
+            if item_id in self._catalogue:
+                self._impressions[item_id] = self._impressions.get(item_id, 0) + int(count)
+
+    async def item_impressions(self, item_ids: Sequence[str]) -> list[int]:
+        return [self._impressions.get(item_id, 0) for item_id in item_ids]
 
     def _alive(self, entry: _CacheEntry, now: float) -> bool:
         return cache_entry_alive(entry.added, entry.uses, now, self.policy)
