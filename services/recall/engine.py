@@ -26,6 +26,7 @@ import numpy.typing as npt
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, VersionBlocklists
 from recsys.catalogue import CatalogueWatcher, NewItems
+from recsys.content import live_two_tower_source
 from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
@@ -301,16 +302,21 @@ class RecallEngine:
                 filtered = blocked.apply(candidates)
                 self._metrics.blocklist_filtered[name].inc(filtered.removed)
                 lists[name] = filtered.kept
-            if new_items is not None and "new_items" in lists:
-                # The version's blocked indexes know only its own items: new ones by their ids.
-                candidates = lists["new_items"]
+            if new_items is not None:
+                # The version's blocked indexes know only its own items: new ones (from the
+                # new_items channel, and two_tower's live index) by their ids.
                 blocklist = self.blocklists.blocklist
-                keep = np.asarray(
-                    [new_items.item_id(item) not in blocklist for item in candidates.items.tolist()],
-                    dtype=bool,
-                )
-                self._metrics.blocklist_filtered["new_items"].inc(int(len(candidates) - keep.sum()))
-                lists["new_items"] = Candidates(candidates.items[keep], candidates.scores[keep])
+                for name in [name for name in ("new_items", "two_tower") if name in lists]:
+                    candidates = lists[name]
+                    keep = np.asarray(
+                        [
+                            item < new_items.base or new_items.item_id(item) not in blocklist
+                            for item in candidates.items.tolist()
+                        ],
+                        dtype=bool,
+                    )
+                    self._metrics.blocklist_filtered[name].inc(int(len(candidates) - keep.sum()))
+                    lists[name] = Candidates(candidates.items[keep], candidates.scores[keep])
         if state is not None and state.exposure_filter is not None:
             digests = model.item_digests
             if new_items is not None and new_items.exposure_digests is not None:
@@ -499,7 +505,7 @@ class RecallEngine:
                 vector: FloatArray | None = None
                 kind = CHANNEL_KINDS.get(name, THREAD_CHANNEL)
                 if kind.embeds:
-                    candidates, vector = self._embedding_source(model, name, query, fetch)
+                    candidates, vector = self._embedding_source(model, name, query, fetch, new_items)
                 elif kind.live:
                     source = None if new_items is None else new_items.source
                     assert source is not None  # the channel is skipped without one
@@ -571,15 +577,19 @@ class RecallEngine:
 
     @staticmethod
     def _embedding_source(
-        model: ServingModel, name: str, query: UserQuery, fetch: int
+        model: ServingModel, name: str, query: UserQuery, fetch: int, new_items: NewItems | None = None
     ) -> tuple[Candidates, FloatArray]:
-        """A channel searching by the user embedding: the user tower first, then its source."""
+        """A channel searching by the user embedding: the user tower first, then its source
+        (the two_tower one: over the new items' embeddings too once the catalogue has some)."""
         vector = model.user_embeddings([model.user_inputs(query)])[0]
         if not np.isfinite(vector).all():
             # The channel fails (reported, the others answer); the vector never reaches rank.
             raise ModelOutputInvalid(f"version {model.version}: the user tower gave a non-finite embedding")
         with_vector = dataclasses.replace(query, embedding=vector)
-        return model.sources[name].candidates(with_vector, fetch), vector
+        source = model.sources[name]
+        if name == "two_tower" and new_items is not None and new_items.two_tower_source is not None:
+            source = new_items.two_tower_source
+        return source.candidates(with_vector, fetch), vector
 
 
 def _live_exclusions(new_items: NewItems | None, state: UserState | None) -> IntArray | None:
@@ -595,9 +605,19 @@ def _live_exclusions(new_items: NewItems | None, state: UserState | None) -> Int
 
 def prepare_new_items(model: ServingModel, new_items: NewItems) -> None:
     """What recall's requests read of a catalogue layout, built with it off the request path:
-    the new_items channel and the exposure digests over the version's items and the new ones."""
+    the new_items channel, the exposure digests over the version's items and the new ones, and
+    the two_tower channel over both (the new items embedded by the item tower). An item tower
+    that fails leaves two_tower on the version's items alone (logged): the layout still serves."""
     new_items.source = new_items.new_item_source(np.asarray(model.core.catalogue.categories))
     new_items.exposure_digests = np.concatenate([model.item_digests, new_items.digests()])
+    try:
+        new_items.two_tower_source = live_two_tower_source(model, new_items)
+    except Exception as error:
+        log.warning(
+            "embedding new items failed; two_tower serves the version's items only",
+            extra={"version": model.version, "error": repr(error)},
+        )
+        new_items.two_tower_source = None
 
 
 def _index_or(index: int | None, missing: int) -> int:
