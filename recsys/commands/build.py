@@ -128,12 +128,20 @@ def run(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UsageError("--keep: must be at least 1")
     raw = _raw(args)  # data errors surface before TensorFlow is imported
+    cold_start = None
+    if args.dataset == "book-crossing":  # the data set with a held-out set of new items
+        from training import data
+        from training.cold_start import book_crossing_cold_start
+
+        cold_start = book_crossing_cold_start(args.data_dir or data.default_data_dir())
     from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
 
     profile = PROFILES[args.profile]
     if args.retrieval_only:
         profile = retrieval_only(profile)
-    result = build(raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet)
+    result = build(
+        raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet, cold_start=cold_start
+    )
     if args.json:
         print(metrics_json(result.metrics))
         return 0
