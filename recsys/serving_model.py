@@ -51,7 +51,18 @@ RANKER = "ranker/ranker.onnx"
 DEFAULTS = "config/defaults.json"
 FEATURE_SPEC = "config/feature_spec.json"
 
-ALL_CHANNELS = ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular", "new_items")
+ALL_CHANNELS = (
+    "itemcf",
+    "swing",
+    "ease",
+    "two_tower",
+    "geo",
+    "author",
+    "cache",
+    "popular",
+    "new_items",
+    "look_alike",
+)
 
 
 @dataclass

@@ -24,7 +24,12 @@ def catalogue_items(items: pd.DataFrame) -> tuple[CatalogueItem, ...]:
     """Canonical items frame rows (`training.data.raw.items_frame`) → catalogue items."""
     result: list[CatalogueItem] = []
     for item_id, title, categories, author, year in zip(
-        items["item_id"], items["title"], items["categories"], items["author"], items["item_time"], strict=True
+        items["item_id"],
+        items["title"],
+        items["categories"],
+        items["author"],
+        items["item_time"],
+        strict=True,
     ):
         names = tuple(str(name) for name in categories)[:MAX_CATEGORIES]
         publisher = next(

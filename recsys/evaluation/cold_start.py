@@ -27,8 +27,8 @@ a stored version alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 import itertools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -98,7 +98,9 @@ def item_tower_inputs(
     return {name: known.get(name, np.zeros(len(items), dtype=np.int64)) for name in input_names}
 
 
-def content_embeddings(model: ServingModel, item_tower: OnnxModel, items: Sequence[CatalogueItem]) -> FloatArray:
+def content_embeddings(
+    model: ServingModel, item_tower: OnnxModel, items: Sequence[CatalogueItem]
+) -> FloatArray:
     """Item-tower embeddings of new items from their metadata only, unit length."""
     if not items:
         return np.zeros((0, int(model.item_embeddings.shape[1])), np.float32)
@@ -135,7 +137,9 @@ def author_popularity(model: ServingModel, items: Sequence[CatalogueItem]) -> Fl
         np.float32
     )
     counts[0] = 0.0  # token 0 is "no author": not an author's popularity
-    tokens = np.asarray([vocabulary.authors.get(item.author.strip().casefold(), 0) for item in items], np.int64)
+    tokens = np.asarray(
+        [vocabulary.authors.get(item.author.strip().casefold(), 0) for item in items], np.int64
+    )
     return counts[tokens]
 
 
@@ -231,7 +235,7 @@ def evaluate_item_cold_start(
     event_rows = np.asarray([row_of[user] for user in new.event_users], dtype=np.int64)
     event_items = np.asarray(new.event_items, dtype=np.int64)
     order = rng.permutation(event_rows.shape[0])  # the replay order, too (no timestamps)
-    n_replayed = int(round(replay_fraction * event_rows.shape[0]))
+    n_replayed = round(replay_fraction * event_rows.shape[0])
     replayed = np.zeros(event_rows.shape[0], dtype=bool)
     replayed[order[:n_replayed]] = True
 
@@ -250,7 +254,9 @@ def evaluate_item_cold_start(
 
     scored_by_user: dict[int, list[int]] = {}
     replayed_by_user: dict[int, list[int]] = {}
-    for row, item, was_replayed in zip(event_rows.tolist(), event_items.tolist(), replayed.tolist(), strict=True):
+    for row, item, was_replayed in zip(
+        event_rows.tolist(), event_items.tolist(), replayed.tolist(), strict=True
+    ):
         (replayed_by_user if was_replayed else scored_by_user).setdefault(row, []).append(item)
     users = sorted(scored_by_user)
     prepared = _Prepared(
@@ -269,17 +275,18 @@ def evaluate_item_cold_start(
         progress(f"rank the new items for {len(users):,} users")
     lists = [_lists(prepared, position, model, rng) for position in range(len(users))]
     validation = np.zeros(len(users), dtype=bool)
-    validation[rng.permutation(len(users))[: int(round(validation_fraction * len(users)))]] = True
+    validation[rng.permutation(len(users))[: round(validation_fraction * len(users))]] = True
     test = np.flatnonzero(~validation)
     valid = np.flatnonzero(validation)
 
-    def recall(rows: IntArray, ranked: Sequence[IntArray]) -> float:
+    def recall(rows: npt.NDArray[np.intp], ranked: Sequence[IntArray]) -> float:
         return mean_metrics(ranked, [prepared.relevant[row] for row in rows], (RECALL_AT,))[
             f"recall@{RECALL_AT}"
         ]
 
     # The merge's weights: the best validation recall@50 over the grid (the first best wins).
-    best_weights, best_recall = (1.0, 1.0, 1.0), -1.0
+    best_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    best_recall = -1.0
     validation_lists = [lists[row] for row in valid]
     for weights in itertools.product(MERGE_GRID, repeat=len(MERGED)):
         if not any(weights):

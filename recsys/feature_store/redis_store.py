@@ -831,7 +831,8 @@ class RedisFeatureStore:
                 logger.warning("engagers of %r unreadable, skipped: %s", raw_id, error)
                 continue
             if isinstance(users, list) and users:  # cjson writes an empty array as {}
-                result[raw_id.decode("utf-8")] = tuple(str(user) for user in users)
+                item_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else str(raw_id)
+                result[item_id] = tuple(str(user) for user in users)
         return result
 
     # --- the durable event log (see recsys.feature_store.event_log) ----------------------------

@@ -325,7 +325,8 @@ def unit_rows(vectors: npt.NDArray[Any]) -> FloatArray:
     """Rows scaled to unit length (zero rows stay zero)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32)
+    scaled: FloatArray = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return scaled.astype(np.float32)
 
 
 def look_alike_vectors(
@@ -371,7 +372,7 @@ class LookAlikeSource:
         if vectors.ndim != 2 or vectors.shape[0] != items.shape[0]:
             raise ValueError(f"vectors: expected [{items.shape[0]}, dim], got {list(vectors.shape)}")
         present = np.linalg.norm(vectors, axis=1) > 0
-        self._items = items[present]
+        self._items: IntArray = items[present]
         self._vectors = unit_rows(vectors[present])
 
     def __len__(self) -> int:

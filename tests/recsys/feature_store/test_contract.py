@@ -426,4 +426,5 @@ async def test_concurrent_engagers_never_overfill_an_item(harness: Harness) -> N
     )
     assert sum(added) == 5
     (users,) = (await harness.store.engagers()).values()
-    assert len(users) == 5 and len(set(users)) == 5
+    assert len(users) == 5
+    assert len(set(users)) == 5
