@@ -459,6 +459,12 @@ async def test_events_on_a_new_item_bring_it_to_users_like_its_first_engagers(st
         ),
         timeout=5,
     )
+    started = time.monotonic()
+    while not all(
+        stack.gateway_app.catalogue.known_item(item, model.version) for item in (liked_by_near, liked_by_far)
+    ):
+        assert time.monotonic() - started < 4 * WITHIN, "the gateway's catalogue poll never saw the items"
+        await asyncio.sleep(0.05)
     listed, _ = await look_alike_list(stack, USER)
     assert not {liked_by_near, liked_by_far} & set(listed)  # nobody engaged with them yet
 
