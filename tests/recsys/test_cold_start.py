@@ -4,6 +4,9 @@ ratings of the originals as the new items' events."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -21,6 +24,7 @@ from recsys.feature_store import CatalogueItem
 from recsys.onnx_models import OnnxModel
 from recsys.serving_model import ITEM_TOWER, ServingModel
 from recsys.store import ModelStore
+from training.report import write_report
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def test_every_method_is_measured_over_the_new_items_alone(
 
 
 def test_seeds_give_means_and_spreads_and_the_set_round_trips(
-    version: tuple[ServingModel, OnnxModel, ColdStartSet],
+    version: tuple[ServingModel, OnnxModel, ColdStartSet], quick_store: ModelStore, tmp_path: Path
 ) -> None:
     model, tower, new = version
     restored = cold_start_set_from_json(cold_start_set_to_json(new))
@@ -95,6 +99,16 @@ def test_seeds_give_means_and_spreads_and_the_set_round_trips(
         values = [run["methods"][method]["recall@50"] for run in summary["runs"]]
         assert summary["methods"][method]["recall@50"] == pytest.approx(np.mean(values), abs=1e-5)
         assert summary["methods"][method]["recall@50_std"] == pytest.approx(np.std(values), abs=1e-5)
+    # The evaluation report's section and plot.
+    name = quick_store.current()
+    assert name is not None
+    metrics = json.loads((quick_store.version_path(name) / "eval/metrics.json").read_text())
+    write_report(tmp_path / "report.md", {**metrics, "item_cold_start": summary}, "ml-100k", [])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Item cold start" in report
+    merge = summary["methods"]["merge"]
+    assert f"| merge | {merge['recall@50']:.4f} ± {merge['recall@50_std']:.4f} |" in report
+    assert (tmp_path / "cold_start.png").stat().st_size > 1000
 
 
 def test_new_items_reach_the_item_tower_as_id_zero_with_their_metadata(
