@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import hnswlib
 import numpy as np
@@ -32,12 +33,18 @@ class HnswIndex:
         ef: int = 200,
         seed: int = 0,
         threads: int = 1,
+        labels: npt.NDArray[np.integer] | None = None,
     ) -> HnswIndex:
+        """`labels`: what a search returns for each row (default: the row's position)."""
         n, dim = embeddings.shape
         index = hnswlib.Index(space="ip", dim=dim)
         index.init_index(max_elements=max(n, 1), ef_construction=ef_construction, M=m, random_seed=seed)
         index.set_num_threads(threads)
-        index.add_items(np.ascontiguousarray(embeddings, dtype=np.float32), np.arange(n))
+        if n:
+            ids = np.arange(n) if labels is None else np.asarray(labels, dtype=np.int64)
+            if ids.shape != (n,):
+                raise ValueError(f"labels: expected shape ({n},), got {ids.shape}")
+            index.add_items(np.ascontiguousarray(embeddings, dtype=np.float32), ids)
         return cls(index, ef)
 
     @classmethod
@@ -104,6 +111,35 @@ class DeferredHnswIndex(HnswIndex):
 
     def search_many(self, vectors: FloatArray, k: int) -> npt.NDArray[np.int64]:
         return self._loaded().search_many(vectors, k)
+
+
+class MergedIndex:
+    """Two indexes searched as one, merged by similarity: a version's own index and the small
+    live one over the items upserted while serving (labels `n_items + ordinal`). Both hold
+    L2-normalised vectors from the same item tower, so their inner products compare."""
+
+    def __init__(self, first: EmbeddingSearch, second: EmbeddingSearch) -> None:
+        self._first = first
+        self._second = second
+
+    @property
+    def size(self) -> int:
+        return self._first.size + self._second.size
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        first_items, first_scores = self._first.search(vector, k)
+        second_items, second_scores = self._second.search(vector, k)
+        items = np.concatenate([first_items, second_items])
+        scores = np.concatenate([first_scores, second_scores])
+        order = np.argsort(-scores, kind="stable")[:k]
+        return items[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+class EmbeddingSearch(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]: ...
 
 
 class ExactIndex:

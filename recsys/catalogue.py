@@ -30,8 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.artifacts import Catalogue, FloatArray, IntArray
-from recsys.feature_store import CatalogueState, FeatureStore, StoredItem
-from recsys.stages.sources import NewItemSource
+from recsys.feature_store import CatalogueItem, CatalogueState, FeatureStore, StoredItem
+from recsys.stages.sources import CandidateSource, NewItemSource
 
 log = logging.getLogger("recsys.catalogue")
 
@@ -63,6 +63,14 @@ class VersionVocabulary:
             int(catalogue.categories.shape[1]),
         )
 
+    def author_token(self, name: str) -> int:
+        return self.authors.get(name.strip().casefold(), 0)
+
+    def category_tokens(self, names: Sequence[str]) -> list[int]:
+        """The known categories' tokens, in order, at most `max_categories` (unknown dropped)."""
+        tokens = [self.categories.get(name.strip().casefold(), 0) for name in names]
+        return [token for token in tokens if token > 0][: self.max_categories]
+
 
 class NewItems:
     """The live catalogue for one model version at one revision (immutable once built)."""
@@ -85,6 +93,7 @@ class NewItems:
         # By ordinal: an ordinal whose id the version knows (or no item holds) stays empty.
         self.ids: list[str] = [""] * size
         self.titles: list[str] = [""] * size
+        self.items: list[CatalogueItem | None] = [None] * size  # the metadata, for the item tower
         self.known = np.zeros(size, dtype=bool)
         self.authors = np.zeros(size, dtype=np.int32)
         self.categories = np.zeros((size, vocabulary.max_categories), dtype=np.int32)
@@ -100,9 +109,9 @@ class NewItems:
             self.ids[ordinal] = item.item_id
             self.titles[ordinal] = item.title
             self.known[ordinal] = True
-            self.authors[ordinal] = vocabulary.authors.get(item.author.strip().casefold(), 0)
-            tokens = [vocabulary.categories.get(name.strip().casefold(), 0) for name in item.categories]
-            tokens = [token for token in tokens if token > 0][: vocabulary.max_categories]
+            self.items[ordinal] = item
+            self.authors[ordinal] = vocabulary.author_token(item.author)
+            tokens = vocabulary.category_tokens(item.categories)
             self.categories[ordinal, : len(tokens)] = tokens
             # Newest first by publication; an item without one counts from its upsert.
             self.times[ordinal] = item.published_at if item.published_at is not None else entry.upserted_at
@@ -124,6 +133,18 @@ class NewItems:
         # version's items and these, and the new_items channel's source.
         self.exposure_digests: npt.NDArray[np.uint64] | None = None
         self.source: NewItemSource | None = None
+        # The servable items embedded by the version's item tower and their small ANN index,
+        # which the two_tower channel searches beside the version's (None: not embedded).
+        self.two_tower_source: CandidateSource | None = None
+
+    def servable_items(self) -> list[CatalogueItem]:
+        """The servable items' metadata, aligned with `servable`."""
+        items = []
+        for index in self.servable.tolist():
+            item = self.items[index - self.base]
+            assert item is not None  # a servable ordinal holds an item
+            items.append(item)
+        return items
 
     def new_item_source(
         self, version_categories: npt.NDArray[Any], clock: Callable[[], float] = time.time

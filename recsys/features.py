@@ -51,6 +51,18 @@ class FeatureSpec:
     # The recall channels whose rank and score the ranker reads (`provenance_features`);
     # empty for versions trained before provenance existed (their ranker has no such input).
     provenance_channels: tuple[str, ...] = ()
+    # The item tower's content inputs (`recsys.content`), so that it embeds an item it has
+    # never seen from its metadata: hashed publisher and title-token buckets and the
+    # publication-year bucket (token 0 = absent in each). 0 buckets: a version trained before
+    # content inputs existed (its item tower takes the id, categories and author only).
+    n_publisher_buckets: int = 0
+    n_title_buckets: int = 0
+    max_title_tokens: int = 0
+    n_year_buckets: int = 0
+
+    @property
+    def has_content(self) -> bool:
+        return self.n_title_buckets > 0
 
     @property
     def provenance_width(self) -> int:
@@ -91,18 +103,33 @@ class FeatureSpec:
             InputSpec("history_weight", "float32", (None, self.history_length)),
         ]
 
-    def item_tower_inputs(self) -> list[InputSpec]:
+    def item_inputs(self) -> list[InputSpec]:
+        """The item's id-and-vocabulary inputs, which the ranker reads too."""
         return [
             InputSpec("item_id", "int64", (None,)),
             InputSpec("categories", "int64", (None, self.max_categories)),
             InputSpec("author", "int64", (None,)),
         ]
 
+    def content_inputs(self) -> list[InputSpec]:
+        """The item tower's content inputs (none for a version trained without them); the
+        ranker does not read them: a new item reaches it through its categories and author."""
+        if not self.has_content:
+            return []
+        return [
+            InputSpec("publisher", "int64", (None,)),
+            InputSpec("publication_year", "int64", (None,)),
+            InputSpec("title_tokens", "int64", (None, self.max_title_tokens)),
+        ]
+
+    def item_tower_inputs(self) -> list[InputSpec]:
+        return [*self.item_inputs(), *self.content_inputs()]
+
     def ranker_inputs(self) -> list[InputSpec]:
         return [
             *self.user_tower_inputs(),
             InputSpec("user_stats", "float32", (None, len(self.user_stat_names))),
-            *self.item_tower_inputs(),
+            *self.item_inputs(),
             InputSpec("item_stats", "float32", (None, len(self.item_stat_names))),
             InputSpec("cross_features", "float32", (None, len(self.cross_feature_names))),
             # The two-tower embeddings of the user and the candidate: pretrained on far more

@@ -54,16 +54,23 @@ class DeferredOnnxModel(OnnxModel):
     session's memory is never spent. Everything an OnnxModel has is reached through the
     loaded one, so a caller cannot tell the difference except in memory and first latency."""
 
-    def __init__(self, path: Path, threads: int = 1) -> None:  # no session yet: see _loaded
+    def __init__(self, path: Path, threads: int = 1, *, expected: bool = False) -> None:
+        # No session yet: see _loaded. `expected`: a first use is the normal case (the item
+        # tower, needed once items are upserted), logged as information, not as a warning.
         self._path = path
         self._threads = threads
+        self._expected = expected
         self._model: OnnxModel | None = None
         self._lock = threading.Lock()
 
     def _loaded(self) -> OnnxModel:
         with self._lock:
             if self._model is None:
-                log.warning("loading a deferred ONNX model on first use", extra={"path": str(self._path)})
+                log.log(
+                    logging.INFO if self._expected else logging.WARNING,
+                    "loading a deferred ONNX model on first use",
+                    extra={"path": str(self._path)},
+                )
                 self._model = OnnxModel(self._path, self._threads)
             return self._model
 

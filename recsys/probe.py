@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recsys.content import ContentEmbedder, ContentTokens
+from recsys.feature_store import CatalogueItem
 from recsys.onnx_models import OnnxModel
 from recsys.serving_model import ITEM_TOWER, ServingModel
 from recsys.stages.fusion import Fusion
@@ -34,6 +36,10 @@ from recsys.store.layout import StoreIntegrityError
 
 PROBE_USERS = 16
 PROBE_ITEMS = 64
+# Metadata no version knows (its words and publisher hash to buckets all the same).
+PROBE_NEW_ITEM = CatalogueItem(
+    "probe-new-item", "A Probe Of The Unknown", "Nobody Known", ("no such category",), "No Press", 1.7e9
+)
 
 
 class ModelProbeError(StoreIntegrityError):
@@ -108,10 +114,23 @@ class ModelProbe:
         items = np.append(_spread(core.catalogue.n_items, self._items - 1), -1)
         if version_dir is not None and (version_dir / ITEM_TOWER).exists():
             tower = OnnxModel(version_dir / ITEM_TOWER)
-            feed = model.item_features.inputs(items[items >= 0], with_stats=False)
+            own = items[items >= 0]
+            feed = model.item_features.inputs(own, with_stats=False)
+            if model.spec.has_content:
+                catalogue = core.catalogue
+                content = ContentTokens.of(
+                    model.spec,
+                    [str(title) for title in np.asarray(catalogue.titles)[own].tolist()],
+                    [""] * own.shape[0],
+                    np.asarray(catalogue.item_time, dtype=np.float64)[own],
+                )
+                feed.update(content.inputs())
             outputs = tower.run(feed)
             for name, value in outputs.items():
                 _check_embeddings(f"{ITEM_TOWER} ({name})", value)
+            # And an item the version has never seen, as recall embeds one upserted while serving.
+            unseen = ContentEmbedder(model.spec, core.catalogue, tower).embed([PROBE_NEW_ITEM])
+            _check_embeddings(f"{ITEM_TOWER} (a new item)", unseen)
             checked.append("item tower")
 
         users = [self._user_inputs(model, int(user)) for user in _spread(core.users.n_users, self._users - 1)]

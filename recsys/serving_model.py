@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +51,9 @@ RANKER = "ranker/ranker.onnx"
 DEFAULTS = "config/defaults.json"
 FEATURE_SPEC = "config/feature_spec.json"
 
+if TYPE_CHECKING:
+    from recsys.content import ContentEmbedder
+
 ALL_CHANNELS = (
     "itemcf",
     "swing",
@@ -76,6 +79,9 @@ class ServingModel:
     ranker: OnnxModel | None  # None: a retrieval-only version (`recsys build --retrieval-only`)
     defaults: Defaults
     capabilities: Mapping[str, Any] = field(default_factory=dict)
+    # What embeds items the version has never seen (`content_embedder`); loaded from the
+    # store deferred, so that only a process that embeds new items spends its session.
+    item_tower: OnnxModel | None = None
 
     @classmethod
     def load(
@@ -104,6 +110,11 @@ class ServingModel:
             ranker=onnx(version_dir / RANKER) if (version_dir / RANKER).exists() else None,
             defaults=defaults,
             capabilities=manifest.get("capabilities", {}),
+            item_tower=(
+                DeferredOnnxModel(version_dir / ITEM_TOWER, expected=True)
+                if (version_dir / ITEM_TOWER).exists()
+                else None
+            ),
         )
 
     # -- external ids ----------------------------------------------------------------------
@@ -146,6 +157,15 @@ class ServingModel:
     @cached_property
     def item_features(self) -> ItemFeatures:
         return ItemFeatures(self.core.catalogue, self.core.statistics)
+
+    @cached_property
+    def content_embedder(self) -> ContentEmbedder | None:
+        """Embeds items from their metadata alone (`recsys.content`); None without an item tower."""
+        from recsys.content import ContentEmbedder
+
+        if self.item_tower is None:
+            return None
+        return ContentEmbedder(self.spec, self.core.catalogue, self.item_tower)
 
     @cached_property
     def user_features(self) -> UserFeatures:

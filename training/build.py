@@ -32,6 +32,7 @@ import numpy as np
 
 from recsys.ann import ExactIndex, HnswIndex, recall_at_k
 from recsys.artifacts import CoreArtifacts, Defaults, HistoryWeighting, save_core
+from recsys.content import N_YEAR_BUCKETS, ContentTokens
 from recsys.evaluation.cold_start import (
     COLD_START_SET,
     ColdStartSet,
@@ -200,7 +201,7 @@ class BuildResult:
 
 def _spec(encoded: Encoded, profile: BuildProfile) -> FeatureSpec:
     heads = ("click", "like") if encoded.capabilities.get("rating") else ("click",)
-    return FeatureSpec(
+    spec = FeatureSpec(
         n_user_tokens=encoded.n_users + 1,
         n_item_tokens=encoded.n_items + 1,
         n_category_tokens=int(encoded.catalogue.category_vocab.shape[0]) + 1,
@@ -212,6 +213,27 @@ def _spec(encoded: Encoded, profile: BuildProfile) -> FeatureSpec:
         item_stat_names=("log_interactions", "mean_rating", "like_rate", "log_popularity"),
         embedding_dim=profile.two_tower.embedding_dim,
         heads=heads,
+    )
+    config = profile.two_tower
+    if config.title_buckets <= 0:  # the profile turns the content inputs off
+        return spec
+    return dataclasses.replace(
+        spec,
+        n_publisher_buckets=config.publisher_buckets,
+        n_title_buckets=config.title_buckets,
+        max_title_tokens=config.max_title_tokens,
+        n_year_buckets=N_YEAR_BUCKETS,
+    )
+
+
+def item_content(encoded: Encoded, spec: FeatureSpec) -> ContentTokens | None:
+    """The content inputs of every item of the version, from its metadata (None without)."""
+    if not spec.has_content:
+        return None
+    catalogue = encoded.catalogue
+    publishers = encoded.publishers if encoded.publishers.shape[0] else np.full(catalogue.n_items, "")
+    return ContentTokens.of(
+        spec, catalogue.titles.tolist(), publishers.tolist(), catalogue.item_time.astype(np.float64)
     )
 
 
@@ -248,6 +270,9 @@ def _train_towers(
     towers = build_two_tower(spec, profile.two_tower)
     tower_users = {name: users[name] for name in ("user_id", "region", "history", "history_weight")}
     tower_items = items.inputs(rows.item, with_stats=False)
+    content = item_content(encoded, spec)
+    if content is not None:
+        tower_items.update(content.take(rows.item).inputs())
     losses = {
         "two_tower": train_two_tower(
             towers,
@@ -263,6 +288,8 @@ def _train_towers(
     )
     parity_users = {name: value[sample] for name, value in tower_users.items()}
     parity_items = {name: value[sample] for name, value in tower_items.items()}
+    # Half of the rows as new items (item token 0): the tower's other use, proven as well.
+    parity_items["item_id"] = np.where(np.arange(sample.shape[0]) % 2 == 0, parity_items["item_id"], 0)
     user_onnx = export_onnx(towers.user_model, spec.user_tower_inputs())
     item_onnx = export_onnx(towers.item_model, spec.item_tower_inputs())
     parity = {
@@ -271,6 +298,8 @@ def _train_towers(
     }
     stages.start("two-tower: item embeddings + ANN index")
     all_items = items.inputs(np.arange(encoded.n_items), with_stats=False)
+    if content is not None:
+        all_items.update(content.inputs())
     # Embeddings come from the exported item tower: the path a new item takes later.
     item_model = OnnxModel(item_onnx, threads=2)
     embeddings = np.concatenate(
@@ -371,6 +400,7 @@ def _serving_model(
         index=trained.index,
         ranker=None if trained.ranker is None else OnnxModel(trained.ranker),
         defaults=defaults,
+        item_tower=OnnxModel(trained.item_tower),
     )
 
 

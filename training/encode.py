@@ -6,7 +6,7 @@ index and model downstream is built from the training part only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,9 @@ class Encoded:
     capabilities: dict[str, bool]
     report: LoadReport
     source: dict[str, Any]
+    # Each item's publisher ("" unknown), aligned with the catalogue: only the item tower's
+    # content inputs read it (`recsys.content`), so the served catalogue does not keep it.
+    publishers: StrArray = field(default_factory=lambda: np.zeros(0, np.str_))
 
     @property
     def n_users(self) -> int:
@@ -123,6 +126,7 @@ def encode(raw: RawData, max_categories: int = 4) -> Encoded:
     authors_list = [value if isinstance(value, str) and value else None for value in meta["author"].tolist()]
     authors, author_vocab = _token_vocab(authors_list)
     item_time = meta["item_time"].astype("float64").to_numpy().astype(np.float32)
+    publishers = [value if isinstance(value, str) else "" for value in meta["publisher"].tolist()]
 
     user_meta = users_frame.set_index(users_frame["user_id"]).reindex(pd.Index(user_uniques))
     region_values = [
@@ -162,6 +166,7 @@ def encode(raw: RawData, max_categories: int = 4) -> Encoded:
         capabilities=dict(raw.capabilities),
         report=raw.report,
         source=raw.source,
+        publishers=np.asarray(publishers, dtype=np.str_),
     )
 
 

@@ -27,6 +27,7 @@ CSV_FLAGS = {
     "categories_sep": ("--categories-sep", str),
     "author_col": ("--author-col", str),
     "item_time_col": ("--item-time-col", str),
+    "publisher_col": ("--publisher-col", str),
     "users": ("--users", str),
     "user_id_col": ("--user-id-col", str),
     "region_col": ("--region-col", str),

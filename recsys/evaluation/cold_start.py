@@ -38,9 +38,9 @@ import numpy.typing as npt
 
 from recsys.artifacts import FloatArray, IntArray
 from recsys.catalogue import VersionVocabulary
+from recsys.content import ContentEmbedder
 from recsys.evaluation.metrics import mean_metrics
 from recsys.feature_store import CatalogueItem
-from recsys.features import Inputs
 from recsys.onnx_models import OnnxModel
 from recsys.serving_model import ServingModel
 from recsys.stages.sources import LOOK_ALIKE_ENGAGERS, LookAlikeSource, look_alike_vectors, unit_rows
@@ -74,38 +74,14 @@ class ColdStartSet:
             raise ValueError(f"event_items: positions must be in [0, {len(self.items)})")
 
 
-def item_tower_inputs(
-    model: ServingModel, items: Sequence[CatalogueItem], input_names: Sequence[str]
-) -> Inputs:
-    """The exported item tower's inputs for items the version never saw: item id token 0
-    and the metadata tokenised with the version's vocabularies (unknown names → token 0), as
-    `recsys.catalogue.NewItems` tokenises upserted items. An input this code does not know
-    (a newer tower's) is fed zeros, its "unknown" token."""
-    vocabulary = VersionVocabulary.of(model.core.catalogue)
-    width = vocabulary.max_categories
-    categories = np.zeros((len(items), width), dtype=np.int64)
-    authors = np.zeros(len(items), dtype=np.int64)
-    for row, item in enumerate(items):
-        authors[row] = vocabulary.authors.get(item.author.strip().casefold(), 0)
-        tokens = [vocabulary.categories.get(name.strip().casefold(), 0) for name in item.categories]
-        tokens = [token for token in tokens if token > 0][:width]
-        categories[row, : len(tokens)] = tokens
-    known: Inputs = {
-        "item_id": np.zeros(len(items), dtype=np.int64),
-        "categories": categories,
-        "author": authors,
-    }
-    return {name: known.get(name, np.zeros(len(items), dtype=np.int64)) for name in input_names}
-
-
 def content_embeddings(
     model: ServingModel, item_tower: OnnxModel, items: Sequence[CatalogueItem]
 ) -> FloatArray:
-    """Item-tower embeddings of new items from their metadata only, unit length."""
-    if not items:
-        return np.zeros((0, int(model.item_embeddings.shape[1])), np.float32)
-    outputs = item_tower.run(item_tower_inputs(model, items, item_tower.input_names))
-    return unit_rows(outputs["item_embedding"])
+    """Item-tower embeddings of new items from their metadata only (item id token 0), unit
+    length: `recsys.content.ContentEmbedder`, what the two_tower channel serves new items with.
+    A version trained with content inputs (publisher, year, title tokens, item-id dropout)
+    gets them; an older one embeds from the categories and author alone."""
+    return unit_rows(ContentEmbedder(model.spec, model.core.catalogue, item_tower).embed(items))
 
 
 def user_embeddings(model: ServingModel, user_ids: Sequence[str]) -> FloatArray:

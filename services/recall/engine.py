@@ -27,6 +27,7 @@ import numpy.typing as npt
 from recsys.artifacts import FloatArray, IntArray
 from recsys.blocklist import Blocklist, VersionBlocklists
 from recsys.catalogue import CatalogueWatcher, NewItems
+from recsys.content import live_two_tower_source
 from recsys.errors import DeadlineExpired, InvalidArgument, ModelOutputInvalid
 from recsys.feature_store import FeatureStore, UserState
 from recsys.feature_store.snapshot_loss import with_version_snapshot
@@ -252,6 +253,7 @@ class RecallEngine:
         cpu = [name for name in runnable if not CHANNEL_KINDS.get(name, THREAD_CHANNEL).on_loop]
         # The longest first, so that it runs while the others do.
         queue = deque(sorted(cpu, key=lambda name: not CHANNEL_KINDS.get(name, THREAD_CHANNEL).first))
+        shared_embedding = _SharedEmbedding()  # one user-tower run for every channel that needs it
         jobs: list[asyncio.Future[None]] = [
             loop.run_in_executor(
                 self._executor,
@@ -263,7 +265,8 @@ class RecallEngine:
                 results,
                 stop_at,
                 live_sources,
-                _SharedEmbedding(),
+                shared_embedding,
+                new_items,
             )
             for _ in range(min(limits.workers, len(cpu)))
         ]
@@ -311,17 +314,21 @@ class RecallEngine:
                 filtered = blocked.apply(candidates)
                 self._metrics.blocklist_filtered[name].inc(filtered.removed)
                 lists[name] = filtered.kept
-            for name in [name for name in live_sources if name in lists]:
-                # The version's blocked indexes know only its own items: new ones by their ids.
-                assert new_items is not None  # a live source comes from the catalogue's view
-                candidates = lists[name]
+            if new_items is not None:
+                # The version's blocked indexes know only its own items: new ones (from the
+                # live channels, and two_tower's live index) by their ids.
                 blocklist = self.blocklists.blocklist
-                keep = np.asarray(
-                    [new_items.item_id(item) not in blocklist for item in candidates.items.tolist()],
-                    dtype=bool,
-                )
-                self._metrics.blocklist_filtered[name].inc(int(len(candidates) - keep.sum()))
-                lists[name] = Candidates(candidates.items[keep], candidates.scores[keep])
+                for name in [name for name in ("two_tower", *live_sources) if name in lists]:
+                    candidates = lists[name]
+                    keep = np.asarray(
+                        [
+                            item < new_items.base or new_items.item_id(item) not in blocklist
+                            for item in candidates.items.tolist()
+                        ],
+                        dtype=bool,
+                    )
+                    self._metrics.blocklist_filtered[name].inc(int(len(candidates) - keep.sum()))
+                    lists[name] = Candidates(candidates.items[keep], candidates.scores[keep])
         if state is not None and state.exposure_filter is not None:
             digests = model.item_digests
             if new_items is not None and new_items.exposure_digests is not None:
@@ -488,6 +495,7 @@ class RecallEngine:
         stop_at: Mapping[str, float],
         live_sources: Mapping[str, CandidateSource] | None = None,
         embedding: _SharedEmbedding | None = None,
+        new_items: NewItems | None = None,
     ) -> None:
         """Take channels off the request's queue and run them one after another in this
         worker thread, publishing each result as soon as it is ready. A channel past its own
@@ -517,6 +525,12 @@ class RecallEngine:
                     assert live is not None  # the channel is skipped without one
                 if kind.embeds:
                     source = live if kind.live else model.sources[name]
+                    if (
+                        name == "two_tower"
+                        and new_items is not None
+                        and new_items.two_tower_source is not None
+                    ):
+                        source = new_items.two_tower_source  # over the new items' embeddings too
                     assert source is not None
                     shared = embedding if embedding is not None else _SharedEmbedding()
                     candidates, vector = self._embedding_source(model, source, query, fetch, shared)
@@ -642,9 +656,19 @@ def _live_exclusions(new_items: NewItems | None, state: UserState | None) -> Int
 
 def prepare_new_items(model: ServingModel, new_items: NewItems) -> None:
     """What recall's requests read of a catalogue layout, built with it off the request path:
-    the new_items channel and the exposure digests over the version's items and the new ones."""
+    the new_items channel, the exposure digests over the version's items and the new ones, and
+    the two_tower channel over both (the new items embedded by the item tower). An item tower
+    that fails leaves two_tower on the version's items alone (logged): the layout still serves."""
     new_items.source = new_items.new_item_source(np.asarray(model.core.catalogue.categories))
     new_items.exposure_digests = np.concatenate([model.item_digests, new_items.digests()])
+    try:
+        new_items.two_tower_source = live_two_tower_source(model, new_items)
+    except Exception as error:
+        log.warning(
+            "embedding new items failed; two_tower serves the version's items only",
+            extra={"version": model.version, "error": repr(error)},
+        )
+        new_items.two_tower_source = None
 
 
 def _index_or(index: int | None, missing: int) -> int:

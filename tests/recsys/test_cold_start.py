@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys.content import embed_items
 from recsys.evaluation.cold_start import (
     METHODS,
     ColdStartSet,
     cold_start_set_from_json,
     cold_start_set_to_json,
+    content_embeddings,
     evaluate_item_cold_start,
     evaluate_item_cold_start_seeds,
-    item_tower_inputs,
     rank_fusion,
 )
 from recsys.feature_store import CatalogueItem
@@ -111,18 +112,14 @@ def test_seeds_give_means_and_spreads_and_the_set_round_trips(
     assert (tmp_path / "cold_start.png").stat().st_size > 1000
 
 
-def test_new_items_reach_the_item_tower_as_id_zero_with_their_metadata(
+def test_new_items_are_embedded_as_served_and_known_ones_refused(
     version: tuple[ServingModel, OnnxModel, ColdStartSet],
 ) -> None:
-    model, tower, _ = version
+    model, tower, new = version
+    embedded = content_embeddings(model, tower, new.items[:20])
+    np.testing.assert_allclose(embedded, embed_items(model, new.items[:20]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(embedded, axis=1), 1.0, rtol=1e-5)
     known = model.core.catalogue
-    genre = str(known.category_vocab[0])
-    items = [CatalogueItem("x", categories=(genre, "no such genre")), CatalogueItem("y")]
-    inputs = item_tower_inputs(model, items, [*tower.input_names, "publisher"])
-    assert inputs["item_id"].tolist() == [0, 0]
-    assert inputs["categories"][0].tolist()[:2] == [1, 0]  # an unknown name is token 0
-    assert inputs["categories"][1].tolist() == [0] * known.categories.shape[1]
-    assert inputs["publisher"].tolist() == [0, 0]  # an input a newer tower takes: "unknown"
     with pytest.raises(ValueError, match="already in version"):
         evaluate_item_cold_start(
             model,

@@ -219,6 +219,7 @@ def test_book_crossing_shape_and_capabilities(book_crossing: RawData):
         2001,
     )
     assert clara["categories"] == ["publisher:HarperFlamingo Canada"]
+    assert clara["publisher"] == "HarperFlamingo Canada"  # the item tower's publisher input
     assert items["item_time"].dropna().between(1001, 2030).all()
     assert items["item_time"].isna().sum() == 314  # year 0 in the file
 
@@ -374,6 +375,17 @@ def test_csv_importer_without_optional_columns_switches_capabilities_off(tmp_pat
     for flag in ("--rating-col", "--time-col", "--items", "--users"):
         assert flag in notes
     assert (len(data.items), len(data.users)) == (2, 2)
+
+
+def test_csv_importer_reads_a_publisher_column_and_leaves_none_without_one(tmp_path: Path):
+    clicks = write(tmp_path / "clicks.csv", "user,item\n1,10\n2,11\n2,12\n")
+    items = write(tmp_path / "items.csv", "id,press\n10, Tor Books \n11,\n12,n/a\n")
+    spec = CsvSpec(interactions=clicks, user_col="user", item_col="item", items=items, item_id_col="id")
+    with_publisher = load_csv(dataclasses.replace(spec, publisher_col="press")).items.set_index("item_id")
+    assert with_publisher["publisher"].to_dict() == {"10": "Tor Books", "11": None, "12": None}
+    assert load_csv(spec).items["publisher"].isna().all()
+    with pytest.raises(CsvSpecError, match=r"^--publisher-col: needs --items"):
+        load_csv(CsvSpec(interactions=clicks, user_col="user", item_col="item", publisher_col="press"))
 
 
 def test_csv_importer_like_threshold_is_the_upper_40_percent_unless_given(tmp_path: Path):

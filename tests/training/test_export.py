@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from recsys.artifacts import Catalogue
+from recsys.content import N_YEAR_BUCKETS, ContentEmbedder, ContentTokens
+from recsys.feature_store import CatalogueItem
 from recsys.features import FeatureSpec
 from recsys.onnx_models import OnnxModel
 from training.export import ParityError, check_parity, export_onnx
 from training.models.ranker import RankerConfig, build_ranker, serving_twin
+from training.models.two_tower import (
+    TwoTowerConfig,
+    build_two_tower,
+    log_sampling_probability,
+    train_two_tower,
+)
 
 SPEC = FeatureSpec(
     n_user_tokens=30,
@@ -71,8 +82,6 @@ def test_parity_gate_refuses_a_model_that_differs() -> None:
 
 @pytest.mark.parametrize("attention", ["dot", "din"])
 def test_a_ranker_reading_provenance_exports_with_parity_for_each_attention(attention: str) -> None:
-    import dataclasses
-
     spec = dataclasses.replace(SPEC, provenance_channels=("itemcf", "swing", "two_tower"))
     assert [item.name for item in spec.ranker_inputs()][-1] == "provenance"
     assert spec.provenance_width == 9
@@ -143,3 +152,116 @@ def test_the_list_wise_loss_is_softmax_cross_entropy_per_list() -> None:
     assert [chunk.tolist() for chunk in _batches(starts, ends, np.array([0, 1, 2]), 4)] == [[0], [1, 2]]
     # NDCG over lists: list 0 ranks its positive first (1.0); list 1 second (1/log2(3)).
     assert mean_list_ndcg(logits, clicks.astype(bool), segments) == pytest.approx((1 + 1 / np.log2(3)) / 2)
+
+
+CONTENT_SPEC = dataclasses.replace(
+    SPEC,
+    n_publisher_buckets=32,
+    n_title_buckets=64,
+    max_title_tokens=4,
+    n_year_buckets=N_YEAR_BUCKETS,
+)
+WORDS = ("dune", "wars", "star", "night", "love", "sea", "war", "peace", "garden", "city", "ghost", "river")
+
+
+def _content_catalogue() -> Catalogue:
+    """The vocabularies the embedder reads names with: categories 1 = Fiction … 4, authors 1 … 3."""
+    n = CONTENT_SPEC.n_item_tokens - 1
+    return Catalogue(
+        item_ids=np.array([f"item-{index}" for index in range(n)], dtype=np.str_),
+        titles=np.array([f"Title {index}" for index in range(n)], dtype=np.str_),
+        categories=np.zeros((n, CONTENT_SPEC.max_categories), dtype=np.int32),
+        category_vocab=np.array(["Fiction", "History", "Poetry", "Science"], dtype=np.str_),
+        authors=np.zeros(n, dtype=np.int32),
+        author_vocab=np.array(["Le Guin", "Beard", "Sagan"], dtype=np.str_),
+        item_time=np.full(n, np.nan, dtype=np.float32),
+    )
+
+
+def _unseen_items(count: int, seed: int) -> list[CatalogueItem]:
+    rng = np.random.default_rng(seed)
+    categories = ("Fiction", "History", "Poetry", "Science", "Unknown genre")
+    authors = ("Le Guin", "Beard", "Sagan", "Somebody new", "")
+    return [
+        CatalogueItem(
+            f"new-{seed}-{row}",
+            " ".join(rng.choice(WORDS, size=int(rng.integers(0, 5)))),
+            str(rng.choice(authors)),
+            tuple(str(name) for name in rng.choice(categories, size=int(rng.integers(0, 3)), replace=False)),
+            str(rng.choice(("Penguin", "Tor", "", "A Small Press"))),
+            None if row % 7 == 0 else float(rng.uniform(-1e9, 1.8e9)),
+        )
+        for row in range(count)
+    ]
+
+
+def test_the_exported_item_tower_embeds_an_unseen_item_from_its_metadata_with_parity() -> None:
+    """Trained with item-id dropout (a few steps on random rows), exported to ONNX: items with
+    item token 0 and only metadata embed in onnxruntime as in Keras, fed by input name, and
+    different metadata gives different embeddings."""
+    config = TwoTowerConfig(
+        embedding_dim=8,
+        id_dim=8,
+        side_dim=4,
+        hidden=16,
+        batch_size=64,
+        epochs=1,
+        item_id_dropout=0.5,
+        holdout_fraction=0.0,
+    )
+    towers = build_two_tower(CONTENT_SPEC, config)
+    assert {spec.name for spec in CONTENT_SPEC.item_tower_inputs()} == set(towers.item_model.input)
+    rng = np.random.default_rng(0)
+    rows = 640
+    catalogue = _content_catalogue()
+    content = ContentTokens.of(
+        CONTENT_SPEC,
+        [" ".join(rng.choice(WORDS, size=3)) for _ in range(rows)],
+        [str(name) for name in rng.choice(["Penguin", "Tor", ""], size=rows)],
+        rng.uniform(1950, 2020, size=rows),
+    )
+    items: dict[str, np.ndarray] = {
+        "item_id": rng.integers(1, CONTENT_SPEC.n_item_tokens, rows).astype(np.int64),
+        "categories": rng.integers(0, CONTENT_SPEC.n_category_tokens, (rows, 2)).astype(np.int64),
+        "author": rng.integers(0, CONTENT_SPEC.n_author_tokens, rows).astype(np.int64),
+        **content.inputs(),
+    }
+    users: dict[str, np.ndarray] = {
+        "user_id": rng.integers(0, 30, rows).astype(np.int64),
+        "region": rng.integers(0, 3, rows).astype(np.int64),
+        "history": rng.integers(0, 50, (rows, 6)).astype(np.int64),
+        "history_weight": rng.random((rows, 6)).astype(np.float32),
+    }
+    losses = train_two_tower(towers, users, items, log_sampling_probability(items["item_id"]))
+    assert len(losses) == 1
+    assert np.isfinite(losses[0])
+    assert losses[0] > 0  # the steps ran
+
+    data = export_onnx(towers.item_model, CONTENT_SPEC.item_tower_inputs())
+    session = OnnxModel(data)
+    assert set(session.input_names) == {spec.name for spec in CONTENT_SPEC.item_tower_inputs()}
+    embedder = ContentEmbedder(CONTENT_SPEC, catalogue, session)
+    unseen = _unseen_items(1200, seed=1)
+    feed = embedder.inputs(unseen)
+    assert feed["item_id"].tolist() == [0] * 1200
+    parity = check_parity(towers.item_model, data, feed)
+    assert parity.max_abs_diff <= 1e-5
+    vectors = embedder.embed(unseen)
+    expected = np.asarray(towers.item_model(feed, training=False)["item_embedding"])
+    np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # One field at a time: each moves the embedding.
+    base = CatalogueItem("a", "star wars", "Le Guin", ("Fiction",), "Tor", 1.0e9)
+    variants = [
+        base,
+        dataclasses.replace(base, title="garden city"),
+        dataclasses.replace(base, author="Sagan"),
+        dataclasses.replace(base, categories=("Science",)),
+        dataclasses.replace(base, publisher="Penguin"),
+        dataclasses.replace(base, published_at=-1.0e9),
+        dataclasses.replace(base, item_id="b"),  # the id of a new item is not an input
+    ]
+    embedded = embedder.embed(variants)
+    for row in range(1, 6):
+        assert np.abs(embedded[row] - embedded[0]).max() > 1e-4, variants[row]
+    np.testing.assert_array_equal(embedded[6], embedded[0])

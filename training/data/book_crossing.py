@@ -46,7 +46,8 @@ _PLACE_STRIP: Final = " \t'`."
 
 def load_book_crossing(data_dir: Path) -> RawData:
     """Load `<data_dir>/book-crossing-subset` (without the cold-start new books). ISBNs are
-    stripped and upper-cased; author is Book-Author; categories are `publisher:<name>`;
+    stripped and upper-cased; author is Book-Author; publisher is Book-Publisher, also the
+    category `publisher:<name>` (what the ranker and the diversity rules read);
     item_time is the publication year; region is `country/state` (cleaned, lower case), or
     the country alone when the state is unknown."""
     folder = data_dir / FOLDER
@@ -160,6 +161,7 @@ def _books(table: pd.DataFrame, report: LoadReport) -> pd.DataFrame:
         categories=categories,
         author=clean_strings(table["Book-Author"], strip=" \t\r\n"),
         item_time=year,
+        publisher=publisher,
     )
     # Upper-casing merges ISBNs that differ only in the case of the check digit "x".
     return drop_duplicate_ids(items, "item_id", report, "items: duplicate ISBN once upper-cased, kept last")

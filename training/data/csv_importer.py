@@ -83,6 +83,7 @@ FLAGS: Final[Mapping[str, str]] = MappingProxyType(
         "categories_sep": "--categories-sep",
         "author_col": "--author-col",
         "item_time_col": "--item-time-col",
+        "publisher_col": "--publisher-col",
         "users": "--users",
         "user_id_col": "--user-id-col",
         "region_col": "--region-col",
@@ -110,6 +111,7 @@ class CsvSpec:
     categories_sep: str = "|"
     author_col: str | None = None
     item_time_col: str | None = None
+    publisher_col: str | None = None
     users: Path | None = None
     user_id_col: str | None = None
     region_col: str | None = None
@@ -207,7 +209,14 @@ def _check_spec(spec: CsvSpec) -> None:
         )
     if spec.like_threshold is not None and not np.isfinite(spec.like_threshold):
         raise CsvSpecError("like_threshold", f"must be a finite number, got {spec.like_threshold}")
-    for field in ("item_id_col", "title_col", "categories_col", "author_col", "item_time_col"):
+    for field in (
+        "item_id_col",
+        "title_col",
+        "categories_col",
+        "author_col",
+        "item_time_col",
+        "publisher_col",
+    ):
         if getattr(spec, field) is not None and spec.items is None:
             raise CsvSpecError(field, "needs --items (the file that has this column)")
     for field in ("user_id_col", "region_col"):
@@ -493,7 +502,7 @@ def _items(
         report.note("no items file (--items): no titles, categories, authors or item times")
         return items_frame(pd.Series([], dtype="str")), False, False
     wanted = {"item_id_col": spec.item_id_col or spec.item_col}
-    optional = ("title_col", "categories_col", "author_col", "item_time_col")
+    optional = ("title_col", "categories_col", "author_col", "item_time_col", "publisher_col")
     wanted |= {field: value for field in optional if (value := getattr(spec, field)) is not None}
     table = _read_table(spec, "items", wanted, report, base)
     read_as[relative_name(spec.items, base)] = {"encoding": table.encoding, "delimiter": table.delimiter}
@@ -507,6 +516,7 @@ def _items(
     if spec.categories_col is not None:
         categories = _split_categories(clean_strings(columns["categories_col"]), spec.categories_sep)
     authors = clean_text(columns["author_col"]) if spec.author_col else None
+    publishers = clean_text(columns["publisher_col"]) if spec.publisher_col else None
     item_time = None
     if spec.item_time_col is not None:
         item_time, missing, _ = parse_times(columns["item_time_col"])
@@ -514,7 +524,12 @@ def _items(
         if unparseable:
             report.note(f"items: {unparseable:,} unparseable item times left unknown")
     items = items_frame(
-        item_id[keep], title=titles, categories=categories, author=authors, item_time=item_time
+        item_id[keep],
+        title=titles,
+        categories=categories,
+        author=authors,
+        item_time=item_time,
+        publisher=publishers,
     )
     items = drop_duplicate_ids(items, "item_id", report)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 INTERACTION_COLUMNS: Final = ("user_id", "item_id", "rating", "timestamp")
-ITEM_COLUMNS: Final = ("item_id", "title", "categories", "author", "item_time")
+ITEM_COLUMNS: Final = ("item_id", "title", "categories", "author", "item_time", "publisher")
 USER_COLUMNS: Final = ("user_id", "region")
 
 # Values that mean "missing" in real files, compared after stripping and lower-casing.
@@ -60,8 +60,8 @@ class RawData:
       `has_rating` is False), timestamp (int64 unix seconds; only when `has_time`). One row per
       (user_id, item_id): the latest by time, else the last row in the file.
     - `items`: item_id, title (str, "" if unknown), categories (list[str]), author (str or None),
-      item_time (float64 year or unix time, NaN if unknown). One row per item, including every
-      interacted item and items never interacted with.
+      item_time (float64 year or unix time, NaN if unknown), publisher (str or None). One row
+      per item, including every interacted item and items never interacted with.
     - `users`: user_id, region (str or None). One row per user, as for items.
 
     A rating >= `like_threshold` is a like; with no rating (None) every interaction is one.
@@ -194,10 +194,11 @@ def items_frame(
     categories: Sequence[list[str]] | None = None,
     author: Any | None = None,
     item_time: Any | None = None,
+    publisher: Any | None = None,
     ids_as_str: bool = True,
 ) -> pd.DataFrame:
     """The canonical items frame; a metadata argument left as None gives the empty value for
-    every item ("" title, [] categories, None author, NaN item_time)."""
+    every item ("" title, [] categories, None author, NaN item_time, None publisher)."""
     ids = _ids(item_id, ids_as_str)
     length = len(ids)
     titles = _texts([""] * length if title is None else title).fillna("")
@@ -211,6 +212,7 @@ def items_frame(
             "item_time": (
                 np.full(length, np.nan) if item_time is None else np.asarray(item_time, dtype=np.float64)
             ),
+            "publisher": _optional_texts(publisher, length),
         }
     )
 

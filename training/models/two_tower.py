@@ -1,7 +1,13 @@
 """Two-tower retrieval: a user tower (id, region, pooled recent history) and an item tower
-(id, categories, author), both L2-normalised, trained with in-batch sampled softmax, a
-temperature, and the logQ correction for the popularity bias of in-batch negatives
-(Yi et al. 2019, "Sampling-bias-corrected neural modeling")."""
+(id, categories, author and, where the spec has them, the content inputs of
+`recsys.content`: hashed publisher, publication-year bucket, hashed title words), both
+L2-normalised, trained with in-batch sampled softmax, a temperature, and the logQ correction
+for the popularity bias of in-batch negatives (Yi et al. 2019, "Sampling-bias-corrected
+neural modeling").
+
+Item-id dropout replaces a share of the training rows' item token by 0 (unknown) in the
+item tower, so the tower also learns to place an item from its metadata alone: what it is
+asked for an item upserted while serving, which no id embedding knows."""
 
 from __future__ import annotations
 
@@ -28,6 +34,14 @@ class TwoTowerConfig:
     epochs: int = 8
     learning_rate: float = 2e-3
     user_id_dropout: float = 0.2  # so the tower also works from history alone (new users)
+    item_id_dropout: float = 0.2  # so the item tower also works from content alone (new items)
+    # Content inputs (0 title buckets: none, the tower reads id, categories and author only).
+    # Few title buckets and words: on MovieLens-100K (quick profile) 16,384 buckets × 8 words
+    # gave two_tower recall@200 0.675, 2,048 × 4 gave 0.693 (0.709 without content inputs):
+    # a title's words are nearly an item's id, and fewer of them memorise less.
+    publisher_buckets: int = 4096
+    title_buckets: int = 2048
+    max_title_tokens: int = 4
     holdout_fraction: float = 0.05  # users whose rows pick the best epoch
     seed: int = 0
 
@@ -61,13 +75,23 @@ def build_two_tower(spec: FeatureSpec, config: TwoTowerConfig) -> TwoTower:
     user_model = keras.Model(user_in, {"user_embedding": user_vector}, name="user_tower")
 
     item_in = _inputs(spec.item_tower_inputs())
-    item_features = keras.layers.Concatenate()(
-        [
-            item_ids(item_in["item_id"]),
-            masked_mean(categories(item_in["categories"]), item_in["categories"]),
-            authors(item_in["author"]),
+    item_parts = [
+        item_ids(item_in["item_id"]),
+        masked_mean(categories(item_in["categories"]), item_in["categories"]),
+        authors(item_in["author"]),
+    ]
+    if spec.has_content:
+        publishers = keras.layers.Embedding(
+            spec.n_publisher_buckets, config.side_dim, name="publisher_embedding"
+        )
+        years = keras.layers.Embedding(spec.n_year_buckets, config.side_dim, name="year_embedding")
+        titles = keras.layers.Embedding(spec.n_title_buckets, config.side_dim, name="title_embedding")
+        item_parts += [
+            publishers(item_in["publisher"]),
+            years(item_in["publication_year"]),
+            masked_mean(titles(item_in["title_tokens"]), item_in["title_tokens"]),
         ]
-    )
+    item_features = keras.layers.Concatenate()(item_parts)
     item_hidden = mlp([config.hidden], "item_mlp")(item_features)
     item_vector = l2_normalize(keras.layers.Dense(config.embedding_dim, name="item_projection")(item_hidden))
     item_model = keras.Model(item_in, {"item_embedding": item_vector}, name="item_tower")
@@ -95,29 +119,38 @@ def train_two_tower(
     inverse_temperature = 1.0 / config.temperature
 
     def batch_loss(
-        users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor, training: bool
+        users: dict[str, tf.Tensor],
+        items: dict[str, tf.Tensor],
+        keys: tf.Tensor,
+        log_q: tf.Tensor,
+        training: bool,
     ) -> tf.Tensor:
         u = model.user_model(users, training=training)["user_embedding"]
         v = model.item_model(items, training=training)["item_embedding"]
         logits = tf.matmul(u, v, transpose_b=True) * inverse_temperature - log_q[None, :]
-        # The same item twice in a batch is not a negative of itself.
-        same = tf.equal(items["item_id"][:, None], items["item_id"][None, :])
+        # The same item twice in a batch is not a negative of itself (by its real token: two
+        # rows whose id was dropped are still two items).
+        same = tf.equal(keys[:, None], keys[None, :])
         diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
         logits = tf.where(same & ~diagonal, tf.fill(tf.shape(logits), -1e9), logits)
         labels = tf.range(tf.shape(logits)[0])
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def step(users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor) -> tf.Tensor:
+    def step(
+        users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
+    ) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            loss = batch_loss(users, items, log_q, True)
+            loss = batch_loss(users, items, keys, log_q, True)
         gradients = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
         return loss
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def held_loss(users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], log_q: tf.Tensor) -> tf.Tensor:
-        return batch_loss(users, items, log_q, False)
+    def held_loss(
+        users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
+    ) -> tf.Tensor:
+        return batch_loss(users, items, keys, log_q, False)
 
     # Early stopping on the rows of a slice of users: on sparse data (many users with a few
     # interactions) the id embeddings memorise within a few epochs.
@@ -135,7 +168,13 @@ def train_two_tower(
                 drop = rng.random(rows.shape[0]) < config.user_id_dropout
                 users["user_id"] = tf.constant(np.where(drop, 0, user_inputs["user_id"][rows]))
             items = {name: tf.constant(value[rows]) for name, value in item_inputs.items()}
-            total += float(step(users, items, tf.constant(item_log_q[rows], dtype=tf.float32)))
+            keys = item_inputs["item_id"][rows]
+            if config.item_id_dropout:
+                drop = rng.random(rows.shape[0]) < config.item_id_dropout
+                items["item_id"] = tf.constant(np.where(drop, 0, keys))
+            total += float(
+                step(users, items, tf.constant(keys), tf.constant(item_log_q[rows], dtype=tf.float32))
+            )
             batches += 1
         losses.append(total / max(batches, 1))
         if progress is not None:
@@ -147,6 +186,7 @@ def train_two_tower(
                 held_loss(
                     {name: tf.constant(value[rows]) for name, value in user_inputs.items()},
                     {name: tf.constant(value[rows]) for name, value in item_inputs.items()},
+                    tf.constant(item_inputs["item_id"][rows]),
                     tf.constant(item_log_q[rows], dtype=tf.float32),
                 )
             )

@@ -473,3 +473,83 @@ async def test_the_blocklist_is_applied_in_recall_and_reloaded_when_its_file_cha
     finally:
         await running.channel.close()
         await running.host.stop(grace=0)
+
+
+async def test_the_two_tower_channel_finds_new_items_by_their_content(
+    quick_store: ModelStore, tmp_path: Path
+) -> None:
+    """Items upserted while serving are embedded by the version's item tower (off the request
+    path, at the catalogue poll) into a live index that the two_tower channel searches beside
+    the version's with the same user vector: a new film whose metadata matches the user's
+    taste comes back (index n_items + ordinal), ranked by its score among the version's items;
+    one that does not, a blocked one and, once withdrawn, the matching one never do."""
+    from recsys.content import embed_items
+    from recsys.serving_model import ALL_CHANNELS
+    from tests.recsys.test_content import film
+
+    blocklist = tmp_path / "blocked.txt"
+    blocklist.write_text("new-blocked\n")
+    running = await start(
+        str(quick_store.path),
+        catalogue_poll_seconds=0.1,
+        blocklist_file=blocklist,
+        blocklist_reload_seconds=0.05,
+    )
+    try:
+        model = running.model
+        n_items = model.core.catalogue.n_items
+        quotas = {**dict.fromkeys(ALL_CHANNELS, 0), "two_tower": 100}
+        request = recall_pb2.RecallRequest(user_id="196", max_candidates=1000, quotas=quotas)
+        before = await running.stub.Recall(request, timeout=2)
+        assert max(before.item_indexes) < n_items
+        user = np.asarray(before.user_embedding, dtype=np.float32)
+        # The user's best and worst match among new films with the metadata of the version's.
+        copies = [film(model, index, f"copy-{index}") for index in range(n_items)]
+        scores = embed_items(model, copies) @ user
+        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+        match = dataclasses.replace(copies[best], item_id="new-match")
+        items = [
+            match,
+            dataclasses.replace(copies[worst], item_id="new-far"),
+            dataclasses.replace(match, item_id="new-blocked"),  # the same content, blocked
+        ]
+        upserted = await running.app.features.upsert_items(items, time.time())
+        ordinals = {item.item_id: ordinal for item, (ordinal, _) in zip(items, upserted, strict=True)}
+        version = model.version
+        async with asyncio.timeout(10):
+            while (view := running.app.catalogue.view(version)) is None or view.two_tower_source is None:
+                await asyncio.sleep(0.05)
+        index = {item_id: n_items + ordinal for item_id, ordinal in ordinals.items()}
+        assert view.index("new-match") == index["new-match"]
+
+        after = await running.stub.Recall(request, timeout=2)
+        found = channel_items(after, "two_tower")
+        assert stats(after)["two_tower"].count == 100
+        assert index["new-match"] in found
+        assert index["new-far"] not in found
+        assert index["new-blocked"] not in found
+        assert list(after.degraded_reasons) == []
+        # Merged by score: every version item it displaced scored below it.
+        match_score = float(embed_items(model, [match])[0] @ user)
+        assert match_score == pytest.approx(float(scores[best]), abs=1e-5)
+        own = np.asarray(sorted(item for item in found if item < n_items))
+        own_scores = np.asarray(model.item_embeddings)[own] @ user
+        assert own_scores.min() <= match_score + 1e-5
+        displaced = set(channel_items(before, "two_tower")) - found
+        assert displaced, "the new item took a place in the list"
+        assert (np.asarray(model.item_embeddings)[sorted(displaced)] @ user <= match_score + 1e-5).all()
+
+        await running.app.features.withdraw_items(["new-match"], time.time())
+        async with asyncio.timeout(10):
+            while index["new-match"] in channel_items(
+                await running.stub.Recall(request, timeout=2), "two_tower"
+            ):
+                await asyncio.sleep(0.05)
+        final = await running.stub.Recall(request, timeout=2)
+        assert stats(final)["two_tower"].count == 100
+        assert not {index["new-match"], index["new-blocked"], index["new-far"]} & channel_items(
+            final, "two_tower"
+        )
+    finally:
+        await running.channel.close()
+        await running.host.stop(grace=0)
