@@ -475,6 +475,15 @@ async def test_events_on_a_new_item_bring_it_to_users_like_its_first_engagers(st
         for users, item in ((near, liked_by_near), (far[:2], liked_by_far))
         for user in users
     ]
+    # An impression is no engagement: its user is not an engager.
+    events.append(
+        gateway_pb2.Event(
+            event_id=f"{tag}-shown",
+            user_id=ids[order[2]],
+            item_id=liked_by_far,
+            type=gateway_pb2.EVENT_TYPE_IMPRESSION,
+        )
+    )
     started = time.monotonic()
     while True:  # the gateway accepts events on the new items once its catalogue poll saw them
         answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=events), timeout=5)
@@ -497,6 +506,8 @@ async def test_events_on_a_new_item_bring_it_to_users_like_its_first_engagers(st
         assert time.monotonic() - started < 4 * WITHIN, (listed, statuses)
         await asyncio.sleep(0.05)
     assert statuses["look_alike"] == "CHANNEL_STATUS_OK"
+    # Nothing changed since: the next poll rebuilds nothing (the request path never does).
+    assert not await stack.recall.app.look_alike.poll()
     # The user most like the near engagers gets their item first; one like the far ones, theirs.
     assert listed.index(liked_by_near) < listed.index(liked_by_far)
     other_far, _ = await look_alike_list(stack, far[2])
