@@ -29,6 +29,7 @@ from recsys.store import ModelStore
 from recsys.v1 import catalogue_pb2, catalogue_pb2_grpc, gateway_pb2, recall_pb2, recall_pb2_grpc
 from services.common.auth import CATALOGUE_SCOPE, SERVICE_SCOPE
 from services.gateway.engine import RecommendQuery
+from services.recall.app import RecallApp
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
 from tests.services.gateway.test_gateway import Stack, start_stack, stop_stack
 
@@ -507,7 +508,9 @@ async def test_events_on_a_new_item_bring_it_to_users_like_its_first_engagers(st
         await asyncio.sleep(0.05)
     assert statuses["look_alike"] == "CHANNEL_STATUS_OK"
     # Nothing changed since: the next poll rebuilds nothing (the request path never does).
-    assert not await stack.recall.app.look_alike.poll()
+    recall_app = stack.recall.app
+    assert isinstance(recall_app, RecallApp)
+    assert not await recall_app.look_alike.poll()
     # The user most like the near engagers gets their item first; one like the far ones, theirs.
     assert listed.index(liked_by_near) < listed.index(liked_by_far)
     other_far, _ = await look_alike_list(stack, far[2])
