@@ -98,6 +98,7 @@ class NewItems:
         self.authors = np.zeros(size, dtype=np.int32)
         self.categories = np.zeros((size, vocabulary.max_categories), dtype=np.int32)
         self.times = np.zeros(size, dtype=np.float64)
+        self.upserted_at = np.zeros(size, dtype=np.float64)  # unix seconds of the latest upsert
         self.index_of: dict[str, int] = {}
         withdrawn_own: list[int] = []
         withdrawn_new: list[int] = []
@@ -115,6 +116,7 @@ class NewItems:
             self.categories[ordinal, : len(tokens)] = tokens
             # Newest first by publication; an item without one counts from its upsert.
             self.times[ordinal] = item.published_at if item.published_at is not None else entry.upserted_at
+            self.upserted_at[ordinal] = entry.upserted_at
             self.index_of[item.item_id] = n_items + ordinal
             if item.item_id in state.withdrawn:
                 withdrawn_new.append(n_items + ordinal)
@@ -183,6 +185,17 @@ class NewItems:
             return inside
         return np.asarray(inside & self.known[np.where(inside, ordinals, 0)])
 
+    def upserted_within(self, indexes: npt.NDArray[Any], seconds: float, now: float) -> npt.NDArray[np.bool_]:
+        """Which indexes are new items this view knows upserted less than `seconds` before
+        `now` (what a scene's new-item traffic control calls new)."""
+        new = self.is_new(indexes)
+        if not new.any():
+            return new
+        ordinals = np.asarray(indexes, dtype=np.int64)[new] - self.base
+        young = new.copy()
+        young[new] = now - self.upserted_at[ordinals] < seconds
+        return young
+
     def servable_mask(self, indexes: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """Which indexes may be served: the version's own or a new item this view knows, and
         not withdrawn."""
@@ -233,7 +246,12 @@ class CatalogueWatcher:
     the catalogue is empty, so a store with no upserted items costs requests nothing.
 
     A feature store that does not answer keeps the last views (and says so in the log): new
-    items stay served, and a withdrawal made meanwhile takes effect at the first good poll."""
+    items stay served, and a withdrawal made meanwhile takes effect at the first good poll.
+
+    With `impressions_horizon` (the gateway's: seconds, the longest `max_age` of the scenes
+    with new-item traffic on, 0 when none is), each poll also reads the impression counts of
+    the items upserted within it (one HMGET), so that requests read them from memory
+    (`impressions`) and the boost costs no round trip. A failed read keeps the last counts."""
 
     def __init__(
         self,
@@ -243,6 +261,7 @@ class CatalogueWatcher:
         *,
         prepare: Callable[[Any, NewItems], None] | None = None,
         on_poll: Callable[[CatalogueWatcher, bool], None] | None = None,
+        impressions_horizon: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if poll_seconds <= 0:
@@ -252,6 +271,8 @@ class CatalogueWatcher:
         self.poll_seconds = poll_seconds
         self._prepare = prepare  # per service: what its requests need built up front (digests)
         self._on_poll = on_poll  # after each poll, whether it succeeded (the service's metrics)
+        self._impressions_horizon = impressions_horizon
+        self._impressions = np.zeros(0, np.int64)  # by ordinal; 0 for items outside the horizon
         self._clock = clock
         self._state = CatalogueState.empty()
         self._views: dict[str, NewItems] = {}
@@ -308,9 +329,41 @@ class CatalogueWatcher:
                 self._on_poll(self, succeeded)
             await asyncio.sleep(self.poll_seconds)
 
+    def impressions(self, ordinals: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+        """The impression counts of new items by ordinal, as last polled (0 when unknown)."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        counts = self._impressions
+        inside = (ordinals >= 0) & (ordinals < counts.shape[0])
+        found = np.zeros(ordinals.shape, np.int64)
+        found[inside] = counts[ordinals[inside]]
+        return found
+
     async def poll(self) -> bool:
         """One poll: True when the views changed."""
         self.polls += 1
+        changed = await self._poll_catalogue()
+        if self._impressions_horizon is not None:
+            await self._poll_impressions(self._impressions_horizon())
+        return changed
+
+    async def _poll_impressions(self, horizon: float) -> None:
+        state = self._state
+        if horizon <= 0 or not state.items:
+            if self._impressions.shape[0]:
+                self._impressions = np.zeros(0, np.int64)
+            return
+        oldest = self._clock() - horizon
+        young = [
+            entry
+            for entry in state.items
+            if entry.upserted_at > oldest and entry.item.item_id not in state.withdrawn
+        ]
+        counts = await self._features.item_impressions([entry.item.item_id for entry in young])
+        impressions = np.zeros(state.items[-1].ordinal + 1, np.int64)
+        impressions[[entry.ordinal for entry in young]] = counts
+        self._impressions = impressions
+
+    async def _poll_catalogue(self) -> bool:
         revision = await self._features.catalogue_revision()
         models = list(self._models())
         names = frozenset(version for version, _ in models)

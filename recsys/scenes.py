@@ -15,13 +15,23 @@ one; an empty name is `default`. Scenes are read once at start-up from JSON:
                        "rules": {"max_consecutive_category": 2, "max_consecutive_author": 1,
                                  "first_screen": 10, "first_screen_max_per_category": 4,
                                  "first_screen_max_per_author": 2}},
-            "count": {"default": 20, "max": 100}},
+            "count": {"default": 20, "max": 100},
+            "new_items": {"slots": 2, "max_age": "3d", "boost": 0.3,
+                          "boost_half_life_impressions": 100}},
         "trending": {"pipeline": ["recall", "blocklist", "rerank"]}}}
 
 Every field is optional: `default` starts from the built-in `DEFAULT_SCENE`, every other
 scene from the resolved `default`. Objects override field by field, and the two mappings
 (`quotas`, `fusion.weights` / `fusion.exponents`) key by key: set a quota to 0 to turn a
 channel off, a weight to 0 to drop a task. An empty `quotas` leaves the quotas to recall.
+
+`new_items` is traffic control for items of the live catalogue upserted less than `max_age`
+ago (seconds, or a string such as "90m", "12h", "3d"; default 3 days): rerank adds `boost`
+(in units of the candidates' reward range, default 0) to their reward, halved every
+`boost_half_life_impressions` impressions (default 100), shows at most `slots` of them and,
+when fewer made it by score, gives the last positions to the best remaining ones (see
+`recsys.stages.rerank.NewItemTraffic`). `slots` 0, the default, is off. `max_age` also says
+which items `recsys_gateway_new_item_impressions_total` counts for the scene, off or not.
 
 `pipeline` lists the request's stages in order: `recall` (required, first), then any of
 `blocklist`, `rank` and `rerank` in that order (default: all four). A scene without `rank`
@@ -48,7 +58,14 @@ import xxhash
 
 from recsys.errors import InvalidArgument
 from recsys.stages.fusion import Fusion, FusionMethod
-from recsys.stages.rerank import RERANK_METHODS, RerankMethod, RerankRules, Selector, selector_for
+from recsys.stages.rerank import (
+    RERANK_METHODS,
+    NewItemTraffic,
+    RerankMethod,
+    RerankRules,
+    Selector,
+    selector_for,
+)
 
 DEFAULT_SCENE_NAME = "default"
 # The stages a scene's pipeline may list, in the only order they can run.
@@ -57,6 +74,8 @@ FUSION_METHODS: tuple[FusionMethod, ...] = ("weighted_sum", "weighted_product")
 # Scene, experiment and arm names become metric labels and log fields: short and plain.
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHARE_TOLERANCE = 1e-9
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3_600.0, "d": 86_400.0}
 
 
 class ConfigError(ValueError):
@@ -84,6 +103,7 @@ class Scene:
     default_count: int = 20  # items returned when the request leaves count at 0
     max_count: int = 100
     pipeline: tuple[str, ...] = PIPELINE_STAGES  # the request's stages, in order
+    new_items: NewItemTraffic = field(default_factory=NewItemTraffic)  # off unless slots > 0
 
     def selector(self) -> Selector:
         """The rerank stage this scene asks for."""
@@ -142,7 +162,11 @@ def apply_overrides(
     validated; errors name `path` + the field."""
     known_channels = _channels(channels)
     obj = _object(overrides, path)
-    _only(obj, ("quotas", "recall_candidates", "prerank_keep", "fusion", "rerank", "count", "pipeline"), path)
+    _only(
+        obj,
+        ("quotas", "recall_candidates", "prerank_keep", "fusion", "rerank", "count", "pipeline", "new_items"),
+        path,
+    )
     changes: dict[str, Any] = {}
     if "quotas" in obj:
         quotas = dict(scene.quotas)
@@ -164,6 +188,8 @@ def apply_overrides(
         changes.update(_rerank(scene, obj["rerank"], f"{path}.rerank"))
     if "pipeline" in obj:
         changes["pipeline"] = _pipeline(obj["pipeline"], f"{path}.pipeline")
+    if "new_items" in obj:
+        changes["new_items"] = _new_items(scene.new_items, obj["new_items"], f"{path}.new_items")
     if "count" in obj:
         counts = _object(obj["count"], f"{path}.count")
         _only(counts, ("default", "max"), f"{path}.count")
@@ -197,6 +223,43 @@ def _pipeline(value: object, path: str) -> tuple[str, ...]:
     if len(set(stages)) != len(stages) or list(stages) != [s for s in PIPELINE_STAGES if s in stages]:
         raise ConfigError(path, f"stages once each, in the order {', '.join(PIPELINE_STAGES)}")
     return stages
+
+
+def _new_items(base: NewItemTraffic, value: object, path: str) -> NewItemTraffic:
+    obj = _object(value, path)
+    _only(obj, ("slots", "max_age", "boost", "boost_half_life_impressions"), path)
+    changes: dict[str, Any] = {}
+    if "slots" in obj:
+        changes["slots"] = _integer(obj["slots"], f"{path}.slots", 0)
+    if "max_age" in obj:
+        changes["max_age_seconds"] = _duration(obj["max_age"], f"{path}.max_age")
+    if "boost" in obj:
+        boost = _number(obj["boost"], f"{path}.boost")
+        if boost < 0:
+            raise ConfigError(f"{path}.boost", f"must be a number ≥ 0, got {boost}")
+        changes["boost"] = boost
+    if "boost_half_life_impressions" in obj:
+        half_life = _number(obj["boost_half_life_impressions"], f"{path}.boost_half_life_impressions")
+        if half_life <= 0:
+            raise ConfigError(f"{path}.boost_half_life_impressions", f"must be a number > 0, got {half_life}")
+        changes["boost_half_life_impressions"] = half_life
+    return replace(base, **changes)
+
+
+def _duration(value: object, path: str) -> float:
+    """Seconds, from a number or a string of a number and a unit: "45s", "90m", "12h", "3d"."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ConfigError(
+                path, f'must be seconds or a duration such as "90m", "12h", "3d", got {value!r}'
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        seconds = _number(value, path)
+    if seconds <= 0:
+        raise ConfigError(path, f"must be a duration > 0, got {value!r}")
+    return seconds
 
 
 def _fusion(base: Fusion, value: object, path: str) -> Fusion:
@@ -370,6 +433,10 @@ class ExperimentConfig:
     @classmethod
     def empty(cls) -> ExperimentConfig:
         return cls({})
+
+    def variant_scenes(self) -> list[Scene]:
+        """Every (scene, arm) variant built at load (empty when loaded without scenes)."""
+        return [variant for _, variant in self._variants.values()]
 
     def experiment_for(self, scene_name: str) -> Experiment | None:
         return self._by_scene.get(scene_name)

@@ -48,6 +48,7 @@ from recsys.evaluation.evaluator import (
     evaluate,
     full_history,
     merged_candidates,
+    pipeline_ndcg,
     run_channels,
     tune_merge,
 )
@@ -83,6 +84,7 @@ from training.models.two_tower import (
     log_sampling_probability,
     train_two_tower,
 )
+from training.quantise import GateDecision, quality_gate, quantise_int8
 from training.report import write_report
 
 log = logging.getLogger("recsys.build")
@@ -120,6 +122,10 @@ class BuildProfile:
     # for every user would take longer than the whole build.
     retrieval_only: bool = False
     max_eval_users: int | None = None
+    # Publish an int8 (dynamically quantised) ranker if it passes the quality gate on
+    # validation (`training.quantise`); off by default: it measured ~8% faster per 200 rows
+    # here (BENCHMARKS.md), not worth a second model format until it is needed.
+    ranker_int8: bool = False
 
 
 RECENT_ITEMS = 20  # history items the item-to-item channels read by default (`Defaults.recent_items`)
@@ -404,6 +410,19 @@ def _serving_model(
     )
 
 
+def _gate_int8(
+    fit_model: ServingModel, defaults: Defaults, run: ChannelRun, validation: HeldOut, fp32: bytes
+) -> GateDecision:
+    """The int8 ranker against the fp32 one it came from, each serving the fit part's
+    pipeline (tuned merge, same candidates) for the validation users."""
+    tuned = dataclasses.replace(fit_model, defaults=defaults)
+
+    def score(ranker: bytes) -> float:
+        return pipeline_ndcg(dataclasses.replace(tuned, ranker=OnnxModel(ranker)), run, validation.relevant)
+
+    return quality_gate(fp32, quantise_int8(fp32), "int8", score)
+
+
 def _ranker_eval_rows(
     encoded: Encoded, train: Interactions, test: Interactions, seed: int, config: RankerConfig
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -650,10 +669,19 @@ def prepare(
     ranker_training: RankerTraining | None = None
     ranker_counts: dict[str, int] = {}
     ranker_rows: RankerRowIndex | None = None
+    quantisation: dict[str, Any] | None = None
     if not profile.retrieval_only:
         ranker_onnx, ranker_parity, ranker_training, ranker_counts, ranker_rows = _train_ranker(
             fit_model, run, weights, quotas, validation, train, encoded.n_items, profile, stages
         )
+        if profile.ranker_int8:
+            stages.start("ranker: int8 + quality gate on validation")
+            gate = _gate_int8(fit_model, defaults, run, validation_heldout, ranker_onnx)
+            stages.note(
+                f"int8 ranker: validation ndcg@10 {gate.report['candidate']:.4f} vs fp32"
+                f" {gate.report['reference']:.4f}; published {gate.report['published']}"
+            )
+            ranker_onnx, quantisation = gate.published, gate.report
         trained = dataclasses.replace(
             trained,
             ranker=ranker_onnx,
@@ -706,6 +734,8 @@ def prepare(
         metrics["item_cold_start"] = evaluate_item_cold_start_seeds(
             served, OnnxModel(trained.item_tower), cold_start, seed=seed, progress=stages.note
         )
+    if quantisation is not None:
+        metrics["validation"]["ranker_quantisation"] = quantisation
     stages.finish()
     training_config = {
         "profile": profile.name,
@@ -864,6 +894,14 @@ def summary_rows(result: BuildResult) -> list[tuple[str, str]]:
     for head, value in m.get("ranker", {}).get("auc", {}).items():
         rows.append((f"ranker AUC {head}", f"{value:.4f}" if not math.isnan(value) else "n/a"))
     rows.append(("ANN recall@100", f"{m['ann']['recall@100_vs_exact']:.4f}"))
+    gate = m.get("validation", {}).get("ranker_quantisation")
+    if gate is not None:
+        rows.append(
+            (
+                "int8 ranker (validation ndcg@10)",
+                f"{gate['candidate']:.4f} vs fp32 {gate['reference']:.4f}: published {gate['published']}",
+            )
+        )
     return rows
 
 

@@ -233,6 +233,23 @@ def pipeline_lists(
     return result
 
 
+def _pipeline(
+    model: ServingModel, run: ChannelRun
+) -> tuple[list[tuple[MergedCandidates, dict[str, FloatArray]]], list[IntArray]]:
+    """The served path over a channel run: merged candidates ranked, then the top 10."""
+    candidates = merged_candidates(
+        run, model.defaults.channel_weights, model.defaults.channel_quotas, model.defaults.candidate_budget
+    )
+    ranked = ranked_candidates(model, run, candidates)
+    return ranked, pipeline_lists(model, ranked)
+
+
+def pipeline_ndcg(model: ServingModel, run: ChannelRun, relevant: list[IntArray]) -> float:
+    """The pipeline's NDCG@10 over `run`'s users (what the build's quality gate compares)."""
+    _, final = _pipeline(model, run)
+    return float(np.mean([ndcg_at_k(items, rel, 10) for items, rel in zip(final, relevant, strict=True)]))
+
+
 def candidate_auc(
     ranked: list[tuple[MergedCandidates, dict[str, FloatArray]]], relevant: list[IntArray]
 ) -> dict[str, float]:
@@ -403,11 +420,7 @@ def evaluate(
     if model.ranker is not None:
         step("pipeline")
         budget = model.defaults.candidate_budget
-        candidates = merged_candidates(
-            run, model.defaults.channel_weights, model.defaults.channel_quotas, budget
-        )
-        ranked = ranked_candidates(model, run, candidates)
-        final = pipeline_lists(model, ranked)
+        ranked, final = _pipeline(model, run)
         pipeline = {
             "ndcg@10": float(
                 np.mean([ndcg_at_k(items, rel, 10) for items, rel in zip(final, relevant, strict=True)])

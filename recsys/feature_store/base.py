@@ -14,6 +14,8 @@ Two kinds of data:
   they first arrived, never reused), and the withdrawn item ids (upserted ones or a
   version's own). A version serves new item `o` as dense index `n_items + o`
   (`recsys.catalogue`), so every process agrees on it without talking to the others.
+  Each upserted item also has an impression count (how often the gateway showed it), which
+  the new-item traffic control of scenes reads.
 
 Implementations: `InProcessFeatureStore` (embedded, no Redis) and `RedisFeatureStore`. One
 contract suite (tests/recsys/feature_store/test_contract.py) runs against both.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -334,6 +336,16 @@ class FeatureStore(Protocol):
 
     async def engagers(self) -> dict[str, tuple[str, ...]]:
         """Every item's first engagers, first first (read again only when the revision moved)."""
+        ...
+
+    async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
+        """Add `counts` (item id → times shown, each ≥ 1) to the live catalogue's items'
+        impression counts. Ids the catalogue does not hold are ignored, so the counts stay
+        bounded by the catalogue. Traffic control for new items decays their boost with these."""
+        ...
+
+    async def item_impressions(self, item_ids: Sequence[str]) -> list[int]:
+        """For each id, how many impressions `add_item_impressions` counted (0: none)."""
         ...
 
     async def close(self) -> None: ...

@@ -75,6 +75,7 @@ class InProcessFeatureStore:
         self._catalogue_state = CatalogueState.empty()  # rebuilt when read after a change
         self._engagers: dict[str, list[str]] = {}
         self._engagers_revision = 0
+        self._impressions: dict[str, int] = {}  # upserted item id → times shown
 
     def __repr__(self) -> str:
         return f"InProcessFeatureStore(versions={sorted(self._versions)})"
@@ -277,6 +278,14 @@ class InProcessFeatureStore:
 
     async def engagers(self) -> dict[str, tuple[str, ...]]:
         return {item: tuple(users) for item, users in self._engagers.items() if users}
+
+    async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
+        for item_id, count in counts.items():
+            if item_id in self._catalogue:
+                self._impressions[item_id] = self._impressions.get(item_id, 0) + int(count)
+
+    async def item_impressions(self, item_ids: Sequence[str]) -> list[int]:
+        return [self._impressions.get(item_id, 0) for item_id in item_ids]
 
     def _alive(self, entry: _CacheEntry, now: float) -> bool:
         return cache_entry_alive(entry.added, entry.uses, now, self.policy)

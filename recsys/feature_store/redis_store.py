@@ -20,6 +20,7 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:{catalogue}:rev` | string | the catalogue's revision, INCR on every change (what services poll) |
 | `P:{catalogue}:engagers` | hash | new item id → JSON array of its first K engaged user ids (look-alike) |
 | `P:{catalogue}:engagers-rev` | string | INCR whenever an engager is added (what recall polls) |
+| `P:{catalogue}:impressions` | hash | upserted item id → times the gateway showed it (HINCRBY) |
 
 - A snapshot is `16 + 16·n` bytes: header `<4sIiI` (b"RSS1", n, region token, 0), then
   times int64[n], items int32[n], ratings float32[n], little-endian. Users with no
@@ -33,7 +34,9 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
   are Lua scripts, so concurrent takes never serve an item more than `cache_max_uses` times.
 - The catalogue keys share the hash tag `{catalogue}` (one slot in a cluster), so that the
   upsert and withdraw scripts change them atomically and a poll reads them in one pipeline.
-  They never expire: an item stays until a build absorbs it (a later concern).
+  They never expire: an item stays until a build absorbs it (a later concern). The
+  impressions hash only counts ids the items hash holds (one script checks and increments),
+  so it is bounded by the catalogue.
 - Every key of one user carries the hash tag `{U}`, so in Redis Cluster they share a slot and
   `user_state` (GET + LRANGE + MGET + HGETALL) is one pipeline to one node. No command spans
   users except the event-id SETs, which a cluster pipeline splits by slot.
@@ -250,6 +253,16 @@ if #ARGV > 1 then redis.call('INCR', KEYS[2]) end
 return out
 """
 
+# KEYS: items, impressions; ARGV: id, count, id, count, … Only catalogue items are counted.
+_ADD_ITEM_IMPRESSIONS = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+
 
 # KEYS: engagers, engagers-rev; ARGV: limit, then (item id, user id) pairs. Returns how many
 # engagers were added. One script: two gateways reporting at once must not both take the
@@ -328,7 +341,7 @@ class RedisKeys:
         return f"{self.prefix}:events"
 
     def catalogue(self, part: str) -> str:
-        """One of the live catalogue's keys: items, ordinals, next, withdrawn, rev."""
+        """One of the live catalogue's keys: items, ordinals, next, withdrawn, rev, impressions."""
         return f"{self.prefix}:{{catalogue}}:{part}"
 
 
@@ -381,6 +394,7 @@ class RedisFeatureStore:
         self._upsert_items = self._writes.register_script(_UPSERT_ITEMS)
         self._withdraw_items = self._writes.register_script(_WITHDRAW_ITEMS)
         self._record_engagers = self._writes.register_script(_RECORD_ENGAGERS)
+        self._add_item_impressions = self._writes.register_script(_ADD_ITEM_IMPRESSIONS)
 
     def __repr__(self) -> str:
         return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
@@ -834,6 +848,28 @@ class RedisFeatureStore:
                 item_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else str(raw_id)
                 result[item_id] = tuple(str(user) for user in users)
         return result
+
+    async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
+        if not counts:
+            return
+        arguments: list[str] = []
+        for item_id, count in counts.items():
+            arguments += [item_id, str(int(count))]
+        keys = [self.keys.catalogue("items"), self.keys.catalogue("impressions")]
+        await self._call(
+            "add_item_impressions", self.write_timeout, self._add_item_impressions(keys=keys, args=arguments)
+        )
+
+    async def item_impressions(self, item_ids: Sequence[str]) -> list[int]:
+        if not item_ids:
+            return []
+        # A poll off the request path, for every young new item at once: the write budget.
+        values = await self._call(
+            "item_impressions",
+            max(self.read_timeout, self.write_timeout),
+            self._reads.hmget(self.keys.catalogue("impressions"), list(item_ids)),
+        )
+        return [0 if value is None else int(value) for value in values]
 
     # --- the durable event log (see recsys.feature_store.event_log) ----------------------------
     async def log_append(self, entries: Sequence[Mapping[str, str]], max_length: int) -> None:

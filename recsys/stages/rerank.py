@@ -21,13 +21,23 @@ Business rules (`RerankRules`) are enforced while selecting: at each position th
 candidates that would break a rule there are passed over. When every remaining candidate
 breaks some rule, the ones breaking the fewest rules compete instead, so the list is always
 `min(count, n)` long and a rule gives way only where the candidates leave no choice.
+
+New-item traffic (`NewItemTraffic`, a scene's `new_items`): the candidates the caller marks
+as new (`NewCandidates`: items upserted less than `max_age_seconds` ago) get a boost added
+to their rescaled reward that halves every `boost_half_life_impressions` impressions, and
+`slots` positions are theirs: at most `slots` new items are shown (a hard cap, unlike the
+rules: when only new items are left the list stops short of `count`), and when fewer made
+it by their boosted score, the best remaining new candidates fill the last positions, so a
+scene shows `min(slots, new candidates)` new items in every answer long enough to hold them.
+Cap and reservation come before the business rules: among the candidates they allow, the
+rules decide as above (so a rule gives way in a reserved position if every new item breaks it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +104,67 @@ class RerankRules:
         return problems
 
 
+@dataclass(frozen=True)
+class NewItemTraffic:
+    """A scene's share of the answer for new items (see the module docstring). `slots` 0 is
+    off: no boost, no cap, no reservation.
+
+    - `slots`: how many positions new items get (at most, and at least when there are
+      that many new candidates);
+    - `max_age_seconds`: an item counts as new for this long after its upsert;
+    - `boost`: added to a new item's reward (rewards are rescaled to [0, 1] first, so 1.0
+      lifts it by the whole range of the candidates' rewards), times
+      0.5 ** (impressions / `boost_half_life_impressions`).
+    """
+
+    slots: int = 0
+    max_age_seconds: float = 3 * 86_400.0
+    boost: float = 0.0
+    boost_half_life_impressions: float = 100.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 0:
+            raise ValueError(f"slots: must be an integer ≥ 0, got {self.slots!r}")
+        for name in ("max_age_seconds", "boost", "boost_half_life_impressions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number, got {value!r}")
+        if self.max_age_seconds <= 0:
+            raise ValueError(f"max_age_seconds: must be > 0, got {self.max_age_seconds!r}")
+        if self.boost < 0:
+            raise ValueError(f"boost: must be ≥ 0, got {self.boost!r}")
+        if self.boost_half_life_impressions <= 0:
+            raise ValueError(
+                f"boost_half_life_impressions: must be > 0, got {self.boost_half_life_impressions!r}"
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.slots > 0
+
+    def boosts(self, impressions: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        """The boost of new items shown `impressions` times so far."""
+        shown = np.maximum(np.asarray(impressions, np.float64), 0.0)
+        boosted: npt.NDArray[np.float64] = self.boost * np.exp2(-shown / self.boost_half_life_impressions)
+        return boosted
+
+
+@dataclass(frozen=True, eq=False)
+class NewCandidates:
+    """Which of a call's candidates are new items under `traffic` (fresh [n] bool) and how
+    often each was shown (impressions [n], any value for the others)."""
+
+    traffic: NewItemTraffic
+    fresh: npt.NDArray[np.bool_]
+    impressions: npt.NDArray[Any]
+
+    def check(self, n: int) -> None:
+        if np.shape(self.fresh) != (n,):
+            raise ValueError(f"fresh: expected shape ({n},), got {np.shape(self.fresh)}")
+        if np.shape(self.impressions) != (n,):
+            raise ValueError(f"impressions: expected shape ({n},), got {np.shape(self.impressions)}")
+
+
 class Selector(Protocol):
     """Chooses the shown list: positions into the candidate arrays, in display order."""
 
@@ -108,6 +179,7 @@ class Selector(Protocol):
         categories: IntArray,
         authors: IntArray,
         count: int,
+        new: NewCandidates | None = None,
     ) -> IntArray: ...
 
 
@@ -133,21 +205,35 @@ class _GreedySelector:
         categories: IntArray,
         authors: IntArray,
         count: int,
+        new: NewCandidates | None = None,
     ) -> IntArray:
         """Positions into `items` (and the aligned arrays), in display order: exactly
-        `min(count, len(items))` distinct ones.
+        `min(count, len(items))` distinct ones (fewer only when `new` caps new items and
+        nothing else is left).
 
         items [n]; rewards [n] finite reals (higher is better); embeddings [n, d] (unused
         by `TopKSelector`, may be None there); categories [n, max_categories] category
         tokens, 0 pads (a 1-D array is one category per item); authors [n] author tokens,
-        0 unknown."""
+        0 unknown; new: the new candidates and their scene's traffic control (None: none)."""
         n = _check_inputs(items, rewards, embeddings, categories, authors, count)
+        if new is not None:
+            new.check(n)
         length = min(count, n)
         if length == 0:
             return np.zeros(0, np.int32)
         reward = _unit_interval(np.asarray(rewards, np.float64))
+        fresh: npt.NDArray[np.bool_] | None = None
+        slots = reserve = 0
+        if new is not None and new.traffic.active and bool(np.any(new.fresh)):
+            fresh = np.asarray(new.fresh, dtype=bool)
+            n_fresh = int(np.count_nonzero(fresh))
+            slots = new.traffic.slots
+            # Added after the rescale: the other candidates keep their [0, 1] rewards.
+            reward = reward + np.where(fresh, new.traffic.boosts(new.impressions), 0.0)
+            length = min(length, n - n_fresh + slots)
+            reserve = min(slots, n_fresh, length)
         gains = self._gains(reward, embeddings)
-        if not self.rules.active and gains is None:
+        if not self.rules.active and gains is None and fresh is None:
             return np.argsort(-reward, kind="stable")[:length].astype(np.int32)
         scores_of = gains.scores if gains is not None else lambda: reward
         tracker = (
@@ -157,16 +243,25 @@ class _GreedySelector:
         )
         available = np.ones(n, dtype=bool)
         chosen = np.empty(length, np.int32)
+        placed_new = 0
         for position in range(length):
             scores = scores_of()
+            allowed = available
+            if fresh is not None:
+                if placed_new >= slots:  # the cap: no more new items
+                    allowed = available & ~fresh
+                elif length - position <= reserve - placed_new:  # the reservation's positions
+                    allowed = available & fresh
             if tracker is not None:
                 broken = tracker.count_broken(position)
-                eligible = available & (broken == broken[available].min())
+                eligible = allowed & (broken == broken[allowed].min())
             else:
-                eligible = available
+                eligible = allowed
             choice = int(np.argmax(np.where(eligible, scores, -np.inf)))
             chosen[position] = choice
             available[choice] = False
+            if fresh is not None and fresh[choice]:
+                placed_new += 1
             if tracker is not None:
                 tracker.place(choice, position)
             if gains is not None:

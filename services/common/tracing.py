@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
+from services.common.logs import request_id_var
+
 if TYPE_CHECKING:
     from aiohttp import web
     from opentelemetry.context import Context
@@ -279,6 +281,10 @@ class TracingInterceptor(aio.ServerInterceptor):
                     # grpc.aio gives None until a code is set (the stubs promise a StatusCode)
                     code = cast("grpc.StatusCode | None", context.code()) or grpc.StatusCode.OK
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    # The call guard (inside this span) set it: a log line leads to its trace.
+                    request_id = request_id_var.get()
+                    if request_id != "-":
+                        span.set_attribute("recsys.request_id", request_id)
                     if code in _SERVER_ERRORS:
                         span.set_status(Status(StatusCode.ERROR, code.name))
 

@@ -182,6 +182,7 @@ def catalogue_watcher_for(
     versions: ModelVersions[ServingModel],
     poll_seconds: float,
     prepare: Callable[[ServingModel, NewItems], None] | None = None,
+    impressions_horizon: Callable[[], float] | None = None,
 ) -> CatalogueWatcher:
     """The service's watcher of the live catalogue, laying it out for every servable version,
     with its metrics (`recsys_<service>_catalogue_…`)."""
@@ -200,4 +201,11 @@ def catalogue_watcher_for(
         metrics.new_items.set(0 if view is None else len(view))
         metrics.withdrawn.set(0 if view is None else int(view.withdrawn.shape[0]))
 
-    return CatalogueWatcher(features, servable, poll_seconds, prepare=prepare, on_poll=observe)
+    return CatalogueWatcher(
+        features,
+        servable,
+        poll_seconds,
+        prepare=prepare,
+        on_poll=observe,
+        impressions_horizon=impressions_horizon,
+    )

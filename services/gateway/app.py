@@ -167,9 +167,15 @@ class GatewayApp:
             settings.rank_addr, settings.client, idempotent_services=IDEMPOTENT, forward_request_id=False
         )
         config = load_config(settings)
-        # Items upserted or withdrawn while serving: answers name them, filters drop the withdrawn.
+        # Items upserted or withdrawn while serving: answers name them, filters drop the withdrawn;
+        # and the impressions of the young ones, for the scenes' new-item traffic control (the
+        # scenes as reloaded: the horizon is asked at every poll).
         self.catalogue = catalogue_watcher_for(
-            "gateway", self.features, self.versions, settings.catalogue_poll_seconds
+            "gateway",
+            self.features,
+            self.versions,
+            settings.catalogue_poll_seconds,
+            impressions_horizon=lambda: self.engine.new_item_horizon(),
         )
         self.editor = CatalogueEditor(
             self.features, self._catalogued_item, max_items=settings.max_catalogue_items

@@ -15,6 +15,14 @@ Degradation ladder (each step flagged in `degraded_reasons` and counted):
 After answering (never for `dry_run`): the shown items are recorded as exposures and the ranked
 but unshown ones go to the cache channel, off the request's latency, through a bounded queue
 (`AnswerRecorder`).
+
+New-item traffic control (a scene's `new_items`, see `recsys.stages.rerank.NewItemTraffic`):
+rerank boosts, caps and reserves the candidates upserted less than `max_age` ago, their
+impression counts read from the catalogue watcher's memory (polled with the catalogue, never
+on the request path; a feature store that is down leaves the last counts, or none). What an
+answer that is not a dry run shows of them is counted per scene and arm
+(`recsys_gateway_new_item_impressions_total`) and, after answering, in the feature store
+(`add_item_impressions`, what decays their boost).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from recsys.scenes import ExperimentConfig, Scene, scene_named
 from recsys.serving_model import ServingModel
 from recsys.stages.prerank import EmbeddingPreRanker
 from recsys.stages.query import UserHistory
+from recsys.stages.rerank import NewCandidates
 from recsys.stages.sources import not_excluded
 from services.common.deadline import Deadline
 from services.common.tracing import Tracing, span_or_nothing
@@ -228,6 +237,13 @@ class GatewayEngine:
         """The live catalogue on the request's version; None (nothing to do) when it is empty."""
         return None if self.catalogue is None else self.catalogue.view(request.loaded.version)
 
+    def new_item_horizon(self) -> float:
+        """Seconds: the longest `new_items.max_age` of the scenes and experiment arms with
+        new-item traffic on (0 when none is), i.e. which items' impressions the catalogue
+        watcher polls."""
+        scenes = [*self.scenes.values(), *self.experiments.variant_scenes()]
+        return max((s.new_items.max_age_seconds for s in scenes if s.new_items.active), default=0.0)
+
     # -- the request --------------------------------------------------------------------
     async def recommend(self, query: RecommendQuery) -> RecommendResult:
         limits = self.limits
@@ -317,8 +333,22 @@ class GatewayEngine:
                 if item not in shown
             ][: self.limits.cache_items]
             unshown = [(item_id(item), score) for item, score in rest]
+            new_shown: list[str] = []
+            if new_items is not None and len(chosen):
+                # New by the served scene's max_age (whether its traffic control is on or not,
+                # so that the arms of a cold-start experiment count the same items).
+                fresh = new_items.upserted_within(
+                    chosen.items, request.scene.new_items.max_age_seconds, time.time()
+                )
+                new_shown = [items[position].item_id for position in np.flatnonzero(fresh).tolist()]
+                if new_shown:
+                    self._metrics.new_item_impressions.labels(request.scene.name, arm or "none").inc(
+                        len(new_shown)
+                    )
             now = query.request_time or time.time()
-            self.recorder.submit(AnswerWrites(query.user_id, [item.item_id for item in items], unshown, now))
+            self.recorder.submit(
+                AnswerWrites(query.user_id, [item.item_id for item in items], unshown, now, new_shown)
+            )
         return RecommendResult(
             items,
             request.loaded.version,
@@ -547,9 +577,31 @@ class GatewayEngine:
             )
             authors = new_items.gather(np.asarray(catalogue.authors), new_items.authors, ranked.items)
         positions = request.scene.selector().select(
-            ranked.items, ranked.scores, embeddings, categories, authors, request.query.count
+            ranked.items,
+            ranked.scores,
+            embeddings,
+            categories,
+            authors,
+            request.query.count,
+            self._new_candidates(request, new_items, ranked.items),
         )
         request.candidates = ranked.take(np.asarray(positions, dtype=np.intp))
+
+    def _new_candidates(
+        self, request: _Request, new_items: NewItems | None, items: IntArray
+    ) -> NewCandidates | None:
+        """The candidates the scene's new-item traffic control boosts, caps and reserves
+        (None: it is off, or there are none), with their impressions as last polled."""
+        traffic = request.scene.new_items
+        if new_items is None or self.catalogue is None or not traffic.active:
+            return None
+        # Wall-clock age: a request's own time (a replay's, a client's clock) does not make
+        # an item new.
+        fresh = new_items.upserted_within(items, traffic.max_age_seconds, time.time())
+        if not fresh.any():
+            return None
+        impressions = np.where(fresh, self.catalogue.impressions(np.asarray(items) - new_items.base), 0)
+        return NewCandidates(traffic, fresh, impressions)
 
     async def drain(self) -> None:
         """Finish the writes of answers already given (at shutdown)."""

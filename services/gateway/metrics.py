@@ -15,6 +15,12 @@ class GatewayMetrics:
             "Recommend answers by scene, experiment arm and outcome (full, degraded).",
             ("scene", "arm", "outcome"),
         )
+        self.new_item_impressions = metrics.counter(
+            "new_item_impressions_total",
+            "New items shown (answers that are not dry runs), by scene and experiment arm: items of the "
+            "live catalogue upserted less than the scene's new_items.max_age ago.",
+            ("scene", "arm"),
+        )
         self.degraded = metrics.counter(
             "degraded_total", "Degraded answers by reason (one answer may count several).", ("reason",)
         )

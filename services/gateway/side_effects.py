@@ -1,5 +1,6 @@
 """`AnswerRecorder`: the writes after an answer (the shown items as exposures, the ranked but
-unshown ones for the cache channel), off the request's latency and bounded.
+unshown ones for the cache channel, the impressions of the new items shown), off the
+request's latency and bounded.
 
 A fixed queue drained by a few writer tasks: under a burst, or with a slow Redis, the writes
 wait there instead of piling up as one task per answer (unbounded memory, and Redis buried
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from recsys.feature_store import FeatureStore
 from services.gateway.metrics import GatewayMetrics
@@ -28,6 +29,7 @@ class AnswerWrites:
     shown: list[str]
     unshown: list[tuple[str, float]]
     now: float
+    new_items: list[str] = field(default_factory=list)  # the shown new items (impressions to count)
 
 
 class AnswerRecorder:
@@ -75,10 +77,13 @@ class AnswerRecorder:
                 self._metrics.side_effects_queued.set(self._queue.qsize())
 
     async def _write(self, writes: AnswerWrites) -> None:
-        steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("exposures", lambda: self._features.record_exposures(writes.user_id, writes.shown, writes.now)),
             ("cache", lambda: self._features.put_cache(writes.user_id, writes.unshown, writes.now)),
-        )
+        ]
+        if writes.new_items:
+            counts = dict.fromkeys(writes.new_items, 1)
+            steps.append(("new_item_impressions", lambda: self._features.add_item_impressions(counts)))
         for what, write in steps:  # one after the other: a user's writes stay ordered
             try:
                 await write()

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from recsys.artifacts import CoreArtifacts
 from recsys.catalogue import CatalogueWatcher, NewItems, VersionVocabulary
@@ -230,3 +231,91 @@ async def test_a_failed_poll_keeps_the_last_views_and_is_reported() -> None:
         await watcher.stop()
     assert polls[0] is True
     assert polls[-1] is True
+
+
+# -- what new-item traffic control reads ----------------------------------------------------------
+async def test_upserted_within_is_measured_from_the_latest_upsert() -> None:
+    store = InProcessFeatureStore()
+    await store.upsert_items([book("new-old")], NOW - 2 * DAY)
+    await store.upsert_items([book("new-young", days_old=30)], NOW - 0.5 * DAY)  # published long ago
+    watcher = CatalogueWatcher(store, lambda: [("v1", model_of(core_with_metadata()))], 0.1)
+    await watcher.poll()
+    view = watcher.view("v1")
+    assert view is not None
+    indexes = np.array([2, 6, 7, 99])  # the version's own, new-old, new-young, nobody
+    assert view.upserted_within(indexes, DAY, NOW).tolist() == [False, False, True, False]
+    assert view.upserted_within(indexes, 3 * DAY, NOW).tolist() == [False, True, True, False]
+    await store.upsert_items([book("new-old")], NOW - 60)  # upserted again: young again
+    await watcher.poll()
+    view = watcher.view("v1")
+    assert view is not None
+    assert view.upserted_within(indexes, DAY, NOW).tolist() == [False, True, True, False]
+
+
+async def test_the_watcher_polls_the_impressions_of_young_items_only() -> None:
+    store = InProcessFeatureStore()
+    await store.upsert_items([book("new-old")], NOW - 2 * DAY)
+    await store.upsert_items([book("new-young"), book("new-gone")], NOW - 0.5 * DAY)
+    await store.withdraw_items(["new-gone"], NOW)
+    await store.add_item_impressions({"new-old": 5, "new-young": 3, "new-gone": 4})
+    horizon = [DAY]
+    read: list[list[str]] = []
+
+    original = store.item_impressions
+
+    async def recording(item_ids: Any) -> list[int]:
+        read.append(list(item_ids))
+        return await original(item_ids)
+
+    store.item_impressions = recording  # type: ignore[method-assign]
+    watcher = CatalogueWatcher(
+        store,
+        lambda: [("v1", model_of(core_with_metadata()))],
+        0.1,
+        impressions_horizon=lambda: horizon[0],
+        clock=lambda: NOW,
+    )
+    await watcher.poll()
+    # Ordinals 0, 1, 2: too old, young, withdrawn; 3 and -1: no such item.
+    assert watcher.impressions(np.array([0, 1, 2, 3, -1])).tolist() == [0, 3, 0, 0, 0]
+    assert read == [["new-young"]]
+    # Counts move without a catalogue change: every poll reads them.
+    await store.add_item_impressions({"new-young": 2})
+    assert not await watcher.poll()
+    assert watcher.impressions(np.array([1])).tolist() == [5]
+    horizon[0] = 3 * DAY
+    await watcher.poll()
+    assert watcher.impressions(np.array([0, 1])).tolist() == [5, 5]
+    horizon[0] = 0.0  # no scene has traffic control on: nothing is read
+    await watcher.poll()
+    assert watcher.impressions(np.array([0, 1])).tolist() == [0, 0]
+    assert len(read) == 3
+
+
+class ImpressionsDown(InProcessFeatureStore):
+    down = False
+
+    async def item_impressions(self, item_ids: Any) -> list[int]:
+        if self.down:
+            raise FeatureStoreUnavailable("down for the test")
+        return await super().item_impressions(item_ids)
+
+
+async def test_a_failed_impressions_read_keeps_the_last_counts() -> None:
+    store = ImpressionsDown()
+    await store.upsert_items([book("new-a")], NOW)
+    await store.add_item_impressions({"new-a": 7})
+    watcher = CatalogueWatcher(
+        store,
+        lambda: [("v1", model_of(core_with_metadata()))],
+        0.1,
+        impressions_horizon=lambda: DAY,
+        clock=lambda: NOW,
+    )
+    await watcher.poll()
+    store.down = True
+    await store.add_item_impressions({"new-a": 1})
+    with pytest.raises(FeatureStoreUnavailable):  # the watcher's loop logs and counts it
+        await watcher.poll()
+    assert watcher.impressions(np.array([0])).tolist() == [7]
+    assert watcher.view("v1") is not None

@@ -13,6 +13,8 @@ from recsys.evaluation.diversity import category_coverage, distinct_categories, 
 from recsys.stages.rerank import (
     DppSelector,
     MmrSelector,
+    NewCandidates,
+    NewItemTraffic,
     RerankRules,
     Selector,
     TopKSelector,
@@ -372,3 +374,154 @@ def test_mmr_and_dpp_lists_are_more_diverse_than_top_k() -> None:
     for selector in (MmrSelector(0.5, 5), DppSelector(0.5, 5)):
         chosen = select(selector, rewards, embeddings, count=10)
         assert intra_list_diversity(embeddings[chosen]) > baseline + 0.3
+
+
+# -- new-item traffic ------------------------------------------------------------------------
+# Ten candidates, rewards 1.0, 0.9, … 0.1: rescaled, position k has reward 1 − k/9.
+TEN = np.linspace(1.0, 0.1, 10).astype(np.float32)
+
+
+def new_candidates(
+    fresh: list[int],
+    impressions: dict[int, int] | None = None,
+    n: int = 10,
+    *,
+    slots: int,
+    boost: float = 0.0,
+    boost_half_life_impressions: float = 100.0,
+) -> NewCandidates:
+    mask = np.zeros(n, dtype=bool)
+    mask[fresh] = True
+    shown = np.zeros(n, np.int64)
+    for position, count in (impressions or {}).items():
+        shown[position] = count
+    traffic = NewItemTraffic(slots, boost=boost, boost_half_life_impressions=boost_half_life_impressions)
+    return NewCandidates(traffic, mask, shown)
+
+
+def select_new(
+    selector: Selector, new: NewCandidates, count: int, rewards: npt.NDArray[np.float32] = TEN
+) -> list[int]:
+    n = rewards.shape[0]
+    chosen = selector.select(
+        np.arange(n, dtype=np.int32),
+        rewards,
+        np.eye(n, dtype=np.float32),
+        np.zeros((n, 1), np.int32),
+        np.zeros(n, np.int32),
+        count,
+        new,
+    )
+    return [int(position) for position in chosen]
+
+
+def test_new_items_beyond_the_slots_are_passed_over() -> None:
+    # The four best are new; two slots: the next two new ones give way to 4, 5, …
+    new = new_candidates([0, 1, 2, 3], slots=2)
+    assert select_new(TopKSelector(), new, 6) == [0, 1, 4, 5, 6, 7]
+
+
+def test_slots_not_filled_by_score_are_filled_by_the_best_remaining_new_items_last() -> None:
+    new = new_candidates([6, 8, 9], slots=2)
+    # No new item makes the top five by score: the last two positions go to the best new ones.
+    assert select_new(TopKSelector(), new, 5) == [0, 1, 2, 6, 8]
+    # Fewer new candidates than slots: all of them, the rest by score.
+    assert select_new(TopKSelector(), new_candidates([9], slots=2), 4) == [0, 1, 2, 9]
+
+
+def test_the_boost_lifts_a_new_item_and_halves_every_half_life_of_impressions() -> None:
+    # The new item is the worst (rescaled reward 0); boost 0.5 puts it between 4 (5/9) and 5 (4/9).
+    assert select_new(TopKSelector(), new_candidates([9], slots=1, boost=0.5), 10) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        9,
+        5,
+        6,
+        7,
+        8,
+    ]
+    # 100 impressions: 0.25, between 6 (3/9) and 7 (2/9); 300: 0.0625, below 8 (1/9).
+    shown_100 = new_candidates([9], {9: 100}, slots=1, boost=0.5)
+    assert select_new(TopKSelector(), shown_100, 10) == [0, 1, 2, 3, 4, 5, 6, 9, 7, 8]
+    shown_300 = new_candidates([9], {9: 300}, slots=1, boost=0.5)
+    assert select_new(TopKSelector(), shown_300, 10) == list(range(10))
+    # Boosted to nothing, it still holds its reserved slot in a shorter list.
+    assert select_new(TopKSelector(), shown_300, 5) == [0, 1, 2, 3, 9]
+    np.testing.assert_allclose(
+        NewItemTraffic(1, boost=0.5, boost_half_life_impressions=100).boosts(np.array([0, 100, 300, 50])),
+        [0.5, 0.25, 0.0625, 0.5 / math.sqrt(2)],
+    )
+
+
+def test_the_boost_ranks_new_items_among_themselves_by_impressions() -> None:
+    # Equal rewards: the less shown new item is boosted more and comes first.
+    rewards = np.ones(4, np.float32)
+    new = new_candidates([1, 2], {1: 200, 2: 0}, n=4, slots=2, boost=1.0, boost_half_life_impressions=100)
+    assert select_new(TopKSelector(), new, 4, rewards) == [2, 1, 0, 3]
+
+
+def test_the_cap_is_hard_when_only_new_items_are_left() -> None:
+    assert select_new(TopKSelector(), new_candidates(list(range(10)), slots=2), 5) == [0, 1]
+    assert select_new(TopKSelector(), new_candidates([0, 1, 2, 3, 4, 5, 6, 7], slots=2), 6) == [0, 1, 8, 9]
+
+
+def test_no_traffic_or_no_new_candidate_changes_nothing() -> None:
+    plain = select_new(TopKSelector(), new_candidates([], slots=2, boost=1.0), 6)
+    assert plain == [0, 1, 2, 3, 4, 5]
+    # slots 0 is off: neither the boost nor a cap applies.
+    assert select_new(TopKSelector(), new_candidates([8, 9], slots=0, boost=5.0), 6) == plain
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        TopKSelector(RerankRules(max_consecutive_category=1)),
+        MmrSelector(0.6, 4, RerankRules(max_consecutive_category=2, max_consecutive_author=1)),
+        DppSelector(0.6, 4, RerankRules(first_screen=5, first_screen_max_per_category=2)),
+    ],
+    ids=["top_k", "mmr", "dpp"],
+)
+def test_new_item_slots_hold_with_every_selector_and_rule_on_random_inputs(selector: Selector) -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n, count, slots = int(rng.integers(5, 40)), int(rng.integers(1, 25)), int(rng.integers(1, 4))
+        fresh = rng.random(n) < rng.random()
+        new = NewCandidates(NewItemTraffic(slots, boost=float(rng.random())), fresh, rng.integers(0, 500, n))
+        chosen = selector.select(
+            np.arange(n, dtype=np.int32),
+            rng.normal(size=n).astype(np.float32),
+            rng.normal(size=(n, 6)).astype(np.float32),
+            rng.integers(1, 4, size=(n, 2)).astype(np.int32),
+            rng.integers(0, 4, size=n).astype(np.int32),
+            count,
+            new,
+        )
+        n_fresh = int(fresh.sum())
+        length = min(count, n, n - n_fresh + slots)
+        assert len(chosen) == len(set(chosen.tolist())) == length
+        assert int(fresh[chosen].sum()) == min(slots, n_fresh, length)
+
+
+@pytest.mark.parametrize(
+    ("traffic", "field"),
+    [
+        ({"slots": -1}, "slots"),
+        ({"slots": 1.5}, "slots"),
+        ({"slots": 1, "max_age_seconds": 0}, "max_age_seconds"),
+        ({"slots": 1, "boost": -0.1}, "boost"),
+        ({"slots": 1, "boost": math.inf}, "boost"),
+        ({"slots": 1, "boost_half_life_impressions": 0}, "boost_half_life_impressions"),
+    ],
+)
+def test_bad_new_item_traffic_names_the_field(traffic: dict[str, float], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        NewItemTraffic(**traffic)  # type: ignore[arg-type]
+
+
+def test_new_candidates_must_align_with_the_candidates() -> None:
+    new = NewCandidates(NewItemTraffic(1), np.zeros(3, dtype=bool), np.zeros(10, np.int64))
+    with pytest.raises(ValueError, match=r"^fresh: "):
+        select_new(TopKSelector(), new, 5)

@@ -25,7 +25,7 @@ from recsys.scenes import (
     scenes_from_json,
 )
 from recsys.stages.fusion import Fusion
-from recsys.stages.rerank import DppSelector, MmrSelector, RerankRules, TopKSelector
+from recsys.stages.rerank import DppSelector, MmrSelector, NewItemTraffic, RerankRules, TopKSelector
 
 ROOT = Path(__file__).resolve().parents[2]
 CHANNELS = ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular")
@@ -66,6 +66,50 @@ def test_scenes_start_from_the_resolved_default_and_override_field_by_field() ->
     selector = home.selector()
     assert isinstance(selector, DppSelector)
     assert (selector.theta, selector.window) == (0.8, 8)
+
+
+def test_new_item_traffic_is_off_by_default_and_overrides_field_by_field() -> None:
+    parsed = scenes(
+        {
+            "default": {"new_items": {"max_age": "12h", "boost_half_life_impressions": 50}},
+            "home": {"new_items": {"slots": 2, "boost": 0.3}},
+            "seconds": {"new_items": {"slots": 1, "max_age": 3600}},
+            "days": {"new_items": {"slots": 1, "max_age": " 1.5d "}},
+        }
+    )
+    assert DEFAULT_SCENE.new_items == NewItemTraffic()
+    assert not DEFAULT_SCENE.new_items.active
+    assert parsed["default"].new_items == NewItemTraffic(0, 43_200.0, 0.0, 50.0)
+    assert parsed["home"].new_items == NewItemTraffic(2, 43_200.0, 0.3, 50.0)  # the rest from default
+    assert parsed["seconds"].new_items.max_age_seconds == 3600.0
+    assert parsed["days"].new_items.max_age_seconds == 129_600.0
+    arm = Arm("treatment", 0.5, {"new_items": {"slots": 3}})
+    assert scene_for(parsed["home"], arm, channels=CHANNELS).new_items == NewItemTraffic(
+        3, 43_200.0, 0.3, 50.0
+    )
+
+
+def test_experiments_list_their_variants_for_the_new_item_horizon() -> None:
+    parsed = scenes({"home": {"new_items": {"max_age": "2h"}}})
+    config = ExperimentConfig.from_json(
+        {
+            "experiments": {
+                "cold": {
+                    "salt": "s",
+                    "scenes": ["home"],
+                    "arms": [
+                        {"name": "control", "share": 0.5},
+                        {"name": "treatment", "share": 0.5, "overrides": {"new_items": {"slots": 2}}},
+                    ],
+                }
+            }
+        },
+        parsed,
+        channels=CHANNELS,
+    )
+    variants = {scene.new_items.slots: scene.new_items.max_age_seconds for scene in config.variant_scenes()}
+    assert variants == {0: 7200.0, 2: 7200.0}
+    assert ExperimentConfig.empty().variant_scenes() == []
 
 
 def test_scene_without_diversity_uses_top_k() -> None:
@@ -129,6 +173,19 @@ def test_scene_named_and_resolve_count_raise_request_errors() -> None:
         ({"home": {"pipeline": ["recall", "rank", "rank"]}}, "scenes.home.pipeline"),
         ({"home": {"pipeline": ["recall", "shuffle"]}}, "scenes.home.pipeline"),
         ({"home": {"pipeline": "recall"}}, "scenes.home.pipeline"),
+        ({"home": {"new_items": {"slots": -1}}}, "scenes.home.new_items.slots"),
+        ({"home": {"new_items": {"slots": 1.5}}}, "scenes.home.new_items.slots"),
+        ({"home": {"new_items": {"max_age": "3 weeks"}}}, "scenes.home.new_items.max_age"),
+        ({"home": {"new_items": {"max_age": 0}}}, "scenes.home.new_items.max_age"),
+        ({"home": {"new_items": {"max_age": "0h"}}}, "scenes.home.new_items.max_age"),
+        ({"home": {"new_items": {"boost": -1}}}, "scenes.home.new_items.boost"),
+        ({"home": {"new_items": {"boost": "big"}}}, "scenes.home.new_items.boost"),
+        (
+            {"home": {"new_items": {"boost_half_life_impressions": 0}}},
+            "scenes.home.new_items.boost_half_life_impressions",
+        ),
+        ({"home": {"new_items": {"share": 0.1}}}, "scenes.home.new_items.share"),
+        ({"home": {"new_items": 2}}, "scenes.home.new_items"),
     ],
 )
 def test_bad_scene_config_names_the_json_path(obj: dict[str, Any], path: str) -> None:

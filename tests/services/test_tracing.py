@@ -217,12 +217,16 @@ async def test_one_trace_spans_gateway_recall_and_rank_over_grpc(traced: TracedS
     response = await stub.Recommend(
         gateway_pb2.RecommendRequest(user_id=USER, scene="home", count=10),
         timeout=10,
-        metadata=(("traceparent", TRACEPARENT),),
+        metadata=(("traceparent", TRACEPARENT), ("x-request-id", "trace-me-1")),
     )
     assert len(response.items) == 10
     assert not response.degraded_reasons
     spans = traced.trace()
     edge = one(spans, "recsys.v1.Recommender/Recommend")
+    # The request id (in every log line) is on each service's server span.
+    servers = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert {_service(span) for span in servers} == {"recsys-gateway", "recsys-recall", "recsys-rank"}
+    assert {(span.attributes or {}).get("recsys.request_id") for span in servers} == {"trace-me-1"}
     assert edge.parent is not None
     assert format(edge.parent.span_id, "016x") == CALLER_SPAN_ID
     assert edge.parent.is_remote

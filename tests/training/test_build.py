@@ -261,6 +261,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (("build", "--dataset", "csv", "--store", "x"), "--interactions: required with --dataset csv"),
         (("build", "--dataset", "ml-100k", "--data-dir", "/nonexistent"), "--data-dir: no such directory"),
         (("build", "--dataset", "ml-100k", "--keep", "0"), "--keep: must be at least 1"),
+        (
+            ("build", "--dataset", "ml-100k", "--retrieval-only", "--ranker-int8"),
+            "--ranker-int8: a --retrieval-only build has no ranker",
+        ),
         (("build", "--dataset", "synthetic", "--users", "many"), "--users: expected a whole number"),
         (("build", "--dataset", "movies"), "argument --dataset: invalid choice: 'movies'"),
         (("evaluate", "--store", "/nonexistent-store"), "/nonexistent-store"),

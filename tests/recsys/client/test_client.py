@@ -6,6 +6,8 @@ TLS, mTLS, tokens and a real RESOURCE_EXHAUSTED (the rate limit): tests/services
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -305,6 +307,73 @@ async def test_the_real_gateways_invalid_argument_is_raised_after_one_attempt(st
         assert counter.calls == 2
         await client.close()  # not its channel: left open
         await client.recommend("196", count=1, dry_run=True)
+    finally:
+        await channel.close()
+
+
+LIMITED_KEY = "client-test-key-196"
+
+
+@pytest.fixture(scope="module")
+async def limited(quick_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """The real stack with authentication on and the gateway's per-caller rate limit at 1 call/s
+    with a burst of 1: its RESOURCE_EXHAUSTED comes from the gateway itself, as a shed call's
+    would."""
+    tmp = tmp_path_factory.mktemp("client-limited")
+    keys = tmp / "api-keys.json"
+    keys.write_text(
+        json.dumps({"keys": [{"sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(), "subject": "196"}]})
+    )
+    running = await start_stack(
+        quick_store,
+        tmp,
+        InProcessFeatureStore(),
+        auth_required=True,
+        auth_api_keys_file=keys,
+        rate_limit_per_second=1.0,
+        rate_limit_burst=1,
+    )
+    yield running
+    await stop_stack(running)
+
+
+async def test_the_real_gateways_resource_exhausted_is_retried_until_it_answers(limited: Stack) -> None:
+    counter = CountingInterceptor()
+    channel = aio.insecure_channel(f"127.0.0.1:{limited.gateway.port}", interceptors=[counter])
+    policy = RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.2)
+    try:
+        client = Recommender(channel=channel, token=LIMITED_KEY, timeout=5, retry=policy)
+        await asyncio.sleep(1.1)  # the bucket full again (one token)
+        first = await client.recommend("196", count=3, dry_run=True)
+        assert counter.calls == 1
+        # The next call finds the bucket empty: refused by the gateway, retried with backoff
+        # until a token is back (within a second), then answered.
+        started = time.monotonic()
+        second = await client.recommend("196", count=3, dry_run=True)
+        elapsed = time.monotonic() - started
+        assert [item.item_id for item in second.items] == [item.item_id for item in first.items]
+        assert counter.calls >= 3  # at least one refusal reached the wire and was retried
+        assert elapsed < 3.0
+    finally:
+        await channel.close()
+
+
+async def test_the_real_gateways_refusals_stop_at_the_deadline(limited: Stack) -> None:
+    counter = CountingInterceptor()
+    channel = aio.insecure_channel(f"127.0.0.1:{limited.gateway.port}", interceptors=[counter])
+    policy = RetryPolicy(max_attempts=100, initial_backoff=0.02, max_backoff=0.02)
+    try:
+        client = Recommender(channel=channel, token=LIMITED_KEY, timeout=0.2, retry=policy)
+        await asyncio.sleep(1.1)
+        await client.recommend("196", count=1, dry_run=True)  # spends the token
+        started = time.monotonic()
+        with pytest.raises(RecommenderError) as raised:
+            await client.recommend("196", count=1, dry_run=True)  # the next token is a second away
+        elapsed = time.monotonic() - started
+        assert raised.value.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert raised.value.attempts > 1
+        assert raised.value.attempts == counter.calls - 1
+        assert elapsed < 0.2 + 0.15  # the 0.2 s deadline covered every attempt and wait
     finally:
         await channel.close()
 

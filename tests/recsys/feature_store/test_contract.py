@@ -428,3 +428,33 @@ async def test_concurrent_engagers_never_overfill_an_item(harness: Harness) -> N
     (users,) = (await harness.store.engagers()).values()
     assert len(users) == 5
     assert len(set(users)) == 5
+
+
+async def test_item_impressions_add_up_for_catalogue_items_only(harness: Harness) -> None:
+    await harness.store.upsert_items([book("new-a"), book("new-b")], NOW)
+    assert await harness.store.item_impressions(["new-a", "new-b", "item-3"]) == [0, 0, 0]
+    await harness.store.add_item_impressions({"new-a": 2, "new-b": 1})
+    await harness.store.add_item_impressions({"new-a": 3, "item-3": 5, "never-upserted": 7})
+    # Ids outside the live catalogue (a version's own, unknown ones) are not counted: the
+    # counts stay bounded by the catalogue, whatever the callers send.
+    assert await harness.store.item_impressions(["new-a", "new-b", "item-3", "never-upserted"]) == [
+        5,
+        1,
+        0,
+        0,
+    ]
+    # Counting is not a catalogue change: services need not re-read the catalogue for it.
+    revision = await harness.store.catalogue_revision()
+    await harness.store.add_item_impressions({"new-b": 1})
+    assert await harness.store.catalogue_revision() == revision
+    assert await harness.store.item_impressions(["new-b"]) == [2]
+    await harness.store.add_item_impressions({})
+    assert await harness.store.item_impressions([]) == []
+
+
+async def test_concurrent_impression_counts_are_not_lost(harness: Harness) -> None:
+    import asyncio
+
+    await harness.store.upsert_items([book("new-a")], NOW)
+    await asyncio.gather(*[harness.store.add_item_impressions({"new-a": 1}) for _ in range(20)])
+    assert await harness.store.item_impressions(["new-a"]) == [20]

@@ -97,7 +97,14 @@ class Stack:
         await self.gateway_app.engine.drain()
 
 
-async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **gateway: Any) -> Stack:
+async def start_stack(
+    store: ModelStore,
+    tmp: Path,
+    features: FeatureStore,
+    *,
+    scenes: dict[str, Any] | None = None,
+    **gateway: Any,
+) -> Stack:
     # Generous deadlines: these tests compare answers, which a channel cut off by a busy CI
     # machine would change (deadlines have their own tests in the recall and gateway suites).
     # Likewise a fixed, generous concurrency limit: admission control has its own tests.
@@ -115,8 +122,8 @@ async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **ga
     rank_settings = RankSettings(store=str(store.path), port=0, metrics_port=None, **generous)
     rank = GrpcHost(RankApp(rank_settings, features=features), rank_settings)
     await rank.start()
-    scenes = tmp / "scenes.json"
-    scenes.write_text(json.dumps(SCENES))
+    scenes_file = tmp / "scenes.json"
+    scenes_file.write_text(json.dumps(SCENES if scenes is None else scenes))
     settings = GatewaySettings(
         store=str(store.path),
         port=0,
@@ -125,7 +132,7 @@ async def start_stack(store: ModelStore, tmp: Path, features: FeatureStore, **ga
         recall_addr=f"127.0.0.1:{recall.port}",
         rank_addr=f"127.0.0.1:{rank.port}",
         event_log=tmp / "events.csv",
-        scenes_file=scenes,
+        scenes_file=scenes_file,
         default_deadline_ms=10_000,
         recall_timeout_ms=4000,
         rank_timeout_ms=4000,
