@@ -54,7 +54,18 @@ FEATURE_SPEC = "config/feature_spec.json"
 if TYPE_CHECKING:
     from recsys.content import ContentEmbedder
 
-ALL_CHANNELS = ("itemcf", "swing", "ease", "two_tower", "geo", "author", "cache", "popular", "new_items")
+ALL_CHANNELS = (
+    "itemcf",
+    "swing",
+    "ease",
+    "two_tower",
+    "geo",
+    "author",
+    "cache",
+    "popular",
+    "new_items",
+    "look_alike",
+)
 
 
 @dataclass

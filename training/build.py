@@ -33,6 +33,12 @@ import numpy as np
 from recsys.ann import ExactIndex, HnswIndex, recall_at_k
 from recsys.artifacts import CoreArtifacts, Defaults, HistoryWeighting, save_core
 from recsys.content import N_YEAR_BUCKETS, ContentTokens
+from recsys.evaluation.cold_start import (
+    COLD_START_SET,
+    ColdStartSet,
+    cold_start_set_to_json,
+    evaluate_item_cold_start_seeds,
+)
 from recsys.evaluation.ease import CatalogueEase, EaseGram
 from recsys.evaluation.evaluator import (
     KS,
@@ -572,11 +578,21 @@ class Candidate:
     stages: Stages
     channels: tuple[str, ...]
     ranker_rows: RankerRowIndex | None = None  # what the ranker trained on (in memory only)
+    cold_start: ColdStartSet | None = None  # the item cold-start set evaluated (stored with it)
 
 
-def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool = False) -> Candidate:
+def prepare(
+    raw: RawData,
+    profile: BuildProfile,
+    *,
+    seed: int = 0,
+    quiet: bool = False,
+    cold_start: ColdStartSet | None = None,
+) -> Candidate:
     """Everything but publishing: split, train, export with parity, evaluate. `seed` sets the
-    split and every model's initialisation and sampling (offset from the profile's own)."""
+    split and every model's initialisation and sampling (offset from the profile's own).
+    `cold_start`: new items no part of the build saw (Book-Crossing's NewBooks) for the item
+    cold-start evaluation (`recsys.evaluation.cold_start`), after the main one."""
     profile = dataclasses.replace(
         profile,
         two_tower=dataclasses.replace(profile.two_tower, seed=profile.two_tower.seed + seed),
@@ -713,6 +729,11 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
     if ease_channel is not None:
         metrics["validation"]["ease_channel"] = ease_channel.to_json()
     metrics["parity"] = {name: value.to_json() for name, value in trained.parity.items()}
+    if cold_start is not None:
+        stages.start("item cold-start evaluation")
+        metrics["item_cold_start"] = evaluate_item_cold_start_seeds(
+            served, OnnxModel(trained.item_tower), cold_start, seed=seed, progress=stages.note
+        )
     if quantisation is not None:
         metrics["validation"]["ranker_quantisation"] = quantisation
     stages.finish()
@@ -754,6 +775,7 @@ def prepare(raw: RawData, profile: BuildProfile, *, seed: int = 0, quiet: bool =
         stages,
         served.channels,
         ranker_rows,
+        cold_start,
     )
 
 
@@ -790,6 +812,8 @@ def publish(
             for head, labels in ranker_labels.items():
                 if head in spec.heads:
                     version.save_array(f"eval/ranker_{head}.npy", labels)
+        if candidate.cold_start is not None:
+            version.save_json(COLD_START_SET, cold_start_set_to_json(candidate.cold_start))
         version.save_json("eval/metrics.json", candidate.metrics)
         write_report(
             version.path_for("eval/report.md"), candidate.metrics, candidate.encoded.name, candidate.notes
@@ -833,9 +857,10 @@ def build(
     seed: int = 0,
     keep: int = 5,
     quiet: bool = False,
+    cold_start: ColdStartSet | None = None,
 ) -> BuildResult:
     """Build, evaluate and publish one version."""
-    return publish(prepare(raw, profile, seed=seed, quiet=quiet), store, keep=keep)
+    return publish(prepare(raw, profile, seed=seed, quiet=quiet, cold_start=cold_start), store, keep=keep)
 
 
 def _verify_loads(staging: Path) -> None:

@@ -55,10 +55,72 @@ def _plot_ndcg(metrics: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+COLD_START_LABELS = {
+    "random": "random",
+    "popular_by_author": "popular by author",
+    "content_tower": "content tower",
+    "look_alike": "look-alike",
+    "merge": "merge",
+}
+
+
+def _plot_cold_start(cold: dict[str, Any], path: Path) -> None:
+    methods = list(COLD_START_LABELS)
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for axis, metric in zip(axes, ("recall@50", "ndcg@10"), strict=True):
+        values = [cold["methods"][name][metric] for name in methods]
+        spreads = [cold["methods"][name].get(f"{metric}_std", 0.0) for name in methods]
+        colours = ["#999999", "#999999", "#4477aa", "#228833", "#cc3311"]
+        axis.bar(
+            [COLD_START_LABELS[name] for name in methods], values, yerr=spreads, color=colours, capsize=3
+        )
+        axis.set_title(f"{metric} over the new items")
+        axis.tick_params(axis="x", rotation=30)
+        axis.grid(axis="y", alpha=0.3)
+    seeds = len(cold.get("seeds", [0]))
+    figure.suptitle(f"Item cold start: {cold['new_items']:,} new items, mean ± std over {seeds} seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def cold_start_lines(cold: dict[str, Any]) -> list[str]:
+    """The report's item cold-start section (`recsys.evaluation.cold_start`'s figures)."""
+    first = cold["runs"][0] if "runs" in cold else cold
+    users = cold["users"] if isinstance(cold["users"], int) else min(cold["users"])
+    lines = [
+        "",
+        "## Item cold start (new items by their metadata only)",
+        "",
+        f"{cold['new_items']:,} new items no part of the build saw, {cold['events']:,} ratings of them;"
+        f" each method ranks the new items alone for each of {users:,} test users"
+        f" (seeds {', '.join(str(seed) for seed in cold.get('seeds', [first['seed']]))}: mean ± std)."
+        f" Look-alike replays a seeded {first['replay_fraction']:.0%} of the events"
+        f" ({first['replayed_events']:,}; {first['items_with_look_alike_vector']:,} items get a vector),"
+        " excluded from scoring. The merge's weights were chosen on"
+        f" {first['validation_users']:,} validation users: {first['merge']['weights']}.",
+        "",
+        "| method | recall@50 | NDCG@10 | hit rate@50 |",
+        "|---|---|---|---|",
+    ]
+    for name, label in COLD_START_LABELS.items():
+        values = cold["methods"][name]
+        cells = [
+            f"{values[metric]:.4f} ± {values.get(f'{metric}_std', 0.0):.4f}"
+            for metric in ("recall@50", "ndcg@10", "hit_rate@50")
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "![item cold start](cold_start.png)"]
+    return lines
+
+
 def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[str]) -> None:
     directory = path.parent
     _plot_recall(metrics, directory / "recall.png")
     _plot_ndcg(metrics, directory / "ndcg.png")
+    cold = metrics.get("item_cold_start")
+    if cold:
+        _plot_cold_start(cold, directory / "cold_start.png")
     lines = [f"# Evaluation: {dataset}", "", f"{metrics['users']:,} held-out users.", ""]
     lines += ["## Recall channels alone (full catalogue minus training items)", ""]
     lines += ["| channel | " + " | ".join(f"recall@{k}" for k in KS) + " | hit_rate@200 | ndcg@10 |"]
@@ -138,6 +200,8 @@ def write_report(path: Path, metrics: dict[str, Any], dataset: str, notes: list[
             f"- ItemCF recall@200 from the last {ablation['itemcf_recent_items']} items: {recent:.4f};"
             f" from the whole history: {whole:.4f}"
         ]
+    if cold:
+        lines += cold_start_lines(cold)
     lines += ["", "## Data", ""] + [f"- {note}" for note in notes]
     lines += ["", "![recall](recall.png)", "", "![ndcg](ndcg.png)", ""]
     path.write_text("\n".join(lines))

@@ -154,6 +154,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.spark_master != "local[*]":
         raise UsageError("--spark-master: only with --engine spark")
     raw = _raw(args)  # data errors surface before TensorFlow is imported
+    cold_start = None
+    if args.dataset == "book-crossing":  # the data set with a held-out set of new items
+        from training import data
+        from training.cold_start import book_crossing_cold_start
+
+        cold_start = book_crossing_cold_start(args.data_dir or data.default_data_dir())
     from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
 
     profile = PROFILES[args.profile]
@@ -165,7 +171,9 @@ def run(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(
             profile, core=dataclasses.replace(profile.core, engine="spark", spark_master=args.spark_master)
         )
-    result = build(raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet)
+    result = build(
+        raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet, cold_start=cold_start
+    )
     if args.json:
         print(metrics_json(result.metrics))
         return 0

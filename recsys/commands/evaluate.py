@@ -33,9 +33,15 @@ def evaluate_version(
     store: str, version: str | None, scenes: str | None = None, scene: str = "default"
 ) -> dict[str, object]:
     from recsys.errors import UsageError
+    from recsys.evaluation.cold_start import (
+        COLD_START_SET,
+        cold_start_set_from_json,
+        evaluate_item_cold_start_seeds,
+    )
     from recsys.evaluation.evaluator import KS, HeldOut, ease_lists, evaluate
+    from recsys.onnx_models import OnnxModel
     from recsys.scenes import DEFAULT_SCENE, ConfigError, load_scenes
-    from recsys.serving_model import ServingModel
+    from recsys.serving_model import ITEM_TOWER, ServingModel
     from recsys.store.reader import ModelStore
 
     model_store = ModelStore(store)
@@ -68,7 +74,14 @@ def evaluate_version(
         chosen = declared[scene]
     elif scene != "default":
         raise UsageError("--scene: needs --scenes FILE")
-    return evaluate(model, heldout, scene=chosen, ease_lists=ease, ranker_rows=ranker_rows)
+    metrics = evaluate(model, heldout, scene=chosen, ease_lists=ease, ranker_rows=ranker_rows)
+    if (path / COLD_START_SET).exists():  # a version built with new items held out (Book-Crossing)
+        new = cold_start_set_from_json(json.loads((path / COLD_START_SET).read_text()))
+        seed = int(manifest.training_config.get("seed", 0))
+        metrics["item_cold_start"] = evaluate_item_cold_start_seeds(
+            model, OnnxModel(path / ITEM_TOWER), new, seed=seed
+        )
+    return metrics
 
 
 def run(args: argparse.Namespace) -> int:

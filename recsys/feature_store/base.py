@@ -324,6 +324,20 @@ class FeatureStore(Protocol):
         """The whole live catalogue (read again only when the revision changed)."""
         ...
 
+    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+        """Note (item id, user id) engagements with new items for the look-alike channel: each
+        item keeps its first `limit` distinct users, in order; later ones are ignored. Returns
+        how many were new; the engagers' revision moves when any was. Atomic per call."""
+        ...
+
+    async def engagers_revision(self) -> int:
+        """The engagers' revision (one cheap read, for polling); 0: none recorded."""
+        ...
+
+    async def engagers(self) -> dict[str, tuple[str, ...]]:
+        """Every item's first engagers, first first (read again only when the revision moved)."""
+        ...
+
     async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
         """Add `counts` (item id → times shown, each ≥ 1) to the live catalogue's items'
         impression counts. Ids the catalogue does not hold are ignored, so the counts stay

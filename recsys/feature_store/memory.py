@@ -73,6 +73,8 @@ class InProcessFeatureStore:
         self._withdrawn: set[str] = set()
         self._catalogue_revision = 0
         self._catalogue_state = CatalogueState.empty()  # rebuilt when read after a change
+        self._engagers: dict[str, list[str]] = {}
+        self._engagers_revision = 0
         self._impressions: dict[str, int] = {}  # upserted item id → times shown
 
     def __repr__(self) -> str:
@@ -257,6 +259,25 @@ class InProcessFeatureStore:
                 self._catalogue_revision, tuple(items), frozenset(self._withdrawn)
             )
         return self._catalogue_state
+
+    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit: expected at least 1, got {limit}")
+        added = 0
+        for item_id, user_id in engagements:
+            users = self._engagers.setdefault(item_id, [])
+            if len(users) < limit and user_id not in users:
+                users.append(user_id)
+                added += 1
+        if added:
+            self._engagers_revision += 1
+        return added
+
+    async def engagers_revision(self) -> int:
+        return self._engagers_revision
+
+    async def engagers(self) -> dict[str, tuple[str, ...]]:
+        return {item: tuple(users) for item, users in self._engagers.items() if users}
 
     async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
         for item_id, count in counts.items():

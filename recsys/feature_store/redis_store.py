@@ -18,6 +18,8 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:{catalogue}:next` | string | the next ordinal (INCR) |
 | `P:{catalogue}:withdrawn` | hash | item id → unix time it was withdrawn (an upsert removes it) |
 | `P:{catalogue}:rev` | string | the catalogue's revision, INCR on every change (what services poll) |
+| `P:{catalogue}:engagers` | hash | new item id → JSON array of its first K engaged user ids (look-alike) |
+| `P:{catalogue}:engagers-rev` | string | INCR whenever an engager is added (what recall polls) |
 | `P:{catalogue}:impressions` | hash | upserted item id → times the gateway showed it (HINCRBY) |
 
 - A snapshot is `16 + 16·n` bytes: header `<4sIiI` (b"RSS1", n, region token, 0), then
@@ -262,6 +264,34 @@ return 0
 """
 
 
+# KEYS: engagers, engagers-rev; ARGV: limit, then (item id, user id) pairs. Returns how many
+# engagers were added. One script: two gateways reporting at once must not both take the
+# K-th place, nor add one user twice. The arrays hold at most `limit` ids (bounded per item).
+_RECORD_ENGAGERS = """
+local limit = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV, 2 do
+  local item, user = ARGV[i], ARGV[i + 1]
+  local raw = redis.call('HGET', KEYS[1], item)
+  local users = {}
+  if raw then users = cjson.decode(raw) end
+  if #users < limit then
+    local seen = false
+    for _, known in ipairs(users) do
+      if known == user then seen = true break end
+    end
+    if not seen then
+      users[#users + 1] = user
+      redis.call('HSET', KEYS[1], item, cjson.encode(users))
+      added = added + 1
+    end
+  end
+end
+if added > 0 then redis.call('INCR', KEYS[2]) end
+return added
+"""
+
+
 class RedisKeys:
     """The key schema (see the module docstring) under one prefix."""
 
@@ -363,6 +393,7 @@ class RedisFeatureStore:
         self._release_lock = self._writes.register_script(_RELEASE_LOCK)
         self._upsert_items = self._writes.register_script(_UPSERT_ITEMS)
         self._withdraw_items = self._writes.register_script(_WITHDRAW_ITEMS)
+        self._record_engagers = self._writes.register_script(_RECORD_ENGAGERS)
         self._add_item_impressions = self._writes.register_script(_ADD_ITEM_IMPRESSIONS)
 
     def __repr__(self) -> str:
@@ -777,6 +808,46 @@ class RedisFeatureStore:
             tuple(stored),
             frozenset(raw.decode("utf-8") for raw in withdrawn),
         )
+
+    # --- the look-alike channel's engagers -------------------------------------------------------
+    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit: expected at least 1, got {limit}")
+        if not engagements:
+            return 0
+        arguments = [str(limit)]
+        for item_id, user_id in engagements:
+            arguments += [item_id, user_id]
+        keys = [self.keys.catalogue("engagers"), self.keys.catalogue("engagers-rev")]
+        added = await self._call(
+            "record_engagers", self.write_timeout, self._record_engagers(keys=keys, args=arguments)
+        )
+        return int(added)
+
+    async def engagers_revision(self) -> int:
+        value = await self._call(
+            "engagers_revision", self.read_timeout, self._reads.get(self.keys.catalogue("engagers-rev"))
+        )
+        return 0 if value is None else int(value)
+
+    async def engagers(self) -> dict[str, tuple[str, ...]]:
+        # A poll off the request path (as catalogue_state): the write budget.
+        records = await self._call(
+            "engagers",
+            max(self.read_timeout, self.write_timeout),
+            self._reads.hgetall(self.keys.catalogue("engagers")),
+        )
+        result: dict[str, tuple[str, ...]] = {}
+        for raw_id, text in records.items():
+            try:
+                users = json.loads(text)
+            except ValueError as error:
+                logger.warning("engagers of %r unreadable, skipped: %s", raw_id, error)
+                continue
+            if isinstance(users, list) and users:  # cjson writes an empty array as {}
+                item_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else str(raw_id)
+                result[item_id] = tuple(str(user) for user in users)
+        return result
 
     async def add_item_impressions(self, counts: Mapping[str, int]) -> None:
         if not counts:

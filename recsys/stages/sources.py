@@ -8,7 +8,7 @@ recall service runs them off its event loop; offline evaluation calls them direc
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -316,3 +316,81 @@ class NewItemSource:
                 matched |= np.isin(self._categories, categories).any(axis=1)
         scores = np.where(matched, 2.0 + scores, scores).astype(np.float32)
         return top_candidates(self._items, scores, quota, query.excluded)
+
+
+LOOK_ALIKE_ENGAGERS = 50  # the first K users who engaged with a new item make its vector
+
+
+def unit_rows(vectors: npt.NDArray[Any]) -> FloatArray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    scaled: FloatArray = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return scaled.astype(np.float32)
+
+
+def look_alike_vectors(
+    engagers: Sequence[Sequence[int]], user_embeddings: npt.NDArray[Any], limit: int = LOOK_ALIKE_ENGAGERS
+) -> tuple[FloatArray, IntArray]:
+    """Per item, the L2-normalised mean of the (L2-normalised) embeddings of its first
+    `limit` engagers (`engagers[i]`: rows of `user_embeddings`, first engager first), and how
+    many engagers each vector averages (0: no vector, a zero row). Each user counts as much
+    as any other: normalising first keeps a user with a long history (a large embedding)
+    from pulling the item to themselves."""
+    if limit < 1:
+        raise ValueError(f"limit: expected at least 1, got {limit}")
+    users = unit_rows(user_embeddings)
+    dim = int(users.shape[1]) if users.ndim == 2 else 0
+    vectors = np.zeros((len(engagers), dim), np.float32)
+    counts = np.zeros(len(engagers), np.int32)
+    for position, rows in enumerate(engagers):
+        first = np.asarray(list(dict.fromkeys(rows))[:limit], dtype=np.int64)  # distinct, in order
+        if first.shape[0]:
+            vectors[position] = users[first].sum(axis=0)
+            counts[position] = first.shape[0]
+    return unit_rows(vectors), counts
+
+
+class LookAlikeSource:
+    """New items pulled towards the users who first engaged with them (the look-alike
+    channel): each new item with at least one engager has a vector, the normalised mean of
+    its first engagers' user-tower embeddings (`look_alike_vectors`); a user gets the items
+    whose vector is nearest their own embedding (cosine). An item nobody engaged with yet has
+    no vector and is never returned (the new_items channel and a content tower place it).
+
+    One implementation for serving (recall rebuilds it off the request path when engagers
+    change, `services.recall.look_alike`) and for the cold-start evaluation: a request costs
+    one [items × dim] product with the user embedding the two-tower channel computes."""
+
+    identifier = "look_alike"
+
+    def __init__(self, items: IntArray, vectors: npt.NDArray[Any]) -> None:
+        """`items`: dense indexes of the new items that have a vector; `vectors`: [n, dim]
+        aligned with them (unit length; zero rows are dropped)."""
+        items = np.asarray(items, dtype=np.int32)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != items.shape[0]:
+            raise ValueError(f"vectors: expected [{items.shape[0]}, dim], got {list(vectors.shape)}")
+        present = np.linalg.norm(vectors, axis=1) > 0
+        self._items: IntArray = items[present]
+        self._vectors = unit_rows(vectors[present])
+
+    def __len__(self) -> int:
+        return int(self._items.shape[0])
+
+    @property
+    def items(self) -> IntArray:
+        return self._items
+
+    def scores(self, embedding: npt.NDArray[Any]) -> FloatArray:
+        """Cosine of each item's vector with the user embedding, aligned with `items`."""
+        user = unit_rows(np.asarray(embedding, dtype=np.float32).reshape(1, -1))[0]
+        if user.shape[0] != self._vectors.shape[1]:
+            raise ValueError(f"embedding: expected {self._vectors.shape[1]} values, got {user.shape[0]}")
+        return np.asarray(self._vectors @ user, dtype=np.float32)
+
+    def candidates(self, query: UserQuery, quota: int) -> Candidates:
+        if query.embedding is None or quota <= 0 or self._items.shape[0] == 0:
+            return Candidates.empty()
+        # Cosines are in [−1, 1]; shifted like the two-tower channel's so all are positive.
+        return top_candidates(self._items, self.scores(query.embedding) + 1.0, quota, query.excluded)

@@ -199,8 +199,8 @@ class RecommendedItem(_message.Message):
     @_builtins.property
     def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Recall channels that produced the item, e.g. ["itemcf", "swing"]. Known channels:
-        itemcf, swing, ease, two_tower, geo, author, cache, popular, new_items (items upserted
-        while serving, catalogue.proto); "fallback" for the gateway's
+        itemcf, swing, ease, two_tower, geo, author, cache, popular, new_items and look_alike
+        (items upserted while serving, catalogue.proto); "fallback" for the gateway's
         local popular list when recall was unavailable.
         """
 

@@ -122,7 +122,7 @@ class RecallRequest(_message.Message):
     @_builtins.property
     def quotas(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Candidates wanted per channel, by channel name (itemcf, swing, ease, two_tower, geo,
-        author, cache, popular, new_items). A channel absent from the map gets its configured default; 0 switches
+        author, cache, popular, new_items, look_alike). A channel absent from the map gets its configured default; 0 switches
         it off. Negative values, unknown names or values above the configured maximum →
         INVALID_ARGUMENT naming `quotas[<name>]`. An empty map means all defaults. At most 16
         entries.

@@ -212,6 +212,8 @@ class GatewayApp:
             metrics,
             known_item=self._known_item,
             dedupe_seconds=settings.event_dedupe_seconds,
+            new_item=self._new_item,
+            engagers_per_item=settings.look_alike_engagers,
             scenes=config.scenes,
             arms=config.arm_names,
         )
@@ -268,6 +270,12 @@ class GatewayApp:
         item it serves from the live catalogue."""
         loaded = self.versions.get()
         return item_id in loaded.model.item_lookup or self.catalogue.known_item(item_id, loaded.version)
+
+    def _new_item(self, item_id: str) -> bool:
+        """Whether an event's item is a new one of the live catalogue (not the current
+        version's own): its events make engagers for the look-alike channel."""
+        loaded = self.versions.current
+        return loaded is not None and self.catalogue.known_item(item_id, loaded.version)
 
     def _catalogued_item(self, item_id: str) -> bool:
         """For WithdrawItems' `unknown` count: in the current version or upserted (as of the

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from recsys.feature_store import EVENT_KINDS, FeatureStore, LiveEvent
 from recsys.feature_store.event_log import EventLog, LoggedEvent
 from recsys.limits import ID_CHARS, NAME_CHARS
+from recsys.stages.sources import LOOK_ALIKE_ENGAGERS
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("recsys.gateway")
@@ -79,8 +80,15 @@ class EventIngestor:
         scenes: Collection[str] = (),
         arms: Collection[str] = (),
         clock: Callable[[], float] = time.time,
+        new_item: Callable[[str], bool] | None = None,
+        engagers_per_item: int = LOOK_ALIKE_ENGAGERS,
     ) -> None:
+        """`new_item(item_id)`: whether the item is a new one of the live catalogue; a
+        consuming event on one records its user as an engager (the look-alike channel's
+        input, see `FeatureStore.record_engagers`), up to `engagers_per_item` per item."""
         self._features = features
+        self._new_item = new_item
+        self._engagers_per_item = engagers_per_item
         self._log = event_log
         self._metrics = metrics
         self._known_item = known_item
@@ -186,6 +194,16 @@ class EventIngestor:
             shown = [e.item_id for e in user_events if e.type == "impression"]
             if shown:
                 await self._features.record_exposures(user_id, shown, now)
+        if self._new_item is not None:
+            # Here, where events arrive, rather than in recall per request: one small script
+            # per batch that touches new items, nothing otherwise. Ids, not vectors: each
+            # model version's user tower embeds the engagers its own way (recall, off the
+            # request path, `services.recall.look_alike`).
+            engagements = [
+                (e.item_id, e.user_id) for e in fresh if e.type != "impression" and self._new_item(e.item_id)
+            ]
+            if engagements:
+                await self._features.record_engagers(engagements, self._engagers_per_item)
         await self._log.append(
             [
                 LoggedEvent(

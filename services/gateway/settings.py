@@ -73,6 +73,13 @@ class GatewaySettings(ServerSettings, AuthSettings):
     max_count: int = Field(100, ge=1, description="Most items one Recommend may ask for.")
     max_events: int = Field(1000, ge=1, description="Most events one ReportEvents may carry.")
     event_dedupe_seconds: int = Field(7 * 86_400, ge=1, description="How long an event id is remembered.")
+    look_alike_engagers: int = Field(
+        50,
+        ge=1,
+        le=1000,
+        description="The look-alike channel: how many first users who engaged with a new item "
+        "are remembered for it (its vector is their mean user embedding).",
+    )
     fallback_items: int = Field(500, ge=10, description="Size of the local popular list used without recall.")
     breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open a circuit breaker.")
     breaker_open_seconds: float = Field(2.0, gt=0, description="How long an open breaker refuses calls.")

@@ -27,6 +27,7 @@ from services.common.wiring import (
     version_loaded,
 )
 from services.recall.engine import RecallEngine, RecallLimits, prepare_new_items
+from services.recall.look_alike import LookAlikeIndex
 from services.recall.metrics import recall_metrics
 from services.recall.servicer import RecallServicer
 from services.recall.settings import RecallSettings
@@ -44,6 +45,7 @@ def limits_from(settings: RecallSettings) -> RecallLimits:
         workers=settings.channel_workers,
         default_deadline=settings.default_deadline_ms / 1000,
         new_items_quota=settings.new_items_quota,
+        look_alike_quota=settings.look_alike_quota,
     )
 
 
@@ -86,6 +88,14 @@ class RecallApp:
         self.catalogue = catalogue_watcher_for(
             "recall", self.features, self.versions, settings.catalogue_poll_seconds, prepare_new_items
         )
+        # The look-alike channel's vectors, from the engagers the gateway records.
+        self.look_alike = LookAlikeIndex(
+            self.features,
+            lambda: [(version, self.versions.get(version).model) for version in self.versions.available()],
+            self.catalogue,
+            settings.look_alike_poll_seconds,
+            engagers_per_item=settings.look_alike_engagers,
+        )
         self.engine = RecallEngine(
             self.versions,
             self.features,
@@ -94,6 +104,7 @@ class RecallApp:
             limits_from(settings),
             VersionBlocklists(self.blocklist_file.blocklist if self.blocklist_file else Blocklist.of(())),
             self.catalogue,
+            self.look_alike,
         )
         self._blocklist_task: asyncio.Task[None] | None = None
         self._readiness: Readiness | None = None
@@ -118,6 +129,7 @@ class RecallApp:
         self._readiness = readiness
         await self.versions.start()
         await self.catalogue.start()
+        await self.look_alike.start()
         if self.blocklist_file is not None:
             self._blocklist_task = asyncio.create_task(self._watch_blocklist(self.blocklist_file))
 
@@ -140,6 +152,7 @@ class RecallApp:
             self._blocklist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._blocklist_task
+        await self.look_alike.stop()
         await self.catalogue.stop()
         await self.versions.stop()
         if self.repair is not None:

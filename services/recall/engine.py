@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -34,10 +35,11 @@ from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.stages.filters import ExposureFilter
 from recsys.stages.merge import MergedCandidates, WeightedMerge
 from recsys.stages.query import UserHistory, UserQuery, build_query
-from recsys.stages.sources import Candidates, top_candidates
+from recsys.stages.sources import Candidates, CandidateSource, top_candidates
 from services.common.metrics import EXPIRED_WORK
 from services.common.tracing import Tracing, span_or_nothing
 from services.common.versions import ModelVersions
+from services.recall.look_alike import LookAlikeIndex
 from services.recall.metrics import RecallMetrics
 
 log = logging.getLogger("recsys.recall")
@@ -58,7 +60,8 @@ class ChannelKind:
     - `needs_state`: it reads the user's feature-store state (skipped without it);
     - `first`: started before the other thread channels (the longest one);
     - `embeds`: it computes the user embedding (the user tower), which recall returns;
-    - `live`: it serves the live catalogue (skipped while no new item exists)."""
+    - `live`: it serves the live catalogue (skipped while it has no source: no new item, or
+      for look_alike no new item anyone engaged with)."""
 
     on_loop: bool = False
     from_model: bool = True
@@ -72,6 +75,8 @@ CHANNEL_KINDS: Mapping[str, ChannelKind] = {
     "two_tower": ChannelKind(first=True, embeds=True),  # ONNX user tower + ANN: the longest
     "cache": ChannelKind(on_loop=True, from_model=False, needs_state=True),
     "new_items": ChannelKind(from_model=False, live=True),
+    # New items by the user embedding (the two-tower channel's, computed once per request).
+    "look_alike": ChannelKind(from_model=False, embeds=True, live=True),
 }
 THREAD_CHANNEL = ChannelKind()
 
@@ -90,6 +95,7 @@ class RecallLimits:
     cold_start_quota: int = 200
     exposure_overfetch: float = 1.5  # a channel fetches this × its quota before exposure filtering
     new_items_quota: int = 50  # the new_items channel's quota unless the call sets one
+    look_alike_quota: int = 50  # the look_alike channel's quota unless the call sets one
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.channel_timeouts) - set(ALL_CHANNELS))
@@ -167,9 +173,11 @@ class RecallEngine:
         limits: RecallLimits | None = None,
         blocklists: VersionBlocklists | None = None,
         catalogue: CatalogueWatcher | None = None,
+        look_alike: LookAlikeIndex | None = None,
     ) -> None:
         self._versions = versions
         self.catalogue = catalogue
+        self.look_alike = look_alike
         self.blocklists = blocklists or VersionBlocklists(Blocklist.of(()))
         self._features = features
         self._executor = executor
@@ -214,6 +222,7 @@ class RecallEngine:
             else UserHistory.from_state(state, model.item_lookup, model.core.like_threshold)
         )
         new_items = None if self.catalogue is None else self.catalogue.view(loaded.version)
+        live_sources = self._live_sources(loaded.version, new_items)
         user_query = self._query(model, query, history, _live_exclusions(new_items, state))
         cold_start = user_query.cold_start
         quotas = self._quotas(model, query, cold_start)
@@ -231,7 +240,7 @@ class RecallEngine:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="quota 0")
             elif kind.needs_state and state is None:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="feature store unavailable")
-            elif kind.live and (new_items is None or new_items.source is None or not len(new_items.source)):
+            elif kind.live and name not in live_sources:
                 outcomes[name] = ChannelOutcome(name, "skipped", detail="no new items")
             else:
                 runnable.append(name)
@@ -244,6 +253,7 @@ class RecallEngine:
         cpu = [name for name in runnable if not CHANNEL_KINDS.get(name, THREAD_CHANNEL).on_loop]
         # The longest first, so that it runs while the others do.
         queue = deque(sorted(cpu, key=lambda name: not CHANNEL_KINDS.get(name, THREAD_CHANNEL).first))
+        shared_embedding = _SharedEmbedding()  # one user-tower run for every channel that needs it
         jobs: list[asyncio.Future[None]] = [
             loop.run_in_executor(
                 self._executor,
@@ -254,6 +264,8 @@ class RecallEngine:
                 quotas,
                 results,
                 stop_at,
+                live_sources,
+                shared_embedding,
                 new_items,
             )
             for _ in range(min(limits.workers, len(cpu)))
@@ -304,9 +316,9 @@ class RecallEngine:
                 lists[name] = filtered.kept
             if new_items is not None:
                 # The version's blocked indexes know only its own items: new ones (from the
-                # new_items channel, and two_tower's live index) by their ids.
+                # live channels, and two_tower's live index) by their ids.
                 blocklist = self.blocklists.blocklist
-                for name in [name for name in ("new_items", "two_tower") if name in lists]:
+                for name in [name for name in ("two_tower", *live_sources) if name in lists]:
                     candidates = lists[name]
                     keep = np.asarray(
                         [
@@ -445,6 +457,7 @@ class RecallEngine:
         defaults = dict(model.defaults.channel_quotas)
         defaults.setdefault("cache", 50)
         defaults.setdefault("new_items", self.limits.new_items_quota)
+        defaults.setdefault("look_alike", self.limits.look_alike_quota)
         if cold_start:
             # Personalised channels have nothing to start from: geo and popular answer (and
             # the newest items, which reach no one otherwise).
@@ -466,6 +479,7 @@ class RecallEngine:
         weights.setdefault("cache", 1.0)
         # The build tuned no weight for new items (they did not exist): as much as a channel's.
         weights.setdefault("new_items", 1.0)
+        weights.setdefault("look_alike", 1.0)
         if cold_start:
             weights = dict.fromkeys((*COLD_START_CHANNELS, *LIVE_CHANNELS), 1.0)
         # A channel the tuned defaults switched off still counts when a caller asks for it.
@@ -479,6 +493,8 @@ class RecallEngine:
         quotas: Mapping[str, int],
         results: dict[str, ChannelRun],
         stop_at: Mapping[str, float],
+        live_sources: Mapping[str, CandidateSource] | None = None,
+        embedding: _SharedEmbedding | None = None,
         new_items: NewItems | None = None,
     ) -> None:
         """Take channels off the request's queue and run them one after another in this
@@ -504,12 +520,22 @@ class RecallEngine:
                 fetch = self._fetch(quotas[name])
                 vector: FloatArray | None = None
                 kind = CHANNEL_KINDS.get(name, THREAD_CHANNEL)
+                live = None if live_sources is None else live_sources.get(name)
+                if kind.live:
+                    assert live is not None  # the channel is skipped without one
                 if kind.embeds:
-                    candidates, vector = self._embedding_source(model, name, query, fetch, new_items)
-                elif kind.live:
-                    source = None if new_items is None else new_items.source
-                    assert source is not None  # the channel is skipped without one
-                    candidates = source.candidates(query, fetch)
+                    source = live if kind.live else model.sources[name]
+                    if (
+                        name == "two_tower"
+                        and new_items is not None
+                        and new_items.two_tower_source is not None
+                    ):
+                        source = new_items.two_tower_source  # over the new items' embeddings too
+                    assert source is not None
+                    shared = embedding if embedding is not None else _SharedEmbedding()
+                    candidates, vector = self._embedding_source(model, source, query, fetch, shared)
+                elif live is not None:
+                    candidates = live.candidates(query, fetch)
                 else:
                     candidates = model.sources[name].candidates(query, fetch)
                 late = time.monotonic() > stop_at[name]
@@ -575,21 +601,46 @@ class RecallEngine:
                 Candidates.empty(), None, (time.perf_counter() - started) * 1000, error=error, started=started
             )
 
+    def _live_sources(self, version: str, new_items: NewItems | None) -> dict[str, CandidateSource]:
+        """The live channels that have something to serve for this version (none while the
+        live catalogue is empty)."""
+        sources: dict[str, CandidateSource] = {}
+        if new_items is None:
+            return sources
+        if new_items.source is not None and len(new_items.source):
+            sources["new_items"] = new_items.source
+        look_alike = None if self.look_alike is None else self.look_alike.source(version)
+        if look_alike is not None and len(look_alike):
+            sources["look_alike"] = look_alike
+        return sources
+
     @staticmethod
     def _embedding_source(
-        model: ServingModel, name: str, query: UserQuery, fetch: int, new_items: NewItems | None = None
+        model: ServingModel, source: CandidateSource, query: UserQuery, fetch: int, shared: _SharedEmbedding
     ) -> tuple[Candidates, FloatArray]:
-        """A channel searching by the user embedding: the user tower first, then its source
-        (the two_tower one: over the new items' embeddings too once the catalogue has some)."""
-        vector = model.user_embeddings([model.user_inputs(query)])[0]
+        """A channel searching by the user embedding: the user tower first (once per request,
+        whichever channel needs it first), then its source."""
+        vector = shared.get(lambda: model.user_embeddings([model.user_inputs(query)])[0])
         if not np.isfinite(vector).all():
             # The channel fails (reported, the others answer); the vector never reaches rank.
             raise ModelOutputInvalid(f"version {model.version}: the user tower gave a non-finite embedding")
         with_vector = dataclasses.replace(query, embedding=vector)
-        source = model.sources[name]
-        if name == "two_tower" and new_items is not None and new_items.two_tower_source is not None:
-            source = new_items.two_tower_source
         return source.candidates(with_vector, fetch), vector
+
+
+class _SharedEmbedding:
+    """One request's user embedding, computed by the first channel that needs it; a channel
+    asking meanwhile waits for it rather than running the user tower a second time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vector: FloatArray | None = None
+
+    def get(self, compute: Callable[[], FloatArray]) -> FloatArray:
+        with self._lock:
+            if self._vector is None:
+                self._vector = compute()
+            return self._vector
 
 
 def _live_exclusions(new_items: NewItems | None, state: UserState | None) -> IntArray | None:

@@ -45,6 +45,18 @@ class RecallSettings(ServerSettings):
     new_items_quota: int = Field(
         50, ge=0, description="Candidates of the new_items channel unless the scene sets its quota."
     )
+    look_alike_quota: int = Field(
+        50, ge=0, description="Candidates of the look_alike channel unless the scene sets its quota."
+    )
+    look_alike_poll_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often the new items' engagers (recorded by the gateway) are checked; "
+        "a change rebuilds the look-alike vectors off the request path.",
+    )
+    look_alike_engagers: int = Field(
+        50, ge=1, le=1000, description="How many first engagers make a new item's look-alike vector."
+    )
     version_grace_seconds: float = Field(
         60.0, ge=0, description="How long the previous version stays servable."
     )

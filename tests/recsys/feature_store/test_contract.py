@@ -393,6 +393,43 @@ async def test_concurrent_upserts_of_one_new_id_give_it_one_ordinal(harness: Har
     assert len((await harness.store.catalogue_state()).items) == 1
 
 
+# --- the look-alike channel's engagers -------------------------------------------------------
+async def test_each_item_keeps_its_first_distinct_engagers_up_to_the_limit(harness: Harness) -> None:
+    store = harness.store
+    assert await store.engagers_revision() == 0
+    assert await store.engagers() == {}
+    assert await store.record_engagers([], limit=3) == 0
+    assert await store.engagers_revision() == 0
+    added = await store.record_engagers(
+        [("new-a", "u1"), ("new-a", "u2"), ("new-b", "ü-9"), ("new-a", "u1")], limit=3
+    )
+    assert added == 3  # u1's second engagement with new-a is not a new engager
+    revision = await store.engagers_revision()
+    assert revision > 0
+    # new-a is full after u3: u4 and later users are not its first three.
+    assert await store.record_engagers([("new-a", "u3"), ("new-a", "u4"), ("new-b", "42")], limit=3) == 2
+    assert await store.engagers() == {"new-a": ("u1", "u2", "u3"), "new-b": ("ü-9", "42")}
+    moved = await store.engagers_revision()
+    assert moved > revision
+    # Nothing new (a repeat, a full item): the revision stays, so pollers rebuild nothing.
+    assert await store.record_engagers([("new-a", "u2"), ("new-a", "u5")], limit=3) == 0
+    assert await store.engagers_revision() == moved
+    with pytest.raises(ValueError, match="limit"):
+        await store.record_engagers([("new-a", "u6")], limit=0)
+
+
+async def test_concurrent_engagers_never_overfill_an_item(harness: Harness) -> None:
+    import asyncio
+
+    added = await asyncio.gather(
+        *[harness.store.record_engagers([("hot", f"user-{n}")], limit=5) for n in range(12)]
+    )
+    assert sum(added) == 5
+    (users,) = (await harness.store.engagers()).values()
+    assert len(users) == 5
+    assert len(set(users)) == 5
+
+
 async def test_item_impressions_add_up_for_catalogue_items_only(harness: Harness) -> None:
     await harness.store.upsert_items([book("new-a"), book("new-b")], NOW)
     assert await harness.store.item_impressions(["new-a", "new-b", "item-3"]) == [0, 0, 0]

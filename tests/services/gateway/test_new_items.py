@@ -24,11 +24,12 @@ from recsys.cli import main
 from recsys.feature_store import InProcessFeatureStore
 from recsys.feature_store.push import push_core
 from recsys.feature_store.redis_store import RedisFeatureStore
-from recsys.serving_model import ServingModel
+from recsys.serving_model import ALL_CHANNELS, ServingModel
 from recsys.store import ModelStore
-from recsys.v1 import catalogue_pb2, catalogue_pb2_grpc, gateway_pb2
+from recsys.v1 import catalogue_pb2, catalogue_pb2_grpc, gateway_pb2, recall_pb2, recall_pb2_grpc
 from services.common.auth import CATALOGUE_SCOPE, SERVICE_SCOPE
 from services.gateway.engine import RecommendQuery
+from services.recall.app import RecallApp
 from tests.recsys.feature_store import REDIS_URL, delete_prefix, unique_prefix
 from tests.services.gateway.test_gateway import Stack, start_stack, stop_stack
 
@@ -44,6 +45,7 @@ SCENE = "new_items_only"  # only the new_items channel recalls (tests/services/g
 def fast_catalogue_polls() -> Iterator[None]:
     """The services read their settings when the stack starts: set the poll interval there."""
     names = [f"RECSYS_{service}_CATALOGUE_POLL_SECONDS" for service in ("RECALL", "RANK", "GATEWAY")]
+    names.append("RECSYS_RECALL_LOOK_ALIKE_POLL_SECONDS")
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(dict.fromkeys(names, str(POLL)))
     yield
@@ -419,3 +421,100 @@ async def test_recsys_catalogue_add_and_withdraw_over_the_running_gateway(
         == "recsys catalogue: error: INVALID_ARGUMENT: items[0].title: at most 512 characters, got 600\n"
     )
     assert await stack.features.catalogue_revision() == revision
+
+
+# -- the look-alike channel -------------------------------------------------------------------
+def user_vectors(model: ServingModel) -> np.ndarray:
+    """Every user's unit two-tower embedding from the version's own data."""
+    inputs = [model.user_inputs(model.query(index)) for index in range(model.core.users.n_users)]
+    vectors = model.user_embeddings(inputs)
+    return np.asarray(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+
+
+async def look_alike_list(stack: Stack, user_id: str) -> tuple[list[str], dict[str, str]]:
+    """The look_alike channel's items for the user (ids, best first) and every channel's status."""
+    stub = recall_pb2_grpc.RecallStub(aio.insecure_channel(f"127.0.0.1:{stack.recall.port}"))
+    quotas = dict.fromkeys(ALL_CHANNELS, 0)
+    quotas["look_alike"] = 20
+    response = await stub.Recall(recall_pb2.RecallRequest(user_id=user_id, quotas=quotas), timeout=5)
+    view = stack.gateway_app.catalogue.view(stack.model.version)
+    assert view is not None
+    statuses = {stat.channel: recall_pb2.ChannelStatus.Name(stat.status) for stat in response.channel_stats}
+    return [view.item_id(int(index)) for index in response.item_indexes], statuses
+
+
+async def test_events_on_a_new_item_bring_it_to_users_like_its_first_engagers(stack: Stack) -> None:
+    model = stack.model
+    vectors = user_vectors(model)
+    ids = [str(user) for user in model.core.users.user_ids.tolist()]
+    target = model.user_lookup[USER]
+    similarity = vectors @ vectors[target]
+    order = [index for index in np.argsort(-similarity).tolist() if index != target]
+    near, far = [ids[index] for index in order[:2]], [ids[index] for index in order[-3:]]
+    # Metadata that no user's history shares: only the events can place these items.
+    tag = unique_prefix()[-8:]
+    liked_by_near, liked_by_far = f"la-near-{tag}", f"la-far-{tag}"
+    await catalogue(stack).UpsertItems(
+        catalogue_pb2.UpsertItemsRequest(
+            items=[new_book(item, f"genre-{item}") for item in (liked_by_near, liked_by_far)]
+        ),
+        timeout=5,
+    )
+    started = time.monotonic()
+    while not all(
+        stack.gateway_app.catalogue.known_item(item, model.version) for item in (liked_by_near, liked_by_far)
+    ):
+        assert time.monotonic() - started < 4 * WITHIN, "the gateway's catalogue poll never saw the items"
+        await asyncio.sleep(0.05)
+    listed, _ = await look_alike_list(stack, USER)
+    assert not {liked_by_near, liked_by_far} & set(listed)  # nobody engaged with them yet
+
+    events = [
+        gateway_pb2.Event(
+            event_id=f"{tag}-{user}", user_id=user, item_id=item, type=gateway_pb2.EVENT_TYPE_CLICK
+        )
+        for users, item in ((near, liked_by_near), (far[:2], liked_by_far))
+        for user in users
+    ]
+    # An impression is no engagement: its user is not an engager.
+    events.append(
+        gateway_pb2.Event(
+            event_id=f"{tag}-shown",
+            user_id=ids[order[2]],
+            item_id=liked_by_far,
+            type=gateway_pb2.EVENT_TYPE_IMPRESSION,
+        )
+    )
+    started = time.monotonic()
+    while True:  # the gateway accepts events on the new items once its catalogue poll saw them
+        answer = await stack.stub.ReportEvents(gateway_pb2.ReportEventsRequest(events=events), timeout=5)
+        events = [
+            event for index, event in enumerate(events) if index in {r.index for r in answer.rejections}
+        ]
+        if not events:
+            break
+        assert time.monotonic() - started < 4 * WITHIN, list(answer.rejections)
+        await asyncio.sleep(0.05)
+    engagers = await stack.features.engagers()
+    assert engagers[liked_by_near] == tuple(near)
+    assert engagers[liked_by_far] == tuple(far[:2])
+
+    started = time.monotonic()
+    while True:  # recall rebuilds the vectors at its next look-alike poll
+        listed, statuses = await look_alike_list(stack, USER)
+        if {liked_by_near, liked_by_far} <= set(listed):
+            break
+        assert time.monotonic() - started < 4 * WITHIN, (listed, statuses)
+        await asyncio.sleep(0.05)
+    assert statuses["look_alike"] == "CHANNEL_STATUS_OK"
+    # Nothing changed since: the next poll rebuilds nothing (the request path never does).
+    recall_app = stack.recall.app
+    assert isinstance(recall_app, RecallApp)
+    assert not await recall_app.look_alike.poll()
+    # The user most like the near engagers gets their item first; one like the far ones, theirs.
+    assert listed.index(liked_by_near) < listed.index(liked_by_far)
+    other_far, _ = await look_alike_list(stack, far[2])
+    assert other_far.index(liked_by_far) < other_far.index(liked_by_near)
+    # An engager's own click consumed the item: it is not recalled for them again.
+    mine, _ = await look_alike_list(stack, near[0])
+    assert liked_by_near not in mine
