@@ -75,8 +75,8 @@ def test_spark_itemcf_equals_the_numpy_builder(movielens: dict[str, Any], frame:
     assert_same_table(actual, expected)
 
 
-def test_spark_swing_equals_the_numpy_builder(movielens: dict[str, Any], frame: Any) -> None:
-    expected = build_swing(
+def numpy_swing(movielens: dict[str, Any], seed: int) -> Any:
+    return build_swing(
         movielens["user"],
         movielens["item"],
         movielens["n_users"],
@@ -84,8 +84,12 @@ def test_spark_swing_equals_the_numpy_builder(movielens: dict[str, Any], frame: 
         max_users_per_item=MAX_USERS_PER_ITEM,
         max_items_per_user=MAX_ITEMS_PER_USER,
         order=movielens["order"],
-        seed=3,
+        seed=seed,
     )
+
+
+def test_spark_swing_equals_the_numpy_builder(movielens: dict[str, Any], frame: Any) -> None:
+    expected = numpy_swing(movielens, seed=3)
     actual = spark_cf.swing(
         frame,
         movielens["n_items"],
@@ -96,14 +100,5 @@ def test_spark_swing_equals_the_numpy_builder(movielens: dict[str, Any], frame: 
     assert (expected.neighbors[:, 0] >= 0).mean() > 0.9
     assert_same_table(actual, expected)
     # The item sample is seeded: another seed computes popular items from other users.
-    other = build_swing(
-        movielens["user"],
-        movielens["item"],
-        movielens["n_users"],
-        movielens["n_items"],
-        max_users_per_item=MAX_USERS_PER_ITEM,
-        max_items_per_user=MAX_ITEMS_PER_USER,
-        order=movielens["order"],
-        seed=4,
-    )
+    other = numpy_swing(movielens, seed=4)
     assert not np.array_equal(other.scores, expected.scores)
