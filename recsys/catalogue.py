@@ -19,7 +19,6 @@ the next build.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ import numpy.typing as npt
 
 from recsys.artifacts import Catalogue, FloatArray, IntArray
 from recsys.feature_store import CatalogueItem, CatalogueState, FeatureStore, StoredItem
+from recsys.polling import Poller
 from recsys.stages.sources import CandidateSource, NewItemSource
 
 log = logging.getLogger("recsys.catalogue")
@@ -239,7 +239,7 @@ class NewItems:
 Models = Callable[[], Sequence[tuple[str, Any]]]  # (version, ServingModel) of the servable versions
 
 
-class CatalogueWatcher:
+class CatalogueWatcher(Poller):
     """Polls the feature store's catalogue revision every `poll_seconds` and, when it moved
     (or a version without a view appears), reads the catalogue and lays it out for every
     servable version in a thread. Requests read `view(version)`: a dict lookup, None while
@@ -264,11 +264,9 @@ class CatalogueWatcher:
         impressions_horizon: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if poll_seconds <= 0:
-            raise ValueError(f"poll_seconds: expected > 0, got {poll_seconds}")
+        super().__init__(poll_seconds, name="catalogue-watcher", log=log, what="polling the live catalogue")
         self._features = features
         self._models = models
-        self.poll_seconds = poll_seconds
         self._prepare = prepare  # per service: what its requests need built up front (digests)
         self._on_poll = on_poll  # after each poll, whether it succeeded (the service's metrics)
         self._impressions_horizon = impressions_horizon
@@ -279,9 +277,6 @@ class CatalogueWatcher:
         self._vocabularies: dict[str, VersionVocabulary] = {}
         self._upserted: frozenset[str] = frozenset()
         self._built_for: frozenset[str] = frozenset()  # the versions the views were built for
-        self._task: asyncio.Task[None] | None = None
-        self.polls = 0
-        self.failures = 0
 
     @property
     def revision(self) -> int:
@@ -307,27 +302,9 @@ class CatalogueWatcher:
         """Whether the catalogue (as last polled) holds the item, withdrawn or not."""
         return item_id in self._upserted
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="catalogue-watcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self.poll()
-                succeeded = True
-            except Exception as error:  # a feature store that is down: keep the last views
-                self.failures += 1
-                succeeded = False
-                log.warning("polling the live catalogue failed: %s", error)
-            if self._on_poll is not None:
-                self._on_poll(self, succeeded)
-            await asyncio.sleep(self.poll_seconds)
+    def polled(self, succeeded: bool) -> None:
+        if self._on_poll is not None:
+            self._on_poll(self, succeeded)
 
     def impressions(self, ordinals: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
         """The impression counts of new items by ordinal, as last polled (0 when unknown)."""

@@ -21,7 +21,6 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from recsys.artifacts import FloatArray
 from recsys.catalogue import CatalogueWatcher, Models, NewItems
 from recsys.feature_store import FeatureStore, UserState
+from recsys.polling import Poller
 from recsys.serving_model import ServingModel
 from recsys.stages.query import UserHistory, build_query
 from recsys.stages.sources import LOOK_ALIKE_ENGAGERS, LookAlikeSource, look_alike_vectors
@@ -67,7 +67,7 @@ def embed_states(model: ServingModel, user_ids: Sequence[str], states: Sequence[
     return model.user_embeddings(inputs)
 
 
-class LookAlikeIndex:
+class LookAlikeIndex(Poller):
     """Per servable version, the look-alike channel's source over the live catalogue's view
     (None while no new item has an engager). `source(version)` is a dict lookup."""
 
@@ -81,43 +81,20 @@ class LookAlikeIndex:
         engagers_per_item: int = LOOK_ALIKE_ENGAGERS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if poll_seconds <= 0:
-            raise ValueError(f"poll_seconds: expected > 0, got {poll_seconds}")
+        super().__init__(poll_seconds, name="look-alike", log=log, what="refreshing the look-alike vectors")
         self._features = features
         self._models = models
         self._catalogue = catalogue
-        self.poll_seconds = poll_seconds
         self._engagers_per_item = engagers_per_item
         self._clock = clock
         self._engagers: dict[str, tuple[str, ...]] = {}
         self._engagers_revision = 0
         self._built: dict[str, _Built] = {}
         self._embedded: dict[str, dict[str, FloatArray]] = {}  # version → user → embedding
-        self._task: asyncio.Task[None] | None = None
-        self.polls = 0
-        self.failures = 0
 
     def source(self, version: str) -> LookAlikeSource | None:
         built = self._built.get(version)
         return None if built is None else built.source
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="look-alike")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self.poll()
-            except Exception as error:  # a feature store that is down: keep the last sources
-                self.failures += 1
-                log.warning("refreshing the look-alike vectors failed: %s", error)
-            await asyncio.sleep(self.poll_seconds)
 
     async def poll(self) -> bool:
         """One poll: True when some version's source was rebuilt."""
