@@ -320,13 +320,13 @@ class RecallEngine:
                 blocklist = self.blocklists.blocklist
                 for name in [name for name in ("two_tower", *live_sources) if name in lists]:
                     candidates = lists[name]
-                    keep = np.asarray(
-                        [
-                            item < new_items.base or new_items.item_id(item) not in blocklist
-                            for item in candidates.items.tolist()
-                        ],
-                        dtype=bool,
-                    )
+                    new = candidates.items >= new_items.base
+                    if not new.any():
+                        continue  # the version's own items: filtered above
+                    keep = ~new
+                    keep[new] = [
+                        new_items.item_id(item) not in blocklist for item in candidates.items[new].tolist()
+                    ]
                     self._metrics.blocklist_filtered[name].inc(int(len(candidates) - keep.sum()))
                     lists[name] = Candidates(candidates.items[keep], candidates.scores[keep])
         if state is not None and state.exposure_filter is not None:
