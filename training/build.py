@@ -73,6 +73,7 @@ from recsys.store.reader import ModelStore
 from recsys.store.writer import VersionWriter
 from training.core_builder import CoreConfig, build_core
 from training.data.raw import RawData
+from training.distributed import Distribution, scope
 from training.encode import Encoded, Interactions, Split, encode, holdout_split
 from training.examples import NegativeSampler, SequenceRows, candidate_rows, select, sequence_rows, user_rows
 from training.export import Parity, check_parity, export_onnx
@@ -80,6 +81,7 @@ from training.models.ranker import RankerConfig, RankerTraining, build_ranker, s
 from training.models.two_tower import (
     TwoTowerConfig,
     build_two_tower,
+    detached,
     embed,
     log_sampling_probability,
     train_two_tower,
@@ -263,9 +265,15 @@ def _train_towers(
     spec: FeatureSpec,
     profile: BuildProfile,
     stages: Stages,
-) -> Trained:
+    distribution: Distribution | None = None,
+) -> Trained | None:
     """The two towers on the fit part, exported with parity, and the item embeddings' ANN
-    index (the ranker comes later, on recall's candidates: `_train_ranker`)."""
+    index (the ranker comes later, on recall's candidates: `_train_ranker`).
+
+    On a worker other than the chief of a multi-worker build: None after training when no
+    ranker follows; else the export, embeddings and index the ranker's rows come from (the
+    chief's, bit for bit), without the parity check and the ANN probe, which only the
+    published version needs."""
     all_rows = sequence_rows(train, spec)
     in_validation = np.isin(all_rows.order, validation_rows)
     rows: SequenceRows = select(all_rows, ~in_validation)
@@ -273,7 +281,8 @@ def _train_towers(
     items = ItemFeatures(core_fit.catalogue, core_fit.statistics)
 
     stages.start("two-tower: train")
-    towers = build_two_tower(spec, profile.two_tower)
+    with scope(distribution):
+        towers = build_two_tower(spec, profile.two_tower)
     tower_users = {name: users[name] for name in ("user_id", "region", "history", "history_weight")}
     tower_items = items.inputs(rows.item, with_stats=False)
     content = item_content(encoded, spec)
@@ -286,9 +295,15 @@ def _train_towers(
             tower_items,
             log_sampling_probability(tower_items["item_id"]),
             progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
+            distribution=distribution,
         )
     }
-    stages.start("two-tower: export + parity")
+    chief = distribution is None or distribution.is_chief
+    if distribution is not None:
+        towers = detached(towers, spec)
+        if not chief and profile.retrieval_only:
+            return None
+    stages.start("two-tower: export + parity" if chief else "two-tower: export")
     sample = np.random.default_rng(profile.two_tower.seed).choice(
         rows.user.shape[0], size=min(profile.parity_rows, rows.user.shape[0]), replace=False
     )
@@ -298,10 +313,14 @@ def _train_towers(
     parity_items["item_id"] = np.where(np.arange(sample.shape[0]) % 2 == 0, parity_items["item_id"], 0)
     user_onnx = export_onnx(towers.user_model, spec.user_tower_inputs())
     item_onnx = export_onnx(towers.item_model, spec.item_tower_inputs())
-    parity = {
-        "user_tower": check_parity(towers.user_model, user_onnx, parity_users),
-        "item_tower": check_parity(towers.item_model, item_onnx, parity_items),
-    }
+    parity = (
+        {
+            "user_tower": check_parity(towers.user_model, user_onnx, parity_users),
+            "item_tower": check_parity(towers.item_model, item_onnx, parity_items),
+        }
+        if chief
+        else {}
+    )
     stages.start("two-tower: item embeddings + ANN index")
     all_items = items.inputs(np.arange(encoded.n_items), with_stats=False)
     if content is not None:
@@ -316,7 +335,11 @@ def _train_towers(
             for start in range(0, encoded.n_items, 8192)
         ]
     ).astype(np.float32)
-    index = HnswIndex.build(embeddings, threads=2)
+    # One thread when several workers build it: HNSW's parallel inserts depend on thread timing,
+    # and every worker must find the same two-tower candidates for the ranker's rows.
+    index = HnswIndex.build(embeddings, threads=2 if distribution is None else 1)
+    if not chief:
+        return Trained(user_onnx, item_onnx, None, embeddings, index, parity, losses, math.nan)
     probe = embed(
         towers.user_model,
         {name: value[sample[:500]] for name, value in tower_users.items()},
@@ -338,13 +361,17 @@ def _train_ranker(
     n_items: int,
     profile: BuildProfile,
     stages: Stages,
-) -> tuple[bytes, Parity, RankerTraining, dict[str, int], RankerRowIndex]:
+    distribution: Distribution | None = None,
+) -> tuple[bytes, Parity, RankerTraining, dict[str, int], RankerRowIndex] | None:
     """The ranker on the validation period (the next period after the fit part), over the
     candidates the served recall produces from fit-part artifacts with the version's merge
     weights and quotas: features from the past, labels from the future, rows from exactly
     the lists the services will ask it to order. (Cross features computed on the same period
     as the labels would leak the label into the CF tables and teach the ranker to over-trust
-    them.)"""
+    them.)
+
+    None on a worker other than the chief of a multi-worker build, after the last training
+    step: the export and its parity check are the published version's."""
     spec, config = fit_model.spec, profile.ranker
     stages.start("ranker: rows from recall's candidates")
     merged = merged_candidates(run, weights, quotas, profile.candidate_budget)
@@ -374,7 +401,8 @@ def _train_ranker(
     stages.note(f"{counts['rows']:,} rows over {rows.users:,} users, {counts['positives']:,} positives")
     labels = {head: rows.labels[head] for head in spec.heads}
     stages.start("ranker: train")
-    ranker = build_ranker(spec, config)
+    with scope(distribution):
+        ranker = build_ranker(spec, config)
     training = train_ranker(
         ranker,
         rows.inputs,
@@ -382,8 +410,11 @@ def _train_ranker(
         config,
         group=rows.group,
         progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
+        distribution=distribution,
     )
     stages.note(f"held-out users' {training.metric} per epoch: {[round(v, 4) for v in training.validation]}")
+    if distribution is not None and not distribution.is_chief:
+        return None
     stages.start("ranker: export + parity")
     # The twin in the exported formulation; parity is checked against the trained model itself.
     ranker_onnx = export_onnx(serving_twin(ranker, spec, config), spec.ranker_inputs())
@@ -588,11 +619,20 @@ def prepare(
     seed: int = 0,
     quiet: bool = False,
     cold_start: ColdStartSet | None = None,
-) -> Candidate:
+    distribution: Distribution | None = None,
+) -> Candidate | None:
     """Everything but publishing: split, train, export with parity, evaluate. `seed` sets the
     split and every model's initialisation and sampling (offset from the profile's own).
     `cold_start`: new items no part of the build saw (Book-Crossing's NewBooks) for the item
-    cold-start evaluation (`recsys.evaluation.cold_start`), after the main one."""
+    cold-start evaluation (`recsys.evaluation.cold_start`), after the main one.
+
+    `distribution`: a multi-worker build (`training.distributed`), every worker running this
+    on the same data. The towers and the ranker train across the workers; the chief does
+    everything else and returns the candidate. The other workers return None after their
+    last training step (the towers' with --retrieval-only, else the ranker's): they run the
+    stages the ranker's rows need (the towers' export, EASE and merge tuning, recall's
+    candidates) and skip the parity checks, the ranker's export, the served core artifacts,
+    the evaluation and publishing, which are the published version's alone."""
     profile = dataclasses.replace(
         profile,
         two_tower=dataclasses.replace(profile.two_tower, seed=profile.two_tower.seed + seed),
@@ -619,7 +659,11 @@ def prepare(
 
     stages.start("core artifacts (fit part)")
     core_fit = build_core(fit, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
-    trained = _train_towers(encoded, train, inner.test, core_fit, spec, profile, stages)
+    towers = _train_towers(encoded, train, inner.test, core_fit, spec, profile, stages, distribution)
+    if towers is None:
+        stages.finish()
+        return None
+    trained = towers
 
     validation_heldout = HeldOut.from_pairs(validation.user, validation.item)
     if profile.max_eval_users is not None:
@@ -671,9 +715,13 @@ def prepare(
     ranker_rows: RankerRowIndex | None = None
     quantisation: dict[str, Any] | None = None
     if not profile.retrieval_only:
-        ranker_onnx, ranker_parity, ranker_training, ranker_counts, ranker_rows = _train_ranker(
-            fit_model, run, weights, quotas, validation, train, encoded.n_items, profile, stages
+        ranker = _train_ranker(
+            fit_model, run, weights, quotas, validation, train, encoded.n_items, profile, stages, distribution
         )
+        if ranker is None:
+            stages.finish()
+            return None
+        ranker_onnx, ranker_parity, ranker_training, ranker_counts, ranker_rows = ranker
         if profile.ranker_int8:
             stages.start("ranker: int8 + quality gate on validation")
             gate = _gate_int8(fit_model, defaults, run, validation_heldout, ranker_onnx)
@@ -740,6 +788,7 @@ def prepare(
     training_config = {
         "profile": profile.name,
         "seed": seed,
+        "workers": 1 if distribution is None else distribution.workers,
         "two_tower": dataclasses.asdict(profile.two_tower),
         "ranker": dataclasses.asdict(profile.ranker),
         "core": dataclasses.asdict(core_config),
@@ -858,9 +907,14 @@ def build(
     keep: int = 5,
     quiet: bool = False,
     cold_start: ColdStartSet | None = None,
-) -> BuildResult:
-    """Build, evaluate and publish one version."""
-    return publish(prepare(raw, profile, seed=seed, quiet=quiet, cold_start=cold_start), store, keep=keep)
+    distribution: Distribution | None = None,
+) -> BuildResult | None:
+    """Build, evaluate and publish one version. None on a worker other than the chief of a
+    multi-worker build: it trains, and the chief alone writes the store."""
+    candidate = prepare(
+        raw, profile, seed=seed, quiet=quiet, cold_start=cold_start, distribution=distribution
+    )
+    return None if candidate is None else publish(candidate, store, keep=keep)
 
 
 def _verify_loads(staging: Path) -> None:

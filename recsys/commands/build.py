@@ -153,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
         _check_spark()
     elif args.spark_master != "local[*]":
         raise UsageError("--spark-master: only with --engine spark")
+    from training.distributed import resolve_cluster
+
+    # A multi-worker build (TF_CONFIG, or RECSYS_TF_WORKER_HOSTS with JOB_COMPLETION_INDEX):
+    # a bad value fails here, naming the variable, before any data is read.
+    cluster = resolve_cluster(os.environ)
     raw = _raw(args)  # data errors surface before TensorFlow is imported
     cold_start = None
     if args.dataset == "book-crossing":  # the data set with a held-out set of new items
@@ -160,6 +165,12 @@ def run(args: argparse.Namespace) -> int:
         from training.cold_start import book_crossing_cold_start
 
         cold_start = book_crossing_cold_start(args.data_dir or data.default_data_dir())
+    distribution = None
+    if cluster is not None:
+        from training.distributed import Distribution
+
+        # Before anything else runs in TensorFlow: collectives are configured at its start-up.
+        distribution = Distribution(cluster)
     from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
 
     profile = PROFILES[args.profile]
@@ -172,8 +183,19 @@ def run(args: argparse.Namespace) -> int:
             profile, core=dataclasses.replace(profile.core, engine="spark", spark_master=args.spark_master)
         )
     result = build(
-        raw, args.store, profile, seed=args.seed, keep=args.keep, quiet=args.quiet, cold_start=cold_start
+        raw,
+        args.store,
+        profile,
+        seed=args.seed,
+        keep=args.keep,
+        quiet=args.quiet,
+        cold_start=cold_start,
+        distribution=distribution,
     )
+    if result is None:  # a worker other than the chief of a multi-worker build
+        where = "" if cluster is None else f"worker {cluster.index} of {cluster.size}: "
+        print(f"{where}trained; the chief (worker 0) evaluates and publishes", file=sys.stderr)
+        return 0
     if args.json:
         print(metrics_json(result.metrics))
         return 0

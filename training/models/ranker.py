@@ -21,6 +21,7 @@ from keras import ops
 
 from recsys.evaluation.metrics import auc
 from recsys.features import FeatureSpec, Inputs
+from training.distributed import Distribution, scope
 from training.models.layers import (
     din_attention,
     masked_mean,
@@ -148,12 +149,20 @@ def train_ranker(
     config: RankerConfig,
     group: np.ndarray | None = None,
     progress: Callable[[int, float], None] | None = None,
+    distribution: Distribution | None = None,
 ) -> RankerTraining:
     """Fit `model` on rows (one list per `group` value, a user's rows contiguous; None: each
     row alone, no list-wise loss), keeping the epoch that ranks a held-out slice of the
-    users best (mean NDCG@10 of their lists; AUC without lists)."""
+    users best (mean NDCG@10 of their lists; AUC without lists).
+
+    With a `distribution` (the model built under its scope), every worker packs the same
+    global batches of whole lists and trains on its share of each batch's lists (a batch
+    with fewer lists than workers is skipped by all); the gradients are summed across
+    workers. Every worker scores the whole held-out slice, and picks the epoch by the mean
+    over workers of that score: the same number everywhere, so all stop at one epoch."""
     rng = np.random.default_rng(config.seed)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
+    with scope(distribution):  # its slots mirrored like the weights they follow
+        optimizer = keras.optimizers.Adam(config.learning_rate)
     heads = list(labels)
     logits_model = keras.Model(
         model.inputs, {head: model.get_layer(f"{head}_logit").output for head in heads}
@@ -161,8 +170,7 @@ def train_ranker(
     list_weight = config.list_weight if group is not None else 0.0
     listwise = group is not None  # lists to judge epochs by, whatever the loss
 
-    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def step(
+    def local_step(
         batch: dict[str, tf.Tensor], targets: dict[str, tf.Tensor], segments: tf.Tensor, lists: tf.Tensor
     ) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -179,9 +187,26 @@ def train_ranker(
             )
             if list_weight > 0:
                 loss += list_weight * _list_loss(logits["click"], targets["click"], segments, lists)
-        gradients = tape.gradient(loss, model.trainable_variables)
+            # Keras sums the workers' gradients: each worker's mean counts for its share.
+            scaled = loss if distribution is None else loss / distribution.workers
+        gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return loss
+
+    if distribution is None:
+        step = tf.function(local_step, reduce_retracing=True)
+    else:
+        strategy = distribution.strategy
+        distribution.check_same(
+            "ranker rows", *inputs.values(), *labels.values(), *([] if group is None else [group])
+        )
+
+        @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
+        def step(
+            batch: dict[str, tf.Tensor], targets: dict[str, tf.Tensor], segments: tf.Tensor, lists: tf.Tensor
+        ) -> tf.Tensor:
+            losses = strategy.run(local_step, args=(batch, targets, segments, lists))
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
 
     if group is None:
         group = np.arange(inputs["item_id"].shape[0], dtype=np.int64)
@@ -201,7 +226,10 @@ def train_ranker(
             return 0.0
         predicted = predict(model, held_inputs)["click"]
         truth = labels["click"][held_rows]
-        return mean_list_ndcg(predicted, truth, held_group) if listwise else auc(predicted, truth)
+        score = mean_list_ndcg(predicted, truth, held_group) if listwise else auc(predicted, truth)
+        if distribution is None:
+            return score
+        return float(distribution.sum(np.array([score]))[0]) / distribution.workers
 
     best_score, best_weights = -1.0, model.get_weights()
     losses, scores = [], []
@@ -209,6 +237,10 @@ def train_ranker(
         order = fit_lists[rng.permutation(fit_lists.shape[0])]
         total, batches = 0.0, 0
         for chunk in _batches(starts, ends, order, config.batch_size):
+            if distribution is not None:
+                if chunk.shape[0] < distribution.workers:
+                    continue  # a worker would get no list (the same on every worker)
+                chunk = distribution.shard(chunk)
             rows = _rows(starts, ends, chunk)
             segments = np.repeat(np.arange(chunk.shape[0], dtype=np.int32), (ends - starts)[chunk])
             batch = {name: tf.constant(value[rows]) for name, value in inputs.items()}

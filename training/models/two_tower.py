@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys.features import FeatureSpec, Inputs
+from training.distributed import Distribution, scope
 from training.models.layers import l2_normalize, masked_mean, mlp, weighted_mean
 
 
@@ -104,13 +105,21 @@ def train_two_tower(
     item_inputs: Inputs,
     item_log_q: np.ndarray,
     progress: Callable[[int, float], None] | None = None,
+    distribution: Distribution | None = None,
 ) -> list[float]:
     """Fit on aligned (user inputs, positive item inputs) rows; `item_log_q[r]` is the log
     sampling probability of row r's item (its share of the training rows). Returns the
-    mean loss per epoch."""
+    mean loss per epoch.
+
+    With a `distribution` (the towers built under its scope), every worker draws the same
+    global batches and trains on its slice of each: the in-batch negatives of a row are
+    those of its worker's slice (batch_size / workers rows), and the gradients are summed
+    across workers. Every worker computes the held-out loss on the whole held-out slice, and
+    stops by the mean over workers: the same number everywhere, so all stop at one epoch."""
     config = model.config
     rng = np.random.default_rng(config.seed)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
+    with scope(distribution):  # its slots mirrored like the weights they follow
+        optimizer = keras.optimizers.Adam(config.learning_rate)
     variables = model.user_model.trainable_variables + [
         v
         for v in model.item_model.trainable_variables
@@ -136,15 +145,29 @@ def train_two_tower(
         labels = tf.range(tf.shape(logits)[0])
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
-    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def step(
+    def local_step(
         users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
     ) -> tf.Tensor:
         with tf.GradientTape() as tape:
             loss = batch_loss(users, items, keys, log_q, True)
-        gradients = tape.gradient(loss, variables)
+            # Keras sums the workers' gradients: each worker's mean counts for its share.
+            scaled = loss if distribution is None else loss / distribution.workers
+        gradients = tape.gradient(scaled, variables)
         optimizer.apply_gradients(zip(gradients, variables, strict=True))
         return loss
+
+    if distribution is None:
+        step = tf.function(local_step, reduce_retracing=True)
+    else:
+        strategy = distribution.strategy
+        distribution.check_same("two-tower rows", *user_inputs.values(), *item_inputs.values(), item_log_q)
+
+        @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
+        def step(
+            users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
+        ) -> tf.Tensor:
+            losses = strategy.run(local_step, args=(users, items, keys, log_q))
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def held_loss(
@@ -163,15 +186,21 @@ def train_two_tower(
         total, batches = 0.0, 0
         for start in range(0, order.shape[0] - config.batch_size + 1, config.batch_size):
             rows = order[start : start + config.batch_size]
-            users = {name: tf.constant(value[rows]) for name, value in user_inputs.items()}
+            # Drawn for the whole global batch (the same draws on every worker), then sliced.
+            user_ids = user_inputs["user_id"][rows]
             if config.user_id_dropout:
-                drop = rng.random(rows.shape[0]) < config.user_id_dropout
-                users["user_id"] = tf.constant(np.where(drop, 0, user_inputs["user_id"][rows]))
-            items = {name: tf.constant(value[rows]) for name, value in item_inputs.items()}
+                user_ids = np.where(rng.random(rows.shape[0]) < config.user_id_dropout, 0, user_ids)
             keys = item_inputs["item_id"][rows]
+            item_ids = keys
             if config.item_id_dropout:
-                drop = rng.random(rows.shape[0]) < config.item_id_dropout
-                items["item_id"] = tf.constant(np.where(drop, 0, keys))
+                item_ids = np.where(rng.random(rows.shape[0]) < config.item_id_dropout, 0, keys)
+            if distribution is not None:
+                mine = distribution.shard(np.arange(rows.shape[0]))
+                rows, user_ids, keys, item_ids = rows[mine], user_ids[mine], keys[mine], item_ids[mine]
+            users = {name: tf.constant(value[rows]) for name, value in user_inputs.items()}
+            users["user_id"] = tf.constant(user_ids)
+            items = {name: tf.constant(value[rows]) for name, value in item_inputs.items()}
+            items["item_id"] = tf.constant(item_ids)
             total += float(
                 step(users, items, tf.constant(keys), tf.constant(item_log_q[rows], dtype=tf.float32))
             )
@@ -194,6 +223,8 @@ def train_two_tower(
         if held_batches == 0:
             continue
         current = held_total / held_batches
+        if distribution is not None:
+            current = float(distribution.sum(np.array([current]))[0]) / distribution.workers
         if current < best_loss:
             best_loss, best_weights, worse = current, _weights(model), 0
         else:
@@ -202,6 +233,14 @@ def train_two_tower(
                 break
     _set_weights(model, best_weights)
     return losses
+
+
+def detached(model: TwoTower, spec: FeatureSpec) -> TwoTower:
+    """The towers rebuilt outside any distribution strategy with `model`'s weights: plain
+    variables, which export and serve like a single-process build's."""
+    copy = build_two_tower(spec, model.config)
+    _set_weights(copy, _weights(model))
+    return copy
 
 
 def _weights(model: TwoTower) -> tuple[list[np.ndarray], list[np.ndarray]]:
