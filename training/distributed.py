@@ -41,6 +41,12 @@ class ClusterError(ValueError):
         self.variable = variable
 
 
+class WorkerMismatch(ValueError):
+    """The workers of one build prepared different data: a different input, flag, seed or
+    library version on one of them (each would train on other rows, or wait for a step the
+    others never take)."""
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """The workers of one build (host:port, index order) and which one this process is."""
@@ -209,7 +215,7 @@ class Distribution:
             digest = zlib.crc32(contiguous.tobytes(), digest)
         digests = self.gather(np.array([digest], dtype=np.int64))[:, 0]
         if np.unique(digests).shape[0] > 1:
-            raise RuntimeError(
+            raise WorkerMismatch(
                 f"{what}: the workers prepared different data (checksums by worker: {digests.tolist()});"
                 " every worker must run the same build (data, flags, seed, versions)"
             )

@@ -65,6 +65,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="train, evaluate and publish a model version",
         description="Build every artifact from a data set, evaluate it on the held-out part and publish "
         "it as the store's current version (only if complete and verified).",
+        epilog="Several training workers: run the same command on each, with TF_CONFIG or "
+        "RECSYS_TF_WORKER_HOSTS (host:port,…) and JOB_COMPLETION_INDEX set; worker 0 publishes.",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument(

@@ -1,0 +1,178 @@
+"""Two `recsys build` workers on this machine, each its own process with its own TF_CONFIG,
+train the towers and the ranker together on a slice of MovieLens-100K: the chief exports
+and publishes (parity proven), the other worker writes nothing, both end with the same
+weights, and workers that prepared different data stop with an error instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.store import ModelStore
+from training.data import default_data_dir
+from training.export import PARITY_TOLERANCE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# `recsys build` itself, with its training functions wrapped to save each model's final
+# weights (after early stopping restored the best epoch) into the directory in argv[1].
+WORKER = """
+import sys
+from pathlib import Path
+import numpy as np
+import training.build
+from recsys.cli import main
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+train_two_tower, train_ranker = training.build.train_two_tower, training.build.train_ranker
+
+def save(name, weights):
+    np.savez(out / f"{name}.npz", *weights)
+
+def towers(model, *args, **kwargs):
+    losses = train_two_tower(model, *args, **kwargs)
+    save("two_tower", model.user_model.get_weights() + model.item_model.get_weights())
+    return losses
+
+def ranker(model, *args, **kwargs):
+    result = train_ranker(model, *args, **kwargs)
+    save("ranker", model.get_weights())
+    return result
+
+training.build.train_two_tower, training.build.train_ranker = towers, ranker
+sys.exit(main(sys.argv[2:]))
+"""
+
+USERS = 100  # MovieLens users 1..100: about 10,000 ratings, enough rows for the parity checks
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def ratings_slice(path: Path, users: int, drop_last: bool = False) -> Path:
+    lines = (default_data_dir() / "ml-100k" / "u.data").read_text().splitlines()
+    kept = [line for line in lines if int(line.split("\t")[0]) <= users]
+    if drop_last:  # one rating fewer: a worker that read different data
+        kept = kept[:-1]
+    path.write_text("\n".join(["user\titem\trating\ttime", *kept]) + "\n")
+    return path
+
+
+def run_workers(
+    tmp_path: Path, data: list[Path], extra: tuple[str, ...] = ()
+) -> list[tuple[subprocess.CompletedProcess[str], Path, Path]]:
+    """Both workers at once (the cluster waits for all of them); (result, store, weights) each."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(len(data))]
+    started = []
+    for index, path in enumerate(data):
+        store, weights = tmp_path / f"store-{index}", tmp_path / f"weights-{index}"
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in ("TF_CONFIG", "RECSYS_TF_WORKER_HOSTS", "JOB_COMPLETION_INDEX")
+        }
+        env["PYTHONPATH"] = str(ROOT)
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+        )
+        command = [
+            *(sys.executable, "-c", WORKER, str(weights)),
+            *("build", "--dataset", "csv", "--interactions", str(path), "--user-col", "user"),
+            *("--item-col", "item", "--rating-col", "rating", "--time-col", "time"),
+            *("--profile", "quick", "--store", str(store), "--quiet", *extra),
+        ]
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        started.append((process, command, store, weights))
+    results = []
+    try:
+        for process, command, store, weights in started:
+            stdout, stderr = process.communicate(timeout=110)
+            results.append(
+                (subprocess.CompletedProcess(command, process.returncode, stdout, stderr), store, weights)
+            )
+    finally:
+        for process, *_ in started:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
+def tail(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stderr[-3000:]
+
+
+def test_two_workers_train_the_same_weights_and_only_the_chief_publishes(tmp_path: Path) -> None:
+    data = ratings_slice(tmp_path / "ratings.tsv", USERS)
+    (chief, chief_store, chief_weights), (other, other_store, other_weights) = run_workers(
+        tmp_path, [data, data]
+    )
+    assert chief.returncode == 0, tail(chief)
+    assert other.returncode == 0, tail(other)
+    assert "worker 1 of 2: trained; the chief (worker 0) evaluates and publishes" in other.stderr
+
+    # The chief published one complete, verified version, with its parity proofs.
+    store = ModelStore(chief_store)
+    version = store.current()
+    assert version is not None
+    assert [info.name for info in store.versions()] == [version]
+    store.verify(version)
+    manifest = store.manifest(version)
+    assert manifest.training_config["workers"] == 2
+    for name in ("user_tower", "item_tower", "ranker"):
+        parity = manifest.metrics["parity"][name]
+        assert parity["rows"] >= 1000
+        assert parity["max_abs_diff"] <= PARITY_TOLERANCE
+    assert {"two_tower/user_tower.onnx", "two_tower/item_tower.onnx", "ranker/ranker.onnx"} <= set(
+        manifest.artifacts
+    )
+    assert len(manifest.training_config["losses"]["two_tower"]) >= 1
+    assert len(manifest.training_config["losses"]["ranker"]) >= 1
+    assert manifest.metrics["channels"]["two_tower"]["recall@200"] > 0
+
+    # The other worker wrote no store at all.
+    assert not other_store.exists()
+
+    # Mirrored: both workers ended with bit-identical weights, for both models.
+    for model in ("two_tower", "ranker"):
+        with (
+            np.load(chief_weights / f"{model}.npz") as first,
+            np.load(other_weights / f"{model}.npz") as second,
+        ):
+            assert first.files == second.files
+            assert len(first.files) > 5
+            for name in first.files:
+                assert first[name].shape == second[name].shape
+                assert np.array_equal(first[name], second[name]), f"{model} weight {name} differs"
+
+
+def test_workers_with_different_data_stop_with_an_error(tmp_path: Path) -> None:
+    data = [
+        ratings_slice(tmp_path / "ratings.tsv", USERS),
+        ratings_slice(tmp_path / "fewer.tsv", USERS, drop_last=True),
+    ]
+    results = run_workers(tmp_path, data, ("--retrieval-only",))
+    for result, store, _ in results:
+        assert result.returncode == 2, tail(result)
+        assert "two-tower rows: the workers prepared different data" in result.stderr
+        assert not store.exists()
