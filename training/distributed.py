@@ -30,7 +30,6 @@ import numpy as np
 TF_CONFIG = "TF_CONFIG"
 WORKER_HOSTS = "RECSYS_TF_WORKER_HOSTS"
 WORKER_INDEX = "JOB_COMPLETION_INDEX"
-COLLECTIVES = ("AUTO", "RING")
 
 
 class ClusterError(ValueError):
@@ -61,9 +60,6 @@ class ClusterSpec:
     @property
     def is_chief(self) -> bool:
         return self.index == 0
-
-    def tf_config(self) -> dict[str, Any]:
-        return {"cluster": {"worker": list(self.workers)}, "task": {"type": "worker", "index": self.index}}
 
 
 def resolve_cluster(environ: Mapping[str, str]) -> ClusterSpec | None:
@@ -144,11 +140,9 @@ class Distribution:
     """A started multi-worker strategy and the collectives the loops use. Create it before
     TensorFlow runs anything else: the collectives are configured at context start-up."""
 
-    def __init__(self, cluster: ClusterSpec, collective: str = "RING") -> None:
+    def __init__(self, cluster: ClusterSpec) -> None:
         import tensorflow as tf
 
-        if collective not in COLLECTIVES:
-            raise ValueError(f"collective: must be one of {', '.join(COLLECTIVES)}, got {collective!r}")
         self.cluster = cluster
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec({"worker": list(cluster.workers)}),
@@ -156,18 +150,19 @@ class Distribution:
             task_id=cluster.index,
             rpc_layer="grpc",
         )
-        implementation = getattr(tf.distribute.experimental.CommunicationImplementation, collective)
+        # Ring all-reduce over gRPC: the CPU collective (NCCL is for GPUs, and AUTO picks RING on CPU).
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=resolver,
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=implementation
+                implementation=tf.distribute.experimental.CommunicationImplementation.RING
             ),
         )
         if self.strategy.num_replicas_in_sync != cluster.size:
-            raise ClusterError(
-                TF_CONFIG,
-                f"{self.strategy.num_replicas_in_sync} replicas for {cluster.size} workers: one CPU replica"
-                " per worker is expected",
+            # Each worker feeds its slice to its one replica: several local devices would
+            # each train on the same slice.
+            raise ValueError(
+                f"{self.strategy.num_replicas_in_sync} replicas for {cluster.size} workers: the build"
+                " trains one replica per worker (hide extra GPUs with CUDA_VISIBLE_DEVICES)"
             )
         strategy = self.strategy
 

@@ -37,7 +37,6 @@ def test_tf_config_workers_in_order_and_worker_zero_is_the_chief() -> None:
     first = resolve_cluster(tf_config({"worker": hosts}, index=0))
     assert first is not None
     assert first.is_chief
-    assert first.tf_config() == {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": 0}}
 
 
 def test_a_chief_job_is_worker_zero() -> None:
