@@ -12,8 +12,13 @@ the held-out part, the merged recall, the pipeline's NDCG@10 and the ranker's AU
 of the one-worker builds is the noise the two-worker figures are judged against.
 
 Two workers use the same global batch as one: each worker's in-batch softmax sees half the
-negatives (batch_size / 2 rows), which is the expected source of any real difference.
+negatives (batch_size / 2 rows), which is the expected source of any real difference; for the
+same reason the two-tower's training loss is lower with two workers (a softmax over fewer rows)
+and is not comparable across the columns. The held-out figures are.
 `--users N` builds on MovieLens users 1..N only (a quick smoke run of this script).
+`--retrieval-only` trains the towers in batches of 4,096 for two epochs: about 40 steps on
+MovieLens-100K, too few to move the towers far from their (seeded, shared) initial weights, so
+both columns come out nearly equal whatever the distribution does; compare without it.
 """
 
 from __future__ import annotations
