@@ -112,10 +112,11 @@ def train_two_tower(
     mean loss per epoch.
 
     With a `distribution` (the towers built under its scope), every worker draws the same
-    global batches and trains on its slice of each: the in-batch negatives of a row are
-    those of its worker's slice (batch_size / workers rows), and the gradients are summed
-    across workers. Every worker computes the held-out loss on the whole held-out slice, and
-    stops by the mean over workers: the same number everywhere, so all stop at one epoch."""
+    global batches and trains on its slice of each. The workers' item embeddings are
+    gathered, so a row's in-batch negatives are the whole global batch, as in one process:
+    the same loss, and the same gradients (summed across workers). Every worker computes the
+    held-out loss on the whole held-out slice, and stops by the mean over workers: the same
+    number everywhere, so all stop at one epoch."""
     config = model.config
     rng = np.random.default_rng(config.seed)
     with scope(distribution):  # its slots mirrored like the weights they follow
@@ -133,23 +134,45 @@ def train_two_tower(
         keys: tf.Tensor,
         log_q: tf.Tensor,
         training: bool,
+        first: tf.Tensor | None = None,
     ) -> tf.Tensor:
+        """Mean softmax loss of the rows; `first`: in a replica of a distribution, the rows'
+        position in the global batch, whose items (gathered from every worker) are the
+        candidates."""
         u = model.user_model(users, training=training)["user_embedding"]
         v = model.item_model(items, training=training)["item_embedding"]
+        candidate_keys = keys
+        if first is not None:
+            # all_gather stacks the replicas in worker order, as `Distribution.shard` slices;
+            # its gradient sends each worker's share back to the items it embedded. (The
+            # identity places the function's inputs on the replica's device: all_gather of a
+            # tensor with no device fails, "destinations can not be empty".)
+            context = tf.distribute.get_replica_context()
+            v, candidate_keys, log_q = (
+                context.all_gather(tf.identity(value), axis=0) for value in (v, keys, log_q)
+            )
         logits = tf.matmul(u, v, transpose_b=True) * inverse_temperature - log_q[None, :]
         # The same item twice in a batch is not a negative of itself (by its real token: two
         # rows whose id was dropped are still two items).
-        same = tf.equal(keys[:, None], keys[None, :])
-        diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
+        same = tf.equal(keys[:, None], candidate_keys[None, :])
+        if first is None:
+            diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
+            labels = tf.range(tf.shape(logits)[0])
+        else:
+            labels = first + tf.range(tf.shape(logits)[0])
+            diagonal = tf.equal(labels[:, None], tf.range(tf.shape(logits)[1])[None, :])
         logits = tf.where(same & ~diagonal, tf.fill(tf.shape(logits), -1e9), logits)
-        labels = tf.range(tf.shape(logits)[0])
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
     def local_step(
-        users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
+        users: dict[str, tf.Tensor],
+        items: dict[str, tf.Tensor],
+        keys: tf.Tensor,
+        log_q: tf.Tensor,
+        first: tf.Tensor | None = None,
     ) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            loss = batch_loss(users, items, keys, log_q, True)
+            loss = batch_loss(users, items, keys, log_q, True, first)
             # Keras sums the workers' gradients: each worker's mean counts for its share.
             scaled = loss if distribution is None else loss / distribution.workers
         gradients = tape.gradient(scaled, variables)
@@ -163,10 +186,14 @@ def train_two_tower(
         distribution.check_same("two-tower rows", *user_inputs.values(), *item_inputs.values(), item_log_q)
 
         @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-        def step(
-            users: dict[str, tf.Tensor], items: dict[str, tf.Tensor], keys: tf.Tensor, log_q: tf.Tensor
+        def distributed_step(
+            users: dict[str, tf.Tensor],
+            items: dict[str, tf.Tensor],
+            keys: tf.Tensor,
+            log_q: tf.Tensor,
+            first: tf.Tensor,
         ) -> tf.Tensor:
-            losses = strategy.run(local_step, args=(users, items, keys, log_q))
+            losses = strategy.run(local_step, args=(users, items, keys, log_q, first))
             return strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
 
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
@@ -194,16 +221,19 @@ def train_two_tower(
             item_ids = keys
             if config.item_id_dropout:
                 item_ids = np.where(rng.random(rows.shape[0]) < config.item_id_dropout, 0, keys)
+            mine: slice | np.ndarray = slice(None)
+            first = None  # where this worker's rows start in the global batch
             if distribution is not None:
                 mine = distribution.shard(np.arange(rows.shape[0]))
-                rows, user_ids, keys, item_ids = rows[mine], user_ids[mine], keys[mine], item_ids[mine]
+                first = int(mine[0])
+            rows, user_ids, keys, item_ids = rows[mine], user_ids[mine], keys[mine], item_ids[mine]
             users = {name: tf.constant(value[rows]) for name, value in user_inputs.items()}
             users["user_id"] = tf.constant(user_ids)
             items = {name: tf.constant(value[rows]) for name, value in item_inputs.items()}
             items["item_id"] = tf.constant(item_ids)
-            total += float(
-                step(users, items, tf.constant(keys), tf.constant(item_log_q[rows], dtype=tf.float32))
-            )
+            batch = (users, items, tf.constant(keys), tf.constant(item_log_q[rows], dtype=tf.float32))
+            loss = step(*batch) if first is None else distributed_step(*batch, tf.constant(first))
+            total += float(loss)
             batches += 1
         losses.append(total / max(batches, 1))
         if progress is not None:
