@@ -53,6 +53,45 @@ training.build.train_two_tower, training.build.train_ranker = towers, ranker
 sys.exit(main(sys.argv[2:]))
 """
 
+# The two-tower on random rows across the workers; worker 0 then trains the same towers
+# (same seed, same rows) in one process, and writes both per-epoch losses to argv[1].
+TOWERS = """
+import json, os, sys
+import numpy as np
+from recsys.features import FeatureSpec
+from training.distributed import Distribution, resolve_cluster, scope
+distribution = Distribution(resolve_cluster(os.environ))  # before TensorFlow runs anything
+from training.models.two_tower import (
+    TwoTowerConfig, build_two_tower, log_sampling_probability, train_two_tower,
+)
+
+spec = FeatureSpec(
+    n_user_tokens=30, n_item_tokens=50, n_category_tokens=5, n_author_tokens=4, n_region_tokens=3,
+    history_length=6, max_categories=2, user_stat_names=(), item_stat_names=(), embedding_dim=8,
+    heads=("click",),
+)
+config = TwoTowerConfig(embedding_dim=8, id_dim=8, side_dim=4, hidden=16, batch_size=64, epochs=3,
+                        holdout_fraction=0.0, title_buckets=0)
+rng = np.random.default_rng(0)
+rows = 640
+users = {
+    "user_id": rng.integers(1, 30, rows), "region": rng.integers(0, 3, rows),
+    "history": rng.integers(0, 50, (rows, 6)), "history_weight": rng.random((rows, 6)).astype(np.float32),
+}
+items = {
+    "item_id": rng.integers(1, 50, rows), "categories": rng.integers(0, 5, (rows, 2)),
+    "author": rng.integers(0, 4, rows),
+}
+log_q = log_sampling_probability(items["item_id"])
+with scope(distribution):
+    towers = build_two_tower(spec, config)
+losses = {"two_workers": train_two_tower(towers, users, items, log_q, distribution=distribution)}
+if distribution.is_chief:
+    losses["one_process"] = train_two_tower(build_two_tower(spec, config), users, items, log_q)
+    with open(sys.argv[1], "w") as out:
+        json.dump(losses, out)
+"""
+
 USERS = 100  # MovieLens users 1..100: about 10,000 ratings, enough rows for the parity checks
 
 
@@ -75,47 +114,62 @@ def ratings_slice(path: Path, users: int, drop_last: bool = False) -> Path:
     return path
 
 
-def run_workers(
-    tmp_path: Path, data: list[Path], extra: tuple[str, ...] = ()
-) -> list[tuple[subprocess.CompletedProcess[str], Path, Path]]:
-    """Both workers at once (the cluster waits for all of them); (result, store, weights) each."""
-    hosts = [f"127.0.0.1:{port}" for port in free_ports(len(data))]
-    started = []
-    for index, path in enumerate(data):
-        store, weights = tmp_path / f"store-{index}", tmp_path / f"weights-{index}"
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if name not in ("TF_CONFIG", "RECSYS_TF_WORKER_HOSTS", "JOB_COMPLETION_INDEX")
-        }
-        env["PYTHONPATH"] = str(ROOT)
-        env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
+def worker_env(hosts: list[str], index: int) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("TF_CONFIG", "RECSYS_TF_WORKER_HOSTS", "JOB_COMPLETION_INDEX")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
+    return env
+
+
+def run_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """One worker process per command, all at once (the cluster waits for every worker)."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(len(commands))]
+    started = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=worker_env(hosts, index),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        command = [
-            *(sys.executable, "-c", WORKER, str(weights)),
-            *("build", "--dataset", "csv", "--interactions", str(path), "--user-col", "user"),
-            *("--item-col", "item", "--rating-col", "rating", "--time-col", "time"),
-            *("--profile", "quick", "--store", str(store), "--quiet", *extra),
-        ]
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        started.append((process, command, store, weights))
+        for index, command in enumerate(commands)
+    ]
     results = []
     try:
-        for process, command, store, weights in started:
+        for process, command in zip(started, commands, strict=True):
             stdout, stderr = process.communicate(timeout=110)
-            results.append(
-                (subprocess.CompletedProcess(command, process.returncode, stdout, stderr), store, weights)
-            )
+            results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     finally:
-        for process, *_ in started:
+        for process in started:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
     return results
+
+
+def run_workers(
+    tmp_path: Path, data: list[Path], extra: tuple[str, ...] = ()
+) -> list[tuple[subprocess.CompletedProcess[str], Path, Path]]:
+    """`recsys build` on each worker (worker i reads data[i]); (result, store, weights) each."""
+    commands, outputs = [], []
+    for index, path in enumerate(data):
+        store, weights = tmp_path / f"store-{index}", tmp_path / f"weights-{index}"
+        outputs.append((store, weights))
+        commands.append(
+            [
+                *(sys.executable, "-c", WORKER, str(weights)),
+                *("build", "--dataset", "csv", "--interactions", str(path), "--user-col", "user"),
+                *("--item-col", "item", "--rating-col", "rating", "--time-col", "time"),
+                *("--profile", "quick", "--store", str(store), "--quiet", *extra),
+            ]
+        )
+    return [(result, *output) for result, output in zip(run_all(commands), outputs, strict=True)]
 
 
 def tail(result: subprocess.CompletedProcess[str]) -> str:
@@ -176,3 +230,16 @@ def test_workers_with_different_data_stop_with_an_error(tmp_path: Path) -> None:
         assert result.returncode == 2, tail(result)
         assert "two-tower rows: the workers prepared different data" in result.stderr
         assert not store.exists()
+
+
+def test_the_two_tower_loss_across_workers_is_the_one_process_loss(tmp_path: Path) -> None:
+    """The workers' item embeddings are gathered: every row's softmax runs over the whole
+    global batch, so two workers compute the loss (and steps) of one process. Each worker
+    alone would see half the negatives, a loss lower by about log 2."""
+    out = tmp_path / "losses.json"
+    for result in run_all([[sys.executable, "-c", TOWERS, str(out)]] * 2):
+        assert result.returncode == 0, tail(result)
+    losses = json.loads(out.read_text())
+    assert len(losses["one_process"]) == 3
+    assert losses["one_process"][-1] < losses["one_process"][0]  # it learns
+    np.testing.assert_allclose(losses["two_workers"], losses["one_process"], rtol=1e-4)
