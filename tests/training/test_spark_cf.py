@@ -152,11 +152,6 @@ def assert_same_files(actual: dict[str, Any], expected: dict[str, Any]) -> None:
             assert got == value, path
 
 
-# Small CF caps: the CF tables are proven above at the build's own caps; here they only show that
-# build_core's Spark path wires them from the same frame, in a few seconds.
-SMALL_CF = {"neighbors": 20, "max_items_per_user": 40, "max_users_per_item": 40}
-
-
 def test_spark_core_writes_the_numpy_core_files(spark: Any) -> None:
     from training.core_builder import CoreConfig, build_core
     from training.data import default_data_dir, load_movielens_100k
@@ -168,7 +163,9 @@ def test_spark_core_writes_the_numpy_core_files(spark: Any) -> None:
     )
     # The history's tie-break is exercised: users rate several films in the same second.
     assert (np.unique(np.stack([train.user, train.time]), axis=1).shape[1]) < len(train)
-    config = CoreConfig(seed=2, **SMALL_CF)
+    # Small CF caps: the tables are proven above at real caps; here they show that build_core's Spark
+    # path builds them from the same frame, in seconds.
+    config = CoreConfig(seed=2, neighbors=20, max_items_per_user=40, max_users_per_item=40)
     expected = build_core(train, encoded.catalogue, encoded.users, config, encoded.like_threshold)
     on_spark = dataclasses.replace(config, engine="spark", spark_master="local[2]")
     steps: list[str] = []
