@@ -363,8 +363,8 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace, comman
     agreed = [size for size in results if size.get("agreement")]
     if agreed:
         print()
-        columns = ("interactions (train)", "table", "items with identical neighbours", "max score difference")
-        print("| " + " | ".join(columns) + " | other core files |")
+        headers = ("interactions (train)", "table", "items with identical neighbours", "max score difference")
+        print("| " + " | ".join(headers) + " | other core files |")
         print("| --- | --- | --- | --- | --- |")
         for size in agreed:
             result = size["agreement"]
