@@ -80,8 +80,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--engine",
         choices=("numpy", "spark"),
         default="numpy",
-        help="where the ItemCF and Swing tables are computed: numpy in this process (default), or Spark "
-        "(needs the spark extra and Java 17; the same tables, for logs past one machine)",
+        help="where the core artifacts (histories, popularity, statistics, authors, ItemCF, Swing) are "
+        "computed: numpy in this process (default), or Spark (needs the spark extra and Java 17; the same "
+        "files, for logs past one machine)",
     )
     parser.add_argument(
         "--spark-master",
