@@ -31,7 +31,7 @@ as Arrow (`interactions_frame`); a job whose log does not fit the driver has Spa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,7 @@ from training.core_builder import (
     top_items,
 )
 from training.encode import Interactions
+from training.spark_cf import to_driver
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -200,32 +201,25 @@ def recency_weight(summary: FrameSummary, half_life_days: float) -> Column:
 def history(frame: DataFrame, n_users: int, rows: int | None = None) -> UserHistory:
     """`core_builder.build_history`: every user's interactions by time, then training-table order.
 
-    Spark sorts; the sorted partitions come to the driver one at a time, in order, each Arrow batch
-    packed into one row of raw little-endian buffers (a few thousand rows in all, not one Python
-    object per interaction), and are copied into arrays allocated once for all `rows`."""
-    from pyspark.sql import functions as F
-
+    Spark sorts; the sorted partitions come to the driver one at a time, in order
+    (`spark_cf.to_driver`: Arrow batches as raw buffers, not one Python object per interaction), and
+    are copied into arrays allocated once for all `rows`."""
     total = frame.count() if rows is None else rows
     items = np.empty(total, dtype=np.int32)
     times = np.empty(total, dtype=np.int64)
     ratings = np.empty(total, dtype=np.float32)
     counts = np.zeros(n_users, dtype=np.int64)
-    ordered = frame.orderBy("user", "time", "row").select(
-        F.col("user").cast("int"),
-        F.col("item").cast("int"),
-        F.col("time").cast("bigint"),
-        F.col("rating").cast("float"),
-    )
-    packed = ordered.mapInArrow(_pack, schema="user binary, item binary, time binary, rating binary")
+    ordered = frame.orderBy("user", "time", "row")
+    dtypes = {"user": "<i4", "item": "<i4", "time": "<i8", "rating": "<f4"}
     filled = 0
-    for batch in packed.toLocalIterator(prefetchPartitions=True):
-        user = np.frombuffer(batch["user"], dtype="<i4")
+    for batch in to_driver(ordered, dtypes):
+        user = batch["user"]
         end = filled + user.size
         if end > total:
             raise RuntimeError(f"history: more than the {total:,} rows counted (the frame changed)")
-        items[filled:end] = np.frombuffer(batch["item"], dtype="<i4")
-        times[filled:end] = np.frombuffer(batch["time"], dtype="<i8")
-        ratings[filled:end] = np.frombuffer(batch["rating"], dtype="<f4")
+        items[filled:end] = batch["item"]
+        times[filled:end] = batch["time"]
+        ratings[filled:end] = batch["rating"]
         # Sorted by user, so each batch holds runs of users: count them per run.
         starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
         counts[user[starts]] += np.diff(np.r_[starts, user.size])
@@ -237,22 +231,6 @@ def history(frame: DataFrame, n_users: int, rows: int | None = None) -> UserHist
     return UserHistory(
         items=Ragged(offsets, items), times=Ragged(offsets, times), ratings=Ragged(offsets, ratings)
     )
-
-
-def _pack(batches: Iterator[Any]) -> Iterator[Any]:
-    """Each Arrow batch as one row of column buffers (runs in Spark's Python workers)."""
-    import pyarrow as pa
-
-    dtypes = {"user": "<i4", "item": "<i4", "time": "<i8", "rating": "<f4"}
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        yield pa.RecordBatch.from_pydict(
-            {
-                name: pa.array([batch.column(name).to_numpy(zero_copy_only=False).astype(dtype).tobytes()])
-                for name, dtype in dtypes.items()
-            }
-        )
 
 
 def popularity(
