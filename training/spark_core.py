@@ -133,11 +133,10 @@ def read_interactions(spark: SparkSession, path: str | Path) -> DataFrame:
             f"interactions: {text} has no column {', '.join(missing)} "
             f"(needs {', '.join(COLUMNS)}; it has {', '.join(frame.columns) or 'none'})"
         )
-    rating = F.col("rating").cast("float")
-    columns = [F.col(name).cast(SPARK_TYPES[name]).alias(name) for name in COLUMNS if name != "rating"]
+    typed = {name: F.col(name).cast(SPARK_TYPES[name]) for name in COLUMNS}
     # A CSV's empty cell reads as null; the numpy arrays (and the sums below) spell "no rating" NaN.
-    columns.insert(3, F.coalesce(rating, F.lit(float("nan")).cast("float")).alias("rating"))
-    return frame.select(*columns)
+    typed["rating"] = F.coalesce(typed["rating"], F.lit(float("nan")).cast("float"))
+    return frame.select(*(column.alias(name) for name, column in typed.items()))
 
 
 def _format(path: Path) -> str:
