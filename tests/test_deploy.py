@@ -925,6 +925,30 @@ def test_executor_backend_class_ships_with_pyspark():
         assert "org/apache/spark/scheduler/cluster/k8s/KubernetesExecutorBackend.class" in jar.namelist()
 
 
+def test_every_spark_setting_of_the_build_is_one_spark_defines():
+    """Spark ignores an unknown key with a warning at most: a misspelt one would change nothing."""
+    pyspark = pytest.importorskip("pyspark", reason="PySpark is not installed (pip install '.[spark]')")
+    import zipfile
+
+    jars = Path(pyspark.__file__).parent / "jars"
+    (core,) = jars.glob("spark-core_*.jar")
+    (kubernetes,) = jars.glob("spark-kubernetes_*.jar")
+    # Where Spark declares its settings: the names are string constants of these classes.
+    with zipfile.ZipFile(core) as jar:
+        declared = jar.read("org/apache/spark/internal/config/package$.class")
+    with zipfile.ZipFile(kubernetes) as jar:
+        declared += jar.read("org/apache/spark/deploy/k8s/Config$.class")
+    spark = spark_build(rendered_with("prod", "spark-build"), "recsys-spark-build-manual")
+    assert len(spark["conf"]) > 10
+    for key in spark["conf"]:
+        # Some names are built at run time (`...authenticate.executor` + `.serviceAccountName`).
+        parts = key.split(".")
+        assert key.encode() in declared or any(
+            ".".join(parts[:cut]).encode() in declared and ("." + ".".join(parts[cut:])).encode() in declared
+            for cut in range(2, len(parts))
+        ), key
+
+
 def test_docker_contexts_admit_every_file_the_dockerfiles_copy():
     admitted = [
         line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
