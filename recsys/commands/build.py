@@ -117,7 +117,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--spark-master",
         default="local[*]",
-        help="Spark master URL with --engine spark (default local[*]: every core of this machine)",
+        help="Spark master URL with --engine spark (default local[*]: every core of this machine); other "
+        f"Spark settings come from {SPARK_CONF_VARIABLE}, one spark.KEY=VALUE a line",
     )
     parser.add_argument(
         "--ranker-int8",
