@@ -802,7 +802,7 @@ def prepare(
         "seed": seed,
         "two_tower": dataclasses.asdict(profile.two_tower),
         "ranker": dataclasses.asdict(profile.ranker),
-        "core": dataclasses.asdict(core_config),
+        "core": core_config.recorded(),
         "history_length": profile.history_length,
         "ease": {
             "enabled": ease_channel is not None,

@@ -5,9 +5,11 @@ Called with the training part only (see `training.encode.holdout_split`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +47,14 @@ class CoreConfig:
     # rest of the core stays in numpy here.
     engine: str = "numpy"
     spark_master: str = "local[*]"
+    # Extra Spark settings (`recsys build` reads them from RECSYS_SPARK_CONF), e.g. Spark on
+    # Kubernetes' namespace, executor image and driver address.
+    spark_conf: tuple[tuple[str, str], ...] = ()
+
+    def recorded(self) -> dict[str, Any]:
+        """The configuration as a version's manifest records it: the Spark settings by name only,
+        since their values may carry credentials (a storage key, an authentication secret)."""
+        return dataclasses.asdict(self) | {"spark_conf": [key for key, _ in self.spark_conf]}
 
 
 def recency_weights(time: npt.NDArray[np.int64], half_life_days: float) -> FloatArray:
@@ -215,7 +225,7 @@ def _cf_on_spark(
     Arrow (a build whose data Spark reads itself skips this copy)."""
     from training import spark_cf
 
-    spark = spark_cf.spark_session(config.spark_master)
+    spark = spark_cf.spark_session(config.spark_master, **dict(config.spark_conf))
     frame = spark_cf.interactions_frame(spark, train.user, train.item, like_weight, train.time).cache()
     step("itemcf (spark)")
     itemcf = spark_cf.itemcf(
