@@ -5,9 +5,11 @@ Called with the training part only (see `training.encode.holdout_split`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +45,14 @@ class CoreConfig:
     # "spark": every core artifact on Spark (training/spark_core.py, spark_cf.py), the same files.
     engine: str = "numpy"
     spark_master: str = "local[*]"
+    # Extra Spark settings (`recsys build` reads them from RECSYS_SPARK_CONF), e.g. Spark on
+    # Kubernetes' namespace, executor image and driver address.
+    spark_conf: tuple[tuple[str, str], ...] = ()
+
+    def recorded(self) -> dict[str, Any]:
+        """The configuration as a version's manifest records it: the Spark settings by name only,
+        since their values may carry credentials (a storage key, an authentication secret)."""
+        return dataclasses.asdict(self) | {"spark_conf": [key for key, _ in self.spark_conf]}
 
 
 def recency_weights(time: npt.NDArray[np.int64], half_life_days: float) -> FloatArray:
@@ -268,7 +278,7 @@ def _core_on_spark(
     from `spark_core.read_interactions` instead."""
     from training import spark_cf, spark_core
 
-    spark = spark_cf.spark_session(config.spark_master)
+    spark = spark_cf.spark_session(config.spark_master, **dict(config.spark_conf))
     frame = spark_core.interactions_frame(spark, train).cache()
     try:
         return spark_core.build_core(frame, catalogue, users, config, like_threshold, step)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from recsys.features import FeatureSpec, Inputs
+from training.examples import RowInputs
 from training.models.layers import l2_normalize, masked_mean, mlp, weighted_mean
 
 
@@ -100,8 +101,8 @@ def build_two_tower(spec: FeatureSpec, config: TwoTowerConfig) -> TwoTower:
 
 def train_two_tower(
     model: TwoTower,
-    user_inputs: Inputs,
-    item_inputs: Inputs,
+    user_inputs: RowInputs,
+    item_inputs: RowInputs,
     item_log_q: np.ndarray,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
@@ -154,7 +155,7 @@ def train_two_tower(
 
     # Early stopping on the rows of a slice of users: on sparse data (many users with a few
     # interactions) the id embeddings memorise within a few epochs.
-    held = (user_inputs["user_id"] % 1000) < int(config.holdout_fraction * 1000)
+    held = (np.asarray(user_inputs["user_id"][:]) % 1000) < int(config.holdout_fraction * 1000)
     train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
     best_loss, best_weights, worse = np.inf, _weights(model), 0
     losses = []
