@@ -68,7 +68,9 @@ def export_onnx(model: keras.Model, specs: list[InputSpec]) -> bytes:
     graph = proto.graph
     kept = [value for value in graph.input if value.name not in weight_names]
     if len(kept) != len(graph.input) - len(large):
-        raise ParityError(f"export: expected weight inputs {weight_names}, got {[v.name for v in graph.input]}")
+        raise ParityError(
+            f"export: expected weight inputs {weight_names}, got {[v.name for v in graph.input]}"
+        )
     del graph.input[:]
     graph.input.extend(kept)
     for variable, name in zip(large, weight_names, strict=True):

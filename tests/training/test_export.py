@@ -286,6 +286,8 @@ def test_large_tables_are_exported_as_initializers_with_parity(monkeypatch: pyte
     grafted = [value for name, value in initialisers.items() if name.startswith("weight__")]
     assert len(grafted) == len(large)
     assert any(np.array_equal(value, np.asarray(large[0].numpy())) for value in grafted)
-    inputs = {name: value for name, value in _inputs(1200, seed=3).items() if name in OnnxModel(data).input_names}
+    inputs = {
+        name: value for name, value in _inputs(1200, seed=3).items() if name in OnnxModel(data).input_names
+    }
     parity = check_parity(towers.user_model, data, inputs)
     assert parity.max_abs_diff <= 1e-5
