@@ -749,6 +749,9 @@ def prepare(
             losses={**trained.losses, "ranker": ranker_training.losses},
         )
     ease_l2 = None if ease_channel is None else ease_channel.l2
+    # The fit part's core (its neighbour tables are 1.6 GB at 10⁶ items) is done with: let it go
+    # before the whole training part's is built beside it.
+    del fit_model, run, core_fit
 
     stages.start("core artifacts (whole training part)")
     core = build_core(train, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
