@@ -155,8 +155,12 @@ class ExactIndex:
         best = best[np.argsort(-scores[best], kind="stable")]
         return best.astype(np.int64), scores[best].astype(np.float32)
 
-    def search_many(self, vectors: FloatArray, k: int, batch: int = 1024) -> npt.NDArray[np.int64]:
-        results = []
+    def search_many(self, vectors: FloatArray, k: int, cells: int = 1 << 24) -> npt.NDArray[np.int64]:
+        """Top-k per vector, `cells` scores at a time: a block of queries × the whole catalogue
+        is materialised with its negation and argpartition's int64 positions (16 bytes a cell
+        more), so 500 queries over 10⁶ items in one block would take 10 GB."""
+        batch = max(1, cells // max(self._embeddings.shape[0], 1))
+        results = [np.zeros((0, k), dtype=np.int64)]
         for start in range(0, vectors.shape[0], batch):
             scores = np.asarray(vectors[start : start + batch], np.float32) @ self._embeddings.T
             top = np.argpartition(-scores, k - 1, axis=1)[:, :k]

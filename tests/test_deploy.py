@@ -150,7 +150,13 @@ def test_make_k8s_writes_validated_overlays(tmp_path):
 
 def test_optional_components_render_on_top_of_prod(tmp_path):
     components = sorted(path for path in (K8S / "components").iterdir() if path.is_dir())
-    assert {path.name for path in components} == {"loadgen", "redis", "servicemonitor"}
+    assert {path.name for path in components} == {
+        "loadgen",
+        "redis",
+        "servicemonitor",
+        "spark-build",
+        "multiworker-training",
+    }
     shutil.copytree(K8S, tmp_path / "k8s")
     overlay = tmp_path / "k8s" / "overlays" / "everything"
     overlay.mkdir()
@@ -484,6 +490,481 @@ def test_build_writes_the_store_then_pushes_features(overlay):
         volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]
     }
     assert claims["models"] == "recsys-models"
+
+
+# -- the offline build past one machine (components/spark-build, components/multiworker-training)
+BUILD_COMPONENTS = ("spark-build", "multiworker-training")
+SPARK_DRIVER = "recsys-spark-driver"
+# What the Spark driver's token may do (components/spark-build/rbac.yaml says why each).
+SPARK_DRIVER_RULES = {
+    "pods": {"create", "get", "list", "watch", "patch", "delete", "deletecollection"},
+    "configmaps": {"create", "deletecollection"},
+}
+JOB_NAME_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+@functools.cache
+def _rendered_with(overlay: str, components: tuple[str, ...]) -> str:
+    """The overlay with `components` listed in its own kustomization, as an operator adds them
+    (so that its `images:` and `namespace` apply to them as well)."""
+    with TemporaryDirectory() as directory:
+        tree = Path(directory) / "k8s"
+        shutil.copytree(K8S, tree)
+        kustomization = tree / "overlays" / overlay / "kustomization.yaml"
+        document = yaml.safe_load(kustomization.read_text())
+        document["components"] = document.get("components", []) + [
+            f"../../components/{component}" for component in components
+        ]
+        kustomization.write_text(yaml.safe_dump(document))
+        return json.dumps(render.render(kustomization.parent))
+
+
+def rendered_with(overlay: str, *components: str) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = json.loads(_rendered_with(overlay, components))
+    return objects
+
+
+def job_pod(cronjob: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = cronjob["spec"]["jobTemplate"]["spec"]["template"]
+    return pod
+
+
+def init_container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [c for c in pod_spec["initContainers"] if c["name"] == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def expanded_env(container: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
+    """The container's variables as Kubernetes sets them: downward-API fields from `fields`, and
+    $(NAME) replaced only by variables defined earlier in the list (a later one stays as is)."""
+    values: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "value" in variable:
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda match: values.get(match.group(1), match.group(0)),
+                variable["value"],
+            )
+        else:
+            value = fields[variable["valueFrom"]["fieldRef"]["fieldPath"]]
+        values[variable["name"]] = value
+    return values
+
+
+def arg_value(container: dict[str, Any], flag: str) -> str:
+    values: list[str] = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith(f"{flag}=")]
+    assert len(values) == 1, (container["name"], flag)
+    return values[0]
+
+
+def headless_service_for(objects: list[dict[str, Any]], pod: dict[str, Any]) -> dict[str, Any]:
+    """The Service that gives an Indexed Job's pods their DNS names: named as their subdomain,
+    headless, publishing pods that are not Ready (they work in init containers), selecting them."""
+    service = one(objects, "Service", pod["spec"]["subdomain"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert _selects({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
+    return service
+
+
+def _gibibytes(quantity: str) -> float:
+    """A Spark size (`3g`, `512m`) or a Kubernetes quantity (`6Gi`, `512Mi`) in GiB."""
+    units = {"g": 1.0, "m": 1 / 1024, "Gi": 1.0, "Mi": 1 / 1024}
+    for suffix in ("Gi", "Mi", "g", "m"):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * units[suffix]
+    raise AssertionError(f"unexpected quantity {quantity!r}")
+
+
+def assert_locked_down(pod_spec: dict[str, Any], name: str) -> None:
+    assert pod_spec["securityContext"]["runAsNonRoot"] is True, name
+    assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+    for container in render.containers(pod_spec):
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True, (name, container["name"])
+        assert security["allowPrivilegeEscalation"] is False, (name, container["name"])
+        assert security["capabilities"] == {"drop": ["ALL"]}, (name, container["name"])
+
+
+def assert_writes_the_store(pod_spec: dict[str, Any], build: dict[str, Any]) -> None:
+    """The build container writes the model store at the path its --store names."""
+    store = arg_value(build, "--store")
+    mounts = {mount["mountPath"]: mount for mount in build["volumeMounts"]}
+    assert not mounts[store].get("readOnly", False)
+    volumes = {volume["name"]: volume for volume in pod_spec["volumes"]}
+    assert volumes[mounts[store]["name"]]["persistentVolumeClaim"] == {"claimName": "recsys-models"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("component", BUILD_COMPONENTS)
+def test_build_components_render_validate_and_are_locked_down(overlay, component):
+    objects = rendered_with(overlay, component)
+    assert render.validate(objects) == []
+    base = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered(overlay)}
+    added = [obj for obj in objects if (obj["kind"], obj["metadata"]["name"]) not in base]
+    namespace = one(objects, "Namespace", "recsys" if overlay == "prod" else "recsys-dev")
+    assert added
+    assert {obj["metadata"]["namespace"] for obj in added} == {namespace["metadata"]["name"]}
+    base_pod = job_pod(one(objects, "CronJob", "recsys-build"))["spec"]
+    for cronjob in (obj for obj in added if obj["kind"] == "CronJob"):
+        assert cronjob["spec"]["suspend"] is True  # runs when created as a Job
+        assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+        pod = job_pod(cronjob)["spec"]
+        assert_locked_down(pod, cronjob["metadata"]["name"])
+        for container in render.containers(pod):
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), container["name"]
+            assert "memory" in container["resources"]["limits"], container["name"]
+            limit, request = container["resources"]["limits"], container["resources"]["requests"]
+            assert _gibibytes(limit["memory"]) >= _gibibytes(request["memory"]), container["name"]
+        # The shared parts cannot drift from the base build's.
+        assert init_container(pod, "fetch-data") == init_container(base_pod, "fetch-data")
+        push, base_push = one_container(pod, "push-features"), one_container(base_pod, "push-features")
+        assert {k: v for k, v in push.items() if k not in ("command", "args")} == {
+            k: v for k, v in base_push.items() if k not in ("command", "args")
+        }
+        build = init_container(pod, "build")
+        assert build["image"] == init_container(base_pod, "build")["image"]
+        assert (
+            build["args"][: len(init_container(base_pod, "build")["args"])]
+            == init_container(base_pod, "build")["args"]
+        )
+        assert_writes_the_store(pod, build)
+        # Only the Spark driver has a token, and only because it calls the API (its own test).
+        expected_token = pod["serviceAccountName"] == SPARK_DRIVER
+        assert pod["automountServiceAccountToken"] is expected_token, cronjob["metadata"]["name"]
+    for account in (obj for obj in added if obj["kind"] == "ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False  # only a pod that asks gets one
+
+
+def spark_build(objects: list[dict[str, Any]], job: str) -> dict[str, Any]:
+    """The Spark build's pieces, with the driver's settings as a pod of Job `job` would see them."""
+    cronjob = one(objects, "CronJob", "recsys-spark-build")
+    pod = job_pod(cronjob)
+    build = init_container(pod["spec"], "build")
+    namespace = cronjob["metadata"]["namespace"]
+    env = expanded_env(
+        build,
+        {
+            "metadata.name": f"{job}-0-x7k2p",
+            "metadata.namespace": namespace,
+            "status.podIP": "10.1.2.3",
+            JOB_NAME_LABEL: job,
+        },
+    )
+    from recsys.commands.build import spark_conf
+
+    return {
+        "cronjob": cronjob,
+        "pod": pod,
+        "build": build,
+        "env": env,
+        "conf": dict(spark_conf(env["RECSYS_SPARK_CONF"])),
+        "namespace": namespace,
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_spark_driver_has_a_token_bound_to_a_minimal_role(overlay):
+    objects = rendered_with(overlay, "spark-build")
+    spark = spark_build(objects, "recsys-spark-build-manual")
+    pod = spark["pod"]["spec"]
+    assert pod["serviceAccountName"] == SPARK_DRIVER
+    assert pod["automountServiceAccountToken"] is True
+    one(objects, "ServiceAccount", SPARK_DRIVER)
+    bindings = [obj for obj in objects if obj["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert [binding["metadata"]["name"] for binding in bindings] == [SPARK_DRIVER]  # nothing else granted
+    binding = bindings[0]
+    assert binding["kind"] == "RoleBinding"  # this namespace only
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": SPARK_DRIVER,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": SPARK_DRIVER, "namespace": spark["namespace"]}
+    ]
+    assert not [obj for obj in objects if obj["kind"] == "ClusterRole"]
+    rules = one(objects, "Role", SPARK_DRIVER)["rules"]
+    granted: dict[str, set[str]] = {}
+    for rule in rules:
+        assert rule["apiGroups"] == [""], rule
+        assert "resourceNames" not in rule
+        for resource in rule["resources"]:
+            assert resource not in granted, resource
+            granted[resource] = set(rule["verbs"])
+    assert granted == SPARK_DRIVER_RULES
+    # Spark's clean-up of Services and claims (which client mode never makes) is off, so that the
+    # Role needs neither.
+    conf = spark["conf"]
+    assert conf["spark.kubernetes.driver.service.deleteOnTermination"] == "false"
+    assert conf["spark.kubernetes.driver.ownPersistentVolumeClaim"] == "false"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_spark_executors_run_the_driver_image_and_reach_the_driver_by_name(overlay):
+    objects = rendered_with(overlay, "spark-build")
+    job = "recsys-spark-build-202612031500"
+    spark = spark_build(objects, job)
+    cronjob, pod, build, conf = spark["cronjob"], spark["pod"], spark["build"], spark["conf"]
+    assert arg_value(build, "--engine") == "spark"
+    assert arg_value(build, "--spark-master") == "k8s://https://kubernetes.default.svc"
+    assert conf["spark.kubernetes.namespace"] == spark["namespace"]
+    # The driver pod owns its executors: deleting the build pod deletes them.
+    assert conf["spark.kubernetes.driver.pod.name"] == f"{job}-0-x7k2p"
+    # An Indexed Job of one: its pod's hostname is `<job>-0`, resolvable in the subdomain.
+    template = cronjob["spec"]["jobTemplate"]["spec"]
+    assert (template["completionMode"], template["completions"], template["parallelism"]) == ("Indexed", 1, 1)
+    service = headless_service_for(objects, pod)
+    assert service["metadata"]["name"] == SPARK_DRIVER
+    assert conf["spark.driver.host"] == f"{job}-0.{service['metadata']['name']}"
+    assert conf["spark.driver.bindAddress"] == "10.1.2.3"
+    ports = {port["name"]: port["containerPort"] for port in build["ports"]}
+    wanted = {int(conf["spark.driver.port"]), int(conf["spark.driver.blockManager.port"])}
+    assert {port["port"] for port in service["spec"]["ports"]} == wanted
+    # Numeric: Kubernetes resolves a named target port in the containers only, not init containers.
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == wanted <= set(ports.values())
+    # The executors' image is the driver's, as the overlay pins it (components/spark-build/images.yaml).
+    assert conf["spark.kubernetes.container.image"] == build["image"]
+    if overlay == "prod":
+        assert build["image"] == "registry.example.com/recsys/train:0.1.0"
+    # Executors: sized, their own token-less account, the pod template mounted where the conf says.
+    assert int(conf["spark.executor.instances"]) >= 1
+    assert int(conf["spark.executor.cores"]) >= 1
+    executor_memory = _gibibytes(conf["spark.executor.memory"]) + _gibibytes(
+        conf["spark.executor.memoryOverhead"]
+    )
+    assert executor_memory >= 2
+    driver_limit = _gibibytes(build["resources"]["limits"]["memory"])
+    assert driver_limit >= _gibibytes(conf["spark.driver.memory"]) + 4  # the build process beside the JVM
+    executor_account = one(
+        objects, "ServiceAccount", conf["spark.kubernetes.authenticate.executor.serviceAccountName"]
+    )
+    assert executor_account["automountServiceAccountToken"] is False
+    template_path = Path(conf["spark.kubernetes.executor.podTemplateFile"])
+    mount = one_mount(build, template_path)
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    config_map = one(objects, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    assert re.fullmatch(r"recsys-spark-executor-[a-z0-9]{10}", config_map["metadata"]["name"])
+    executor_pod = yaml.safe_load(config_map["data"][template_path.name])
+    assert render.validate([executor_pod]) == []
+    assert_locked_down(executor_pod["spec"], "executor pod template")
+    assert executor_pod["spec"]["automountServiceAccountToken"] is False
+    assert executor_pod["spec"]["serviceAccountName"] == executor_account["metadata"]["name"]
+    (executor,) = executor_pod["spec"]["containers"]
+    assert executor["name"] == conf["spark.kubernetes.executor.podTemplateContainerName"]
+    assert executor["command"] == ["/opt/recsys/spark-executor.sh"]
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile.train").read_text()
+    assert "COPY deploy/docker/spark-executor.sh /opt/recsys/spark-executor.sh" in dockerfile
+    assert "openjdk-17-jre-headless" in dockerfile
+    # prod denies ingress by default: executors may reach the driver's ports, and each other.
+    policies = [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+    driver_labels = pod["metadata"]["labels"]
+    executor_labels = executor_pod["metadata"]["labels"]
+    to_driver = [p for p in policies if _selects(p["spec"]["podSelector"], driver_labels)]
+    assert any(
+        any(_selects(peer["podSelector"], executor_labels) for peer in rule.get("from", []))
+        and wanted <= {port["port"] for port in rule.get("ports", [])}
+        for policy in to_driver
+        for rule in policy["spec"].get("ingress", [])
+    )
+    to_executors = [p for p in policies if _selects(p["spec"]["podSelector"], executor_labels)]
+    for labels in (driver_labels, executor_labels):
+        assert any(
+            any(_selects(peer["podSelector"], labels) for peer in rule.get("from", []))
+            and "ports" not in rule
+            for policy in to_executors
+            for rule in policy["spec"].get("ingress", [])
+        )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_multiworker_hosts_match_the_indexed_job_and_its_service(overlay):
+    objects = rendered_with(overlay, "multiworker-training")
+    cronjob = one(objects, "CronJob", "recsys-multiworker-build")
+    job_spec = cronjob["spec"]["jobTemplate"]["spec"]
+    pod = job_pod(cronjob)
+    build = init_container(pod["spec"], "build")
+    job = "recsys-mw-202612031500"
+    env = expanded_env(build, {JOB_NAME_LABEL: job})
+    hosts = env["RECSYS_TF_WORKER_HOSTS"].split(",")
+    assert job_spec["completionMode"] == "Indexed"
+    assert job_spec["completions"] == job_spec["parallelism"] == len(hosts) == 2
+    service = headless_service_for(objects, pod)
+    port = {p["name"]: p["containerPort"] for p in build["ports"]}["tf-worker"]
+    # Kubernetes names an Indexed Job's pods' hosts `<job>-<index>`, in the pods' subdomain.
+    assert hosts == [f"{job}-{index}.{service['metadata']['name']}:{port}" for index in range(len(hosts))]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+    # The same build command on every index, and the base build's: the build handles the roles.
+    base_build = init_container(job_pod(one(objects, "CronJob", "recsys-build"))["spec"], "build")
+    assert build["args"] == base_build["args"]
+    assert "JOB_COMPLETION_INDEX" not in env  # Kubernetes sets it per pod
+    assert_writes_the_store(pod["spec"], build)
+    # Synchronous training: a failed worker fails the Job, rather than a lone restarted index.
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert job_spec["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "build", "operator": "NotIn", "values": [0]}}
+    ]
+    assert 0 <= job_spec["backoffLimit"] <= 1
+    anti = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(_selects(term["podAffinityTerm"]["labelSelector"], pod["metadata"]["labels"]) for term in anti)
+    policies = [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+    labels = pod["metadata"]["labels"]
+    assert any(
+        _selects(policy["spec"]["podSelector"], labels)
+        and any(_selects(peer["podSelector"], labels) for peer in rule.get("from", []))
+        and port in {p["port"] for p in rule.get("ports", [])}
+        for policy in policies
+        for rule in policy["spec"].get("ingress", [])
+    )
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+def test_only_the_chief_worker_pushes_the_features(tmp_path):
+    cronjob = one(rendered_with("prod", "multiworker-training"), "CronJob", "recsys-multiworker-build")
+    push = one_container(job_pod(cronjob)["spec"], "push-features")
+    assert push["command"][0] == "sh"
+    fake = tmp_path / "recsys"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$CALLED"\n')
+    fake.chmod(0o755)
+    calls = {}
+    for index in ("0", "1"):
+        called = tmp_path / f"called-{index}"
+        result = subprocess.run(
+            [*push["command"], *push["args"]],
+            env={"PATH": f"{tmp_path}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": index, "CALLED": str(called)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        calls[index] = called.read_text().split() if called.exists() else None
+    assert calls == {"0": ["store", "push-features", "--store=/models"], "1": None}
+
+
+# -- the Spark executors' command (deploy/docker/spark-executor.sh) ----------------------------
+EXECUTOR_SCRIPT = ROOT / "deploy" / "docker" / "spark-executor.sh"
+EXECUTOR_ENV = {
+    "SPARK_DRIVER_URL": "spark://CoarseGrainedScheduler@build-0.recsys-spark-driver:7078",
+    "SPARK_EXECUTOR_ID": "3",
+    "SPARK_EXECUTOR_CORES": "2",
+    "SPARK_EXECUTOR_MEMORY": "3072m",
+    "SPARK_APPLICATION_ID": "spark-1234",
+    "SPARK_EXECUTOR_POD_IP": "10.1.2.4",
+    "SPARK_EXECUTOR_POD_NAME": "recsys-build-exec-3",
+    "SPARK_RESOURCE_PROFILE_ID": "0",
+}
+
+
+def _run_executor_script(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    fake_java = tmp_path / "java"
+    fake_java.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake_java.chmod(0o755)
+    return subprocess.run(
+        ["bash", str(EXECUTOR_SCRIPT), *args],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_executor_script_starts_the_kubernetes_executor_backend_with_the_driver_options(tmp_path):
+    env = EXECUTOR_ENV | {
+        "SPARK_HOME": "/opt/spark",
+        "SPARK_CONF_DIR": "/opt/spark/conf",
+        # In index order, not the environment's: 10 after 2; a space stays inside its option.
+        "SPARK_JAVA_OPT_10": "-Dlast=10",
+        "SPARK_JAVA_OPT_0": "--add-opens=java.base/java.lang=ALL-UNNAMED",
+        "SPARK_JAVA_OPT_2": "-Dspark.app.name=recsys build",
+    }
+    result = _run_executor_script(tmp_path, env, "executor")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "--add-opens=java.base/java.lang=ALL-UNNAMED",
+        "-Dspark.app.name=recsys build",
+        "-Dlast=10",
+        "-Xms3072m",
+        "-Xmx3072m",
+        "-cp",
+        "/opt/spark/conf:/opt/spark/jars/*",
+        "org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBackend",
+        "--driver-url",
+        EXECUTOR_ENV["SPARK_DRIVER_URL"],
+        "--executor-id",
+        "3",
+        "--cores",
+        "2",
+        "--app-id",
+        "spark-1234",
+        "--hostname",
+        "10.1.2.4",
+        "--resourceProfileId",
+        "0",
+        "--podName",
+        "recsys-build-exec-3",
+    ]
+    missing = {key: value for key, value in EXECUTOR_ENV.items() if key != "SPARK_DRIVER_URL"}
+    result = _run_executor_script(tmp_path, missing | {"SPARK_HOME": "/opt/spark"}, "executor")
+    assert result.returncode == 2
+    assert "SPARK_DRIVER_URL is not set" in result.stderr
+    result = _run_executor_script(tmp_path, env, "driver")
+    assert result.returncode == 2
+    assert "must be 'executor'" in result.stderr
+
+
+def test_executor_backend_class_ships_with_pyspark():
+    pyspark = pytest.importorskip("pyspark", reason="PySpark is not installed (pip install '.[spark]')")
+    import zipfile
+
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("spark-kubernetes_*.jar"))
+    assert len(jars) == 1, jars
+    with zipfile.ZipFile(jars[0]) as jar:
+        assert "org/apache/spark/scheduler/cluster/k8s/KubernetesExecutorBackend.class" in jar.namelist()
+
+
+def test_every_spark_setting_of_the_build_is_one_spark_defines():
+    """Spark ignores an unknown key with a warning at most: a misspelt one would change nothing."""
+    pyspark = pytest.importorskip("pyspark", reason="PySpark is not installed (pip install '.[spark]')")
+    import zipfile
+
+    jars = Path(pyspark.__file__).parent / "jars"
+    (core,) = jars.glob("spark-core_*.jar")
+    (kubernetes,) = jars.glob("spark-kubernetes_*.jar")
+    # Where Spark declares its settings: the names are string constants of these classes.
+    with zipfile.ZipFile(core) as jar:
+        declared = jar.read("org/apache/spark/internal/config/package$.class")
+    with zipfile.ZipFile(kubernetes) as jar:
+        declared += jar.read("org/apache/spark/deploy/k8s/Config$.class")
+    spark = spark_build(rendered_with("prod", "spark-build"), "recsys-spark-build-manual")
+    assert len(spark["conf"]) > 10
+    for key in spark["conf"]:
+        # Some names are built at run time (`...authenticate.executor` + `.serviceAccountName`).
+        parts = key.split(".")
+        assert key.encode() in declared or any(
+            ".".join(parts[:cut]).encode() in declared and ("." + ".".join(parts[cut:])).encode() in declared
+            for cut in range(2, len(parts))
+        ), key
+
+
+def test_docker_contexts_admit_every_file_the_dockerfiles_copy():
+    admitted = [
+        line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    ]
+    for dockerfile in ("Dockerfile.train", "Dockerfile.serve"):
+        for line in (ROOT / "deploy" / "docker" / dockerfile).read_text().splitlines():
+            parts = line.split()
+            if not parts or parts[0] != "COPY" or parts[1].startswith("--from"):
+                continue
+            for source in parts[1:-1]:
+                assert any(source == path or source.startswith(f"{path}/") for path in admitted), (
+                    dockerfile,
+                    source,
+                )
+                assert (ROOT / source).exists(), source
 
 
 # -- dashboard and alerts -------------------------------------------------------------------

@@ -21,7 +21,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +56,7 @@ from recsys.evaluation.evaluator import (
     tune_merge,
 )
 from recsys.evaluation.metrics import mean_metrics
-from recsys.features import FeatureSpec, ItemFeatures
+from recsys.features import FeatureSpec, Inputs, ItemFeatures
 from recsys.onnx_models import OnnxModel
 from recsys.probe import probe
 from recsys.serving_model import (
@@ -75,7 +78,15 @@ from training.core_builder import CoreConfig, build_core
 from training.data.raw import RawData
 from training.distributed import Distribution, scope
 from training.encode import Encoded, Interactions, Split, encode, holdout_split
-from training.examples import NegativeSampler, SequenceRows, candidate_rows, select, sequence_rows, user_rows
+from training.examples import (
+    NegativeSampler,
+    SequenceRows,
+    candidate_rows,
+    gathered,
+    select,
+    sequence_rows,
+    user_rows,
+)
 from training.export import Parity, check_parity, export_onnx
 from training.models.ranker import RankerConfig, RankerTraining, build_ranker, serving_twin, train_ranker
 from training.models.two_tower import (
@@ -170,16 +181,54 @@ def retrieval_only(profile: BuildProfile) -> BuildProfile:
     )
 
 
+class _RssSampler:
+    """The process's resident set, sampled every 50 ms in a daemon thread: `ru_maxrss` only
+    knows the whole run's peak, and the memory budget is set per stage (which one holds what)."""
+
+    _STATM = Path("/proc/self/statm")
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._peak = self.current()
+        self._lock = threading.Lock()
+        if self._STATM.exists():
+            threading.Thread(target=self._run, args=(interval,), daemon=True, name="rss").start()
+
+    def current(self) -> int:
+        try:
+            return int(self._STATM.read_text().split()[1]) * self._page
+        except (OSError, IndexError, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            rss = self.current()
+            with self._lock:
+                self._peak = max(self._peak, rss)
+
+    def take_peak(self) -> int:
+        """The peak since the last call, then restart from the current size."""
+        rss = self.current()
+        with self._lock:
+            peak, self._peak = max(self._peak, rss), rss
+        return peak
+
+
 class Stages:
-    """Prints each stage with its duration (stderr), and keeps the timings for the summary."""
+    """Prints each stage with its duration and peak resident memory (stderr), and keeps both for
+    the summary and the version's build report."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
         self._quiet = quiet
         self._current: tuple[str, float] | None = None
+        self._rss = _RssSampler()
 
     def start(self, name: str) -> None:
         self.finish()
+        self._rss.take_peak()
         self._current = (name, time.perf_counter())
         if not self._quiet:
             print(f"▸ {name} …", file=sys.stderr, flush=True)
@@ -188,8 +237,13 @@ class Stages:
         if self._current is not None:
             name, started = self._current
             self.timings[name] = time.perf_counter() - started
+            self.peak_rss[name] = self._rss.take_peak()
             if not self._quiet:
-                print(f"  {name}: {self.timings[name]:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"  {name}: {self.timings[name]:.1f} s, peak RSS {self.peak_rss[name] / 2**30:.2f} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._current = None
 
     def note(self, text: str) -> None:
@@ -205,6 +259,7 @@ class BuildResult:
     timings: dict[str, float]
     sizes: dict[str, int]
     notes: list[str]
+    peak_rss: dict[str, int] = field(default_factory=dict)
 
 
 def _spec(encoded: Encoded, profile: BuildProfile) -> FeatureSpec:
@@ -274,26 +329,31 @@ def _train_towers(
     ranker follows; else the export, embeddings and index the ranker's rows come from (the
     chief's, bit for bit), without the parity check and the ANN probe, which only the
     published version needs."""
+    stages.start("two-tower: train")
     all_rows = sequence_rows(train, spec)
     in_validation = np.isin(all_rows.order, validation_rows)
     rows: SequenceRows = select(all_rows, ~in_validation)
     users = user_rows(rows, core_fit.users.regions, core_fit.statistics.user_stats)
     items = ItemFeatures(core_fit.catalogue, core_fit.statistics)
-
-    stages.start("two-tower: train")
     with scope(distribution):
         towers = build_two_tower(spec, profile.two_tower)
     tower_users = {name: users[name] for name in ("user_id", "region", "history", "history_weight")}
-    tower_items = items.inputs(rows.item, with_stats=False)
     content = item_content(encoded, spec)
-    if content is not None:
-        tower_items.update(content.take(rows.item).inputs())
+
+    def item_inputs(indexes: np.ndarray) -> Inputs:
+        inputs = items.inputs(indexes, with_stats=False)
+        if content is not None:
+            inputs.update(content.take(indexes).inputs())
+        return inputs
+
+    # Each row's item features are gathered per batch, not copied per interaction.
+    tower_items = gathered(item_inputs, rows.item)
     losses = {
         "two_tower": train_two_tower(
             towers,
             tower_users,
             tower_items,
-            log_sampling_probability(tower_items["item_id"]),
+            log_sampling_probability(rows.item.astype(np.int64) + 1),
             progress=lambda epoch, loss: stages.note(f"epoch {epoch + 1}: loss {loss:.4f}"),
             distribution=distribution,
         )
@@ -737,6 +797,9 @@ def prepare(
             losses={**trained.losses, "ranker": ranker_training.losses},
         )
     ease_l2 = None if ease_channel is None else ease_channel.l2
+    # The fit part's core (its neighbour tables are 1.6 GB at 10⁶ items) is done with: let it go
+    # before the whole training part's is built beside it.
+    del fit_model, run, core_fit
 
     stages.start("core artifacts (whole training part)")
     core = build_core(train, encoded.catalogue, encoded.users, core_config, encoded.like_threshold)
@@ -791,7 +854,7 @@ def prepare(
         "workers": 1 if distribution is None else distribution.workers,
         "two_tower": dataclasses.asdict(profile.two_tower),
         "ranker": dataclasses.asdict(profile.ranker),
-        "core": dataclasses.asdict(core_config),
+        "core": core_config.recorded(),
         "history_length": profile.history_length,
         "ease": {
             "enabled": ease_channel is not None,
@@ -894,7 +957,13 @@ def publish(
     version_path = ModelStore(store).path / manifest.version
     sizes = {path: entry.size for path, entry in manifest.artifacts.items()}
     return BuildResult(
-        manifest.version, version_path, candidate.metrics, stages.timings, sizes, candidate.notes
+        manifest.version,
+        version_path,
+        candidate.metrics,
+        stages.timings,
+        sizes,
+        candidate.notes,
+        stages.peak_rss,
     )
 
 
@@ -936,7 +1005,8 @@ def summary_rows(result: BuildResult) -> list[tuple[str, str]]:
     rows.append(("size", f"{total / 1e6:.1f} MB in {len(result.sizes)} files"))
     rows.append(("time", f"{sum(result.timings.values()):.0f} s"))
     for name, seconds in result.timings.items():
-        rows.append((f"  {name}", f"{seconds:.1f} s"))
+        peak = result.peak_rss.get(name)
+        rows.append((f"  {name}", f"{seconds:.1f} s" + (f", {peak / 2**30:.2f} GiB" if peak else "")))
     if "pipeline" in m:
         rows.append(("pipeline ndcg@10", f"{m['pipeline']['ndcg@10']:.4f}"))
     rows.append(("popular ndcg@10", f"{m['baselines']['popular']['ndcg@10']:.4f}"))

@@ -5,9 +5,11 @@ Called with the training part only (see `training.encode.holdout_split`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +25,6 @@ from recsys.artifacts import (
     UserBase,
     UserHistory,
 )
-from recsys.neighbors import NeighborTable
 from training.cf import build_itemcf, build_swing
 from training.encode import Interactions
 
@@ -41,10 +42,17 @@ class CoreConfig:
     max_items_per_user: int | None = 1000
     max_users_per_item: int | None = 200
     seed: int = 0
-    # "spark": the ItemCF and Swing tables on Spark (training/spark_cf.py, the same tables); the
-    # rest of the core stays in numpy here.
+    # "spark": every core artifact on Spark (training/spark_core.py, spark_cf.py), the same files.
     engine: str = "numpy"
     spark_master: str = "local[*]"
+    # Extra Spark settings (`recsys build` reads them from RECSYS_SPARK_CONF), e.g. Spark on
+    # Kubernetes' namespace, executor image and driver address.
+    spark_conf: tuple[tuple[str, str], ...] = ()
+
+    def recorded(self) -> dict[str, Any]:
+        """The configuration as a version's manifest records it: the Spark settings by name only,
+        since their values may carry credentials (a storage key, an authentication secret)."""
+        return dataclasses.asdict(self) | {"spark_conf": [key for key, _ in self.spark_conf]}
 
 
 def recency_weights(time: npt.NDArray[np.int64], half_life_days: float) -> FloatArray:
@@ -68,7 +76,9 @@ def build_history(train: Interactions, n_users: int) -> UserHistory:
     )
 
 
-def _top(scores: FloatArray, count: int) -> npt.NDArray[np.int32]:
+def top_items(scores: FloatArray, count: int) -> npt.NDArray[np.int32]:
+    """The `count` best items with a positive score, best first (the list both engines publish:
+    Spark hands each region's dense row to this function)."""
     positive = np.flatnonzero(scores > 0)
     count = min(count, positive.shape[0])
     if count == 0:
@@ -84,20 +94,32 @@ def build_popularity(train: Interactions, users: UserBase, n_items: int, config:
     region = np.asarray(users.regions, dtype=np.int64)[train.user]
     key = region * n_items + train.item
     per_region = np.bincount(key, weights=weight, minlength=n_regions * n_items)
-    lists: list[npt.NDArray[np.int32]] = [np.zeros(0, np.int32)]  # token 0: unknown region
-    scores: list[FloatArray] = [np.zeros(0, np.float32)]
-    for token in range(1, n_regions):
+    regions: list[tuple[npt.NDArray[np.int32], FloatArray]] = [
+        (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    ]
+    for token in range(1, n_regions):  # token 0 (unknown region) keeps its empty list
         row = per_region[token * n_items : (token + 1) * n_items].astype(np.float32)
-        top = _top(row, config.top_per_region)
-        lists.append(top)
-        scores.append(row[top])
-    offsets = np.zeros(n_regions + 1, dtype=np.int64)
-    np.cumsum([len(values) for values in lists], out=offsets[1:])
+        top = top_items(row, config.top_per_region)
+        regions.append((top, row[top]))
+    return assemble_popularity(global_scores, regions, config)
+
+
+def assemble_popularity(
+    global_scores: FloatArray,
+    regions: Sequence[tuple[npt.NDArray[np.int32], FloatArray]],
+    config: CoreConfig,
+) -> Popularity:
+    """`Popularity` from the float32 global scores and each region token's (top items, scores),
+    token 0 first."""
+    offsets = np.zeros(len(regions) + 1, dtype=np.int64)
+    np.cumsum([len(items) for items, _ in regions], out=offsets[1:])
     return Popularity(
         global_scores=global_scores,
-        global_top=_top(global_scores, config.top_popular),
-        by_region=Ragged(offsets, np.concatenate(lists).astype(np.int32)),
-        by_region_scores=Ragged(offsets, np.concatenate(scores).astype(np.float32)),
+        global_top=top_items(global_scores, config.top_popular),
+        by_region=Ragged(offsets, np.concatenate([items for items, _ in regions]).astype(np.int32)),
+        by_region_scores=Ragged(
+            offsets, np.concatenate([scores for _, scores in regions]).astype(np.float32)
+        ),
     )
 
 
@@ -120,24 +142,63 @@ def build_author_index(catalogue: Catalogue, popularity: Popularity) -> AuthorIn
     return AuthorIndex(items=grouped, scores=Ragged(grouped.offsets, score[items]))
 
 
+@dataclass(frozen=True)
+class EntitySums:
+    """Per user (or per item) sums over the interactions, the inputs of the statistics."""
+
+    count: npt.NDArray[np.float64]  # interactions
+    rated: npt.NDArray[np.float64]  # interactions with a rating
+    rating_total: npt.NDArray[np.float64]  # sum of those ratings
+    likes: npt.NDArray[np.float64]  # liked interactions
+
+
+@dataclass(frozen=True)
+class RatingSummary:
+    """The training ratings' mean and spread (population standard deviation), NaN ignored."""
+
+    mean: float
+    spread: float
+
+
 def build_statistics(train: Interactions, n_users: int, n_items: int, popularity: Popularity) -> Statistics:
-    def per(group: npt.NDArray[np.int32], size: int) -> FloatArray:
-        count = np.bincount(group, minlength=size).astype(np.float64)
-        has_rating = ~np.isnan(train.rating)
-        rated = np.bincount(group[has_rating], minlength=size).astype(np.float64)
-        total = np.bincount(group[has_rating], weights=train.rating[has_rating], minlength=size)
-        mean_all = float(np.nanmean(train.rating)) if has_rating.any() else 0.0
-        spread = float(np.nanstd(train.rating)) if has_rating.any() else 1.0
+    has_rating = ~np.isnan(train.rating)
+
+    def sums(group: npt.NDArray[np.int32], size: int) -> EntitySums:
+        return EntitySums(
+            count=np.bincount(group, minlength=size).astype(np.float64),
+            rated=np.bincount(group[has_rating], minlength=size).astype(np.float64),
+            rating_total=np.asarray(
+                np.bincount(group[has_rating], weights=train.rating[has_rating], minlength=size), np.float64
+            ),
+            likes=np.asarray(
+                np.bincount(group, weights=train.liked.astype(np.float64), minlength=size), np.float64
+            ),
+        )
+
+    ratings = (
+        RatingSummary(float(np.nanmean(train.rating)), float(np.nanstd(train.rating)))
+        if has_rating.any()
+        else RatingSummary(0.0, 1.0)
+    )
+    return assemble_statistics(sums(train.user, n_users), sums(train.item, n_items), ratings, popularity)
+
+
+def assemble_statistics(
+    users: EntitySums, items: EntitySums, ratings: RatingSummary, popularity: Popularity
+) -> Statistics:
+    """The normalised statistics from the sums (both engines' last step)."""
+
+    def per(sums: EntitySums) -> FloatArray:
         # Shrink means of rarely rated entities towards the global mean.
-        mean = (total + 5.0 * mean_all) / (rated + 5.0)
-        likes = np.bincount(group, weights=train.liked.astype(np.float64), minlength=size)
-        like_rate = (likes + 1.0) / (count + 2.0)
+        mean = (sums.rating_total + 5.0 * ratings.mean) / (sums.rated + 5.0)
+        like_rate = (sums.likes + 1.0) / (sums.count + 2.0)
+        count = sums.count
         log_count = np.log1p(count) / max(math.log1p(count.max() if count.size else 1.0), 1e-9)
-        columns = [log_count, (mean - mean_all) / (spread or 1.0), like_rate]
+        columns = [log_count, (mean - ratings.mean) / (ratings.spread or 1.0), like_rate]
         return np.stack(columns, axis=1).astype(np.float32)
 
-    user_stats = per(train.user, n_users)
-    item_stats = per(train.item, n_items)
+    user_stats = per(users)
+    item_stats = per(items)
     log_pop = np.log1p(popularity.global_scores.astype(np.float64))
     log_pop /= log_pop.max() or 1.0
     item_stats = np.concatenate([item_stats, log_pop[:, None].astype(np.float32)], axis=1)
@@ -156,6 +217,8 @@ def build_core(
         if progress is not None:
             progress(name)
 
+    if config.engine == "spark":
+        return _core_on_spark(train, catalogue, users, config, like_threshold, step)
     n_users, n_items = users.n_users, catalogue.n_items
     step("history")
     history = build_history(train, n_users)
@@ -164,33 +227,30 @@ def build_core(
     authors = build_author_index(catalogue, popularity)
     statistics = build_statistics(train, n_users, n_items, popularity)
     like_weight = 1.0 + train.liked.astype(np.float32)
-    if config.engine == "spark":
-        itemcf, swing = _cf_on_spark(train, like_weight, n_items, config, step)
-    else:
-        step("itemcf")
-        itemcf = build_itemcf(
-            train.user,
-            train.item,
-            like_weight,
-            n_users,
-            n_items,
-            top_k=config.neighbors,
-            max_items_per_user=config.max_items_per_user,
-            order=train.time,
-        )
-        step("swing")
-        swing = build_swing(
-            train.user,
-            train.item,
-            n_users,
-            n_items,
-            top_k=config.neighbors,
-            alpha=config.swing_alpha,
-            max_users_per_item=config.max_users_per_item,
-            max_items_per_user=config.max_items_per_user,
-            order=train.time,
-            seed=config.seed,
-        )
+    step("itemcf")
+    itemcf = build_itemcf(
+        train.user,
+        train.item,
+        like_weight,
+        n_users,
+        n_items,
+        top_k=config.neighbors,
+        max_items_per_user=config.max_items_per_user,
+        order=train.time,
+    )
+    step("swing")
+    swing = build_swing(
+        train.user,
+        train.item,
+        n_users,
+        n_items,
+        top_k=config.neighbors,
+        alpha=config.swing_alpha,
+        max_users_per_item=config.max_users_per_item,
+        max_items_per_user=config.max_items_per_user,
+        order=train.time,
+        seed=config.seed,
+    )
     return CoreArtifacts(
         catalogue=catalogue,
         users=users,
@@ -204,32 +264,23 @@ def build_core(
     )
 
 
-def _cf_on_spark(
+def _core_on_spark(
     train: Interactions,
-    like_weight: FloatArray,
-    n_items: int,
+    catalogue: Catalogue,
+    users: UserBase,
     config: CoreConfig,
+    like_threshold: float | None,
     step: Callable[[str], None],
-) -> tuple[NeighborTable, NeighborTable]:
-    """ItemCF and Swing on `config.spark_master`, from the training interactions handed to Spark as
-    Arrow (a build whose data Spark reads itself skips this copy)."""
-    from training import spark_cf
+) -> CoreArtifacts:
+    """The whole core on `config.spark_master` (training/spark_core.py), from the training
+    interactions handed to Spark as Arrow once and cached: `recsys build` encodes and splits in
+    numpy, so the table is in this process anyway; a job whose data Spark reads itself starts
+    from `spark_core.read_interactions` instead."""
+    from training import spark_cf, spark_core
 
-    spark = spark_cf.spark_session(config.spark_master)
-    frame = spark_cf.interactions_frame(spark, train.user, train.item, like_weight, train.time).cache()
-    step("itemcf (spark)")
-    itemcf = spark_cf.itemcf(
-        frame, n_items, top_k=config.neighbors, max_items_per_user=config.max_items_per_user, seed=config.seed
-    )
-    step("swing (spark)")
-    swing = spark_cf.swing(
-        frame,
-        n_items,
-        top_k=config.neighbors,
-        alpha=config.swing_alpha,
-        max_users_per_item=config.max_users_per_item,
-        max_items_per_user=config.max_items_per_user,
-        seed=config.seed,
-    )
-    frame.unpersist()
-    return itemcf, swing
+    spark = spark_cf.spark_session(config.spark_master, **dict(config.spark_conf))
+    frame = spark_core.interactions_frame(spark, train).cache()
+    try:
+        return spark_core.build_core(frame, catalogue, users, config, like_threshold, step)
+    finally:
+        frame.unpersist()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -200,9 +200,10 @@ class Distribution:
         total: np.ndarray = self.gather(np.asarray(values, dtype=np.float64)).sum(axis=0)
         return total
 
-    def check_same(self, what: str, *arrays: np.ndarray) -> None:
+    def check_same(self, what: str, arrays: Iterable[np.ndarray]) -> None:
         """Raise on every worker alike if the workers' `arrays` differ: training on different
-        data would diverge, or hang on a worker with a batch more than another."""
+        data would diverge, or hang on a worker with a batch more than another. (An iterable:
+        lazily gathered columns are materialised one at a time.)"""
         digest = 0
         for array in arrays:
             contiguous = np.ascontiguousarray(array)

@@ -7,8 +7,10 @@ assembled by the serving code, plus a few unconsumed items drawn by popularity."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +23,79 @@ from recsys.stages.query import UserQuery
 from training.encode import Interactions
 
 
+class Column(Protocol):
+    """A column of training rows as the training loops read it: one batch of rows at a time
+    (`column[rows]`), so a column may be gathered on demand instead of held whole."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, rows: Any, /) -> npt.NDArray[Any]: ...
+
+
+RowInputs = Mapping[str, Column]
+
+
+@dataclass(frozen=True)
+class HistoryColumn:
+    """The `history` (tokens) or `history_weight` input of each row, gathered for the rows asked
+    for: row r's window is `sequence[row_start[r]:row_end[r]]`. Held as [n, L] matrices these
+    inputs took 1.2 GB each at 5M rows (L 30), and building them several times that."""
+
+    spec: FeatureSpec
+    item_sequence: IntArray
+    liked_sequence: npt.NDArray[np.bool_]
+    row_start: Int64Array
+    row_end: Int64Array
+    weights: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.row_start.shape[0], self.spec.history_length)
+
+    def __getitem__(self, rows: Any, /) -> npt.NDArray[Any]:
+        tokens, weights = history_matrix(
+            self.spec, self.item_sequence, self.liked_sequence, self.row_start[rows], self.row_end[rows]
+        )
+        return weights if self.weights else tokens
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> HistoryColumn:
+        return HistoryColumn(
+            self.spec,
+            self.item_sequence,
+            self.liked_sequence,
+            self.row_start[mask],
+            self.row_end[mask],
+            self.weights,
+        )
+
+
+@dataclass(frozen=True)
+class GatheredColumn:
+    """Per-row inputs looked up by key when a batch asks (`lookup(keys[rows])[name]`): an
+    item's features for each interaction, without a copy per interaction."""
+
+    lookup: Callable[[npt.NDArray[Any]], Mapping[str, npt.NDArray[Any]]]
+    keys: npt.NDArray[Any]
+    name: str
+    width: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.keys.shape[0], *self.width)
+
+    def __getitem__(self, rows: Any, /) -> npt.NDArray[Any]:
+        return self.lookup(self.keys[rows])[self.name]
+
+
+def gathered(
+    lookup: Callable[[npt.NDArray[Any]], Mapping[str, npt.NDArray[Any]]], keys: npt.NDArray[Any]
+) -> dict[str, Column]:
+    """Every input `lookup` returns, as columns over `keys` gathered per batch."""
+    probe = lookup(keys[:1])
+    return {name: GatheredColumn(lookup, keys, name, tuple(value.shape[1:])) for name, value in probe.items()}
+
+
 @dataclass(frozen=True)
 class SequenceRows:
     """Interactions sorted by (user, time), each with its history window."""
@@ -29,8 +104,8 @@ class SequenceRows:
     user: IntArray
     item: IntArray
     liked: npt.NDArray[np.bool_]
-    history: Int64Array  # [n, L] tokens, most recent first
-    history_weight: npt.NDArray[np.float32]
+    history: HistoryColumn  # [n, L] tokens, most recent first, gathered per batch
+    history_weight: HistoryColumn
 
 
 def sequence_rows(part: Interactions, spec: FeatureSpec) -> SequenceRows:
@@ -42,15 +117,15 @@ def sequence_rows(part: Interactions, spec: FeatureSpec) -> SequenceRows:
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     row_start = np.repeat(first, np.diff(np.r_[first, user.shape[0]])).astype(np.int64)
     row_end = np.arange(user.shape[0], dtype=np.int64)  # history: strictly before this row
-    history, weights = history_matrix(spec, item, liked, row_start, row_end)
-    return SequenceRows(order, user, item, liked, history, weights)
+    history = HistoryColumn(spec, item, liked, row_start, row_end)
+    return SequenceRows(order, user, item, liked, history, dataclasses.replace(history, weights=True))
 
 
 def user_rows(
     rows: SequenceRows,
     regions: IntArray,
     user_stats: npt.NDArray[np.float32],
-) -> Inputs:
+) -> dict[str, Column]:
     return {
         "user_id": (rows.user.astype(np.int64) + 1),
         "region": np.asarray(regions, dtype=np.int64)[rows.user],
@@ -112,8 +187,8 @@ def select(rows: SequenceRows, mask: npt.NDArray[np.bool_]) -> SequenceRows:
         rows.user[mask],
         rows.item[mask],
         rows.liked[mask],
-        rows.history[mask],
-        rows.history_weight[mask],
+        rows.history.select(mask),
+        rows.history_weight.select(mask),
     )
 
 

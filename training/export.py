@@ -12,6 +12,8 @@ from typing import Any
 
 import keras
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import tensorflow as tf
 import tf2onnx
 
@@ -37,16 +39,42 @@ class Parity:
         return {"rows": self.rows, "max_abs_diff": self.max_abs_diff, "outputs": list(self.outputs)}
 
 
+# Variables at least this large (elements) are exported as initializers added after conversion,
+# not as constants tf2onnx carries through its passes: tf2onnx rewrites every constant into its
+# protobuf once per optimiser pass (two dozen passes) and protobuf's arena keeps each copy, so a
+# tower with a 10⁶-item id table (128 MB) took 7 GB to export.
+LARGE_VARIABLE = 1 << 18
+
+
 def export_onnx(model: keras.Model, specs: list[InputSpec]) -> bytes:
     signature = [tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name) for spec in specs]
     names = [spec.name for spec in specs]
+    large = [v for v in model.variables if int(np.prod(v.shape)) >= LARGE_VARIABLE]
+    weight_names = [f"weight__{index}" for index in range(len(large))]
+    signature += [
+        tf.TensorSpec(v.shape, tf.as_dtype(v.dtype), name=name)
+        for v, name in zip(large, weight_names, strict=True)
+    ]
 
     def serve(*tensors: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs: dict[str, tf.Tensor] = model(dict(zip(names, tensors, strict=True)), training=False)
+        features, weights = tensors[: len(names)], tensors[len(names) :]
+        # The large variables read the function's weight arguments instead of their own value.
+        with keras.StatelessScope(state_mapping=list(zip(large, weights, strict=True))):
+            outputs: dict[str, tf.Tensor] = model(dict(zip(names, features, strict=True)), training=False)
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
 
     function = tf.function(serve, input_signature=signature)
     proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=OPSET)
+    graph = proto.graph
+    kept = [value for value in graph.input if value.name not in weight_names]
+    if len(kept) != len(graph.input) - len(large):
+        raise ParityError(
+            f"export: expected weight inputs {weight_names}, got {[v.name for v in graph.input]}"
+        )
+    del graph.input[:]
+    graph.input.extend(kept)
+    for variable, name in zip(large, weight_names, strict=True):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(variable.numpy()), name))
     data: bytes = proto.SerializeToString()
     return data
 

@@ -16,7 +16,8 @@ within 1e-6):
   in Spark's Python workers (`applyInPandas`). Spreading the classic user-pair formulation over rows
   instead would emit Σ_{u,v} |I_u ∩ I_v|² rows (450 M on MovieLens-100K); per item the work is what the
   single-machine builder does, distributed by item.
-- **ranking**: each item's neighbours by float32 score, descending, ties by the smaller item index.
+- **ranking**: each item's neighbours by float32 score, descending, ties by the smaller item index;
+  the table (n_items × top_k) reaches the driver streamed partition by partition (`to_driver`).
 
 PySpark needs a JVM (Java 17) and pyarrow (`pip install '.[spark]'`; Java is not a Python package).
 Data moves between Spark and Python as Arrow, never through pandas.
@@ -24,8 +25,10 @@ Data moves between Spark and Python as Arrow, never through pandas.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -203,12 +206,39 @@ def _top_k(scored: DataFrame, n_items: int, top_k: int) -> NeighborTable:
         scored.withColumn("rank", F.row_number().over(ranking))
         .where(F.col("rank") <= top_k)
         .select("item", "rank", "neighbor", F.col("score").cast("float").alias("score"))
-        .toArrow()
     )
     neighbors = np.full((n_items, top_k), PAD, dtype=np.int32)
     scores = np.zeros((n_items, top_k), dtype=np.float32)
-    column = {name: best.column(name).to_numpy() for name in ("item", "rank", "neighbor", "score")}
-    rows, ranks = column["item"].astype(np.int64), column["rank"].astype(np.int64) - 1
-    neighbors[rows, ranks] = column["neighbor"]
-    scores[rows, ranks] = column["score"]
+    # Up to n_items × top_k rows (10⁸ for 10⁶ items): streamed into the table, never collected whole.
+    for batch in to_driver(best, {"item": "<i4", "rank": "<i4", "neighbor": "<i4", "score": "<f4"}):
+        rows, ranks = batch["item"].astype(np.int64), batch["rank"].astype(np.int64) - 1
+        neighbors[rows, ranks] = batch["neighbor"]
+        scores[rows, ranks] = batch["score"]
     return NeighborTable(neighbors, scores)
+
+
+def to_driver(frame: DataFrame, dtypes: dict[str, str]) -> Iterator[dict[str, np.ndarray]]:
+    """`frame`'s columns as numpy arrays of `dtypes` (little-endian numpy codes), one Arrow batch at
+    a time, partition after partition in the frame's order. Spark's Python workers pack each batch
+    into one row of raw column buffers, and `toLocalIterator` hands the driver one partition at a
+    time (the next one prefetched): the driver holds neither the whole result (as `toArrow` would)
+    nor a Python object per row (as `collect` would)."""
+    schema = ", ".join(f"{name} binary" for name in dtypes)
+    packed = frame.select(*dtypes).mapInArrow(functools.partial(_pack_batches, dtypes), schema=schema)
+    for row in packed.toLocalIterator(prefetchPartitions=True):
+        yield {name: np.frombuffer(row[name], dtype=dtype) for name, dtype in dtypes.items()}
+
+
+def _pack_batches(dtypes: dict[str, str], batches: Iterator[Any]) -> Iterator[Any]:
+    """Each Arrow batch as one row of column buffers (in Spark's Python workers)."""
+    import pyarrow as pa
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        yield pa.RecordBatch.from_pydict(
+            {
+                name: pa.array([batch.column(name).to_numpy(zero_copy_only=False).astype(dtype).tobytes()])
+                for name, dtype in dtypes.items()
+            }
+        )

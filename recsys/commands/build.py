@@ -39,6 +39,13 @@ CSV_FLAGS = {
 
 SYNTHETIC_DEFAULTS = {"users": 10_000, "items": 20_000, "interactions": 500_000}
 
+# Extra Spark settings for --engine spark, one `key=value` per line: what a Spark master needs
+# beyond its URL (on Kubernetes: namespace, executor image, the driver's address; see
+# deploy/k8s/components/spark-build). An environment variable rather than flags, so that a
+# kustomize patch can change it by name, and so that the values can use Kubernetes' $(VAR)
+# expansion of the pod's own name, namespace and address.
+SPARK_CONF_VARIABLE = "RECSYS_SPARK_CONF"
+
 
 def _count(args: argparse.Namespace, name: str) -> int:
     value = getattr(args, f"csv_{name}")
@@ -53,6 +60,30 @@ def _count(args: argparse.Namespace, name: str) -> int:
     if count <= 0:
         raise UsageError(f"--{name}: must be positive, got {count}")
     return count
+
+
+def spark_conf(text: str) -> tuple[tuple[str, str], ...]:
+    """The `key=value` lines of RECSYS_SPARK_CONF, in order (blank lines and `#` comments are
+    skipped; a value may contain `=`). Only `spark.*` keys: Spark ignores any other with no more
+    than a warning, so a misspelt prefix would silently change nothing."""
+    pairs: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        where = f"{SPARK_CONF_VARIABLE} line {number}"
+        if not equals or not key:
+            raise UsageError(f"{where}: expected key=value, got {line!r}")
+        if not key.startswith("spark."):
+            raise UsageError(f"{where}: {key!r} is not a Spark setting (keys start with 'spark.')")
+        if key == "spark.master":
+            raise UsageError(f"{where}: the master is --spark-master, not spark.master")
+        if key in pairs:  # a second line winning silently would hide the first one's mistake
+            raise UsageError(f"{where}: {key} is set twice")
+        pairs[key] = value
+    return tuple(pairs.items())
 
 
 def default_store() -> str:
@@ -82,13 +113,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--engine",
         choices=("numpy", "spark"),
         default="numpy",
-        help="where the ItemCF and Swing tables are computed: numpy in this process (default), or Spark "
-        "(needs the spark extra and Java 17; the same tables, for logs past one machine)",
+        help="where the core artifacts (histories, popularity, statistics, authors, ItemCF, Swing) are "
+        "computed: numpy in this process (default), or Spark (needs the spark extra and Java 17; the same "
+        "files, for logs past one machine)",
     )
     parser.add_argument(
         "--spark-master",
         default="local[*]",
-        help="Spark master URL with --engine spark (default local[*]: every core of this machine)",
+        help="Spark master URL with --engine spark (default local[*]: every core of this machine); other "
+        f"Spark settings come from {SPARK_CONF_VARIABLE}, one spark.KEY=VALUE a line",
     )
     parser.add_argument(
         "--ranker-int8",
@@ -151,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--keep: must be at least 1")
     if args.ranker_int8 and args.retrieval_only:
         raise UsageError("--ranker-int8: a --retrieval-only build has no ranker")
+    extra_spark_conf = spark_conf(os.environ.get(SPARK_CONF_VARIABLE, ""))
     if args.engine == "spark":
         _check_spark()
     elif args.spark_master != "local[*]":
         raise UsageError("--spark-master: only with --engine spark")
+    elif extra_spark_conf:
+        raise UsageError(f"{SPARK_CONF_VARIABLE}: only with --engine spark")
     from training.distributed import resolve_cluster
 
     # A multi-worker build (TF_CONFIG, or RECSYS_TF_WORKER_HOSTS with JOB_COMPLETION_INDEX):
@@ -182,7 +218,10 @@ def run(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, ranker_int8=True)
     if args.engine == "spark":
         profile = dataclasses.replace(
-            profile, core=dataclasses.replace(profile.core, engine="spark", spark_master=args.spark_master)
+            profile,
+            core=dataclasses.replace(
+                profile.core, engine="spark", spark_master=args.spark_master, spark_conf=extra_spark_conf
+            ),
         )
     result = build(
         raw,

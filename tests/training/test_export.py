@@ -265,3 +265,29 @@ def test_the_exported_item_tower_embeds_an_unseen_item_from_its_metadata_with_pa
     for row in range(1, 6):
         assert np.abs(embedded[row] - embedded[0]).max() > 1e-4, variants[row]
     np.testing.assert_array_equal(embedded[6], embedded[0])
+
+
+def test_large_tables_are_exported_as_initializers_with_parity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables past the threshold go into the ONNX model as initializers after conversion
+    (tf2onnx never carries them through its passes): the model takes only the features by
+    name, holds every weight, and matches Keras."""
+    import onnx
+
+    import training.export as export
+
+    towers = build_two_tower(SPEC, TwoTowerConfig(embedding_dim=8, id_dim=8, side_dim=4, hidden=16))
+    large = [v for v in towers.user_model.variables if int(np.prod(v.shape)) >= 30 * 8]
+    assert large, "the user id table should count as large at this threshold"
+    monkeypatch.setattr(export, "LARGE_VARIABLE", 30 * 8)
+    data = export_onnx(towers.user_model, SPEC.user_tower_inputs())
+    graph = onnx.load_from_string(data).graph
+    assert [value.name for value in graph.input] == [spec.name for spec in SPEC.user_tower_inputs()]
+    initialisers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    grafted = [value for name, value in initialisers.items() if name.startswith("weight__")]
+    assert len(grafted) == len(large)
+    assert any(np.array_equal(value, np.asarray(large[0].numpy())) for value in grafted)
+    inputs = {
+        name: value for name, value in _inputs(1200, seed=3).items() if name in OnnxModel(data).input_names
+    }
+    parity = check_parity(towers.user_model, data, inputs)
+    assert parity.max_abs_diff <= 1e-5

@@ -198,7 +198,7 @@ def train_ranker(
     else:
         strategy = distribution.strategy
         distribution.check_same(
-            "ranker rows", *inputs.values(), *labels.values(), *([] if group is None else [group])
+            "ranker rows", [*inputs.values(), *labels.values(), *([] if group is None else [group])]
         )
 
         @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]

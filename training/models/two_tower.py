@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import keras
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from recsys.features import FeatureSpec, Inputs
 from training.distributed import Distribution, scope
+from training.examples import RowInputs
 from training.models.layers import l2_normalize, masked_mean, mlp, weighted_mean
 
 
@@ -101,8 +103,8 @@ def build_two_tower(spec: FeatureSpec, config: TwoTowerConfig) -> TwoTower:
 
 def train_two_tower(
     model: TwoTower,
-    user_inputs: Inputs,
-    item_inputs: Inputs,
+    user_inputs: RowInputs,
+    item_inputs: RowInputs,
     item_log_q: np.ndarray,
     progress: Callable[[int, float], None] | None = None,
     distribution: Distribution | None = None,
@@ -183,7 +185,8 @@ def train_two_tower(
         step = tf.function(local_step, reduce_retracing=True)
     else:
         strategy = distribution.strategy
-        distribution.check_same("two-tower rows", *user_inputs.values(), *item_inputs.values(), item_log_q)
+        columns = [*user_inputs.values(), *item_inputs.values()]
+        distribution.check_same("two-tower rows", chain((column[:] for column in columns), [item_log_q]))
 
         @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
         def distributed_step(
@@ -204,7 +207,7 @@ def train_two_tower(
 
     # Early stopping on the rows of a slice of users: on sparse data (many users with a few
     # interactions) the id embeddings memorise within a few epochs.
-    held = (user_inputs["user_id"] % 1000) < int(config.holdout_fraction * 1000)
+    held = (np.asarray(user_inputs["user_id"][:]) % 1000) < int(config.holdout_fraction * 1000)
     train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
     best_loss, best_weights, worse = np.inf, _weights(model), 0
     losses = []
