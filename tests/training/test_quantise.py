@@ -70,7 +70,8 @@ def test_the_gate_publishes_the_int8_ranker_only_within_the_allowed_loss(
     assert report["reference"] == pytest.approx(pipeline_ndcg(model, run, heldout.relevant), abs=1e-5)
     int8_model = dataclasses.replace(model, ranker=OnnxModel(quantise_int8(fp32)))
     assert report["candidate"] == pytest.approx(pipeline_ndcg(int8_model, run, heldout.relevant), abs=1e-5)
-    assert report["loss"] == pytest.approx(report["reference"] - report["candidate"], abs=1e-5)
+    # Three figures each rounded to 5 places: their difference may be off by 1.5e-5.
+    assert report["loss"] == pytest.approx(report["reference"] - report["candidate"], abs=1.6e-5)
     assert decision.accepted == (report["loss"] <= QUALITY_MAX_LOSS)
     assert (decision.published != fp32) == decision.accepted
     assert report["published"] == ("int8" if decision.accepted else "fp32")
