@@ -26,6 +26,7 @@ import resource
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,11 @@ class _RssSampler:
         self._peak = self.current()
         self._lock = threading.Lock()
         if self._STATM.exists():
-            threading.Thread(target=self._run, args=(interval,), daemon=True, name="rss").start()
+            # The thread holds the sampler weakly and ends once the build's stages are dropped: a
+            # process that builds many times (the tests, tuning scripts) keeps no samplers behind.
+            threading.Thread(
+                target=_sample_rss, args=(weakref.ref(self), interval), daemon=True, name="rss"
+            ).start()
 
     def current(self) -> int:
         try:
@@ -200,12 +205,10 @@ class _RssSampler:
         except (OSError, IndexError, ValueError):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def _run(self, interval: float) -> None:
-        while True:
-            time.sleep(interval)
-            rss = self.current()
-            with self._lock:
-                self._peak = max(self._peak, rss)
+    def sample(self) -> None:
+        rss = self.current()
+        with self._lock:
+            self._peak = max(self._peak, rss)
 
     def take_peak(self) -> int:
         """The peak since the last call, then restart from the current size."""
@@ -213,6 +216,16 @@ class _RssSampler:
         with self._lock:
             peak, self._peak = max(self._peak, rss), rss
         return peak
+
+
+def _sample_rss(sampler: weakref.ref[_RssSampler], interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        live = sampler()
+        if live is None:
+            return
+        live.sample()
+        del live
 
 
 class Stages:

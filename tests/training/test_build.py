@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from recsys.errors import NotReady
 from recsys.evaluation.evaluator import HeldOut, evaluate
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore, StoreIntegrityError
-from training.build import publish
+from training.build import Stages, publish
 from training.export import PARITY_TOLERANCE
 from training.report import write_report
 
@@ -279,3 +282,30 @@ def test_cli_errors_name_the_flag(args: tuple[str, ...], message: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]  # one line (after argparse's usage)
+
+
+def test_each_stage_records_its_own_peak_memory_and_the_sampler_ends_with_the_stages() -> None:
+    def samplers() -> int:
+        return sum(thread.name == "rss" for thread in threading.enumerate())
+
+    before = samplers()
+    stages = Stages(quiet=True)
+    stages.start("small")
+    time.sleep(0.15)
+    stages.start("large")
+    block = np.ones(256 * 2**20, dtype=np.uint8)  # 256 MiB, touched
+    time.sleep(0.15)
+    del block
+    stages.start("after")
+    time.sleep(0.15)
+    stages.finish()
+    assert set(stages.peak_rss) == {"small", "large", "after"}
+    assert stages.peak_rss["large"] - stages.peak_rss["small"] >= 200 * 2**20
+    assert stages.peak_rss["after"] < stages.peak_rss["large"] - 200 * 2**20
+    assert samplers() == before + 1
+    del stages
+    gc.collect()
+    deadline = time.monotonic() + 2.0
+    while samplers() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert samplers() == before
