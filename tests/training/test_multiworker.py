@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from recsys.store import ModelStore
+from tests.support.stack import free_ports
 from training.data import default_data_dir
 from training.export import PARITY_TOLERANCE
 
@@ -93,16 +93,6 @@ if distribution.is_chief:
 """
 
 USERS = 100  # MovieLens users 1..100: about 10,000 ratings, enough rows for the parity checks
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def ratings_slice(path: Path, users: int, drop_last: bool = False) -> Path:
