@@ -184,7 +184,8 @@ class Selector(Protocol):
 
 
 class _Gains(Protocol):
-    """A selector's per-step scores (higher is better) and its memory of what was chosen."""
+    """A selector's per-step scores (higher is better) and its memory of what was chosen:
+    after `chose(p)`, `scores()[p]` is −inf (so the loop need not mask chosen candidates)."""
 
     def scores(self) -> npt.NDArray[np.float64]: ...
 
@@ -235,7 +236,11 @@ class _GreedySelector:
         gains = self._gains(reward, embeddings)
         if not self.rules.active and gains is None and fresh is None:
             return np.argsort(-reward, kind="stable")[:length].astype(np.int32)
-        scores_of = gains.scores if gains is not None else lambda: reward
+        if gains is not None:
+            scores_of = gains.scores
+        else:
+            open_reward = reward.copy()  # chosen ones set to −inf, as the gains do
+            scores_of = lambda: open_reward  # noqa: E731
         tracker = (
             _RuleTracker(self.rules, _as_matrix(categories), np.asarray(authors))
             if self.rules.active
@@ -252,12 +257,14 @@ class _GreedySelector:
                     allowed = available & ~fresh
                 elif length - position <= reserve - placed_new:  # the reservation's positions
                     allowed = available & fresh
-            if tracker is not None:
-                broken = tracker.count_broken(position)
-                eligible = allowed & (broken == broken[allowed].min())
+            broken = None if tracker is None else tracker.count_broken(position)
+            if broken is None and allowed is available:
+                # No rule blocks anyone here and no new-item control: the chosen are at −inf
+                # already, so the best score is the choice (the usual case, no mask built).
+                choice = int(np.argmax(scores))
             else:
-                eligible = allowed
-            choice = int(np.argmax(np.where(eligible, scores, -np.inf)))
+                eligible = allowed if broken is None else allowed & (broken == broken[allowed].min())
+                choice = int(np.argmax(np.where(eligible, scores, -np.inf)))
             chosen[position] = choice
             available[choice] = False
             if fresh is not None and fresh[choice]:
@@ -266,6 +273,8 @@ class _GreedySelector:
                 tracker.place(choice, position)
             if gains is not None:
                 gains.chose(choice)
+            else:
+                open_reward[choice] = -np.inf
         return chosen
 
     def _gains(self, reward: npt.NDArray[np.float64], embeddings: FloatArray | None) -> _Gains | None:
@@ -336,21 +345,28 @@ class _MmrGains:
         self._relevance = theta * reward
         self._weight = 1.0 - theta
         self._embeddings = embeddings
-        # Similarities of every candidate to the last `window` chosen, a ring of rows.
+        # Similarities of every candidate to the last `window` chosen, a ring of rows, and
+        # their column-wise max (the penalty), kept as the window fills.
         self._recent = np.zeros((window, reward.shape[0]), np.float64)
+        self._penalty = np.full(reward.shape[0], -np.inf)
+        self._scores = self._relevance
         self._filled = 0
         self._next = 0
 
     def scores(self) -> npt.NDArray[np.float64]:
-        if self._filled == 0:
-            return self._relevance
-        penalty: npt.NDArray[np.float64] = self._recent[: self._filled].max(axis=0)
-        return self._relevance - self._weight * penalty
+        return self._scores
 
     def chose(self, position: int) -> None:
-        self._recent[self._next] = self._embeddings @ self._embeddings[position]
+        self._relevance[position] = -np.inf
+        similarity = self._embeddings @ self._embeddings[position]
+        self._recent[self._next] = similarity
         self._next = (self._next + 1) % self._recent.shape[0]
-        self._filled = min(self._filled + 1, self._recent.shape[0])
+        if self._filled < self._recent.shape[0]:  # a max only grows until a row leaves
+            self._filled += 1
+            np.maximum(self._penalty, similarity, out=self._penalty)
+        else:
+            self._recent.max(axis=0, out=self._penalty)
+        self._scores = self._relevance - self._weight * self._penalty
 
 
 class _DppGains:
@@ -373,6 +389,7 @@ class _DppGains:
         return self._relevance + self._weight * log_gain
 
     def chose(self, position: int) -> None:
+        self._relevance[position] = -np.inf
         if self._residual[position] <= _DPP_EPSILON:
             # Already spanned by the window (a duplicate, or a rule forced it): it adds no
             # direction, and dividing by its residual would blow the factor up.
@@ -455,9 +472,12 @@ class _RuleTracker:
                 screen_authors = [token for token, seen in self._screen_authors.items() if seen >= cap]
         return run_categories, run_authors, screen_categories, screen_authors
 
-    def count_broken(self, position: int) -> npt.NDArray[np.int8]:
-        """How many rules each candidate would break at `position`."""
+    def count_broken(self, position: int) -> npt.NDArray[np.int8] | None:
+        """How many rules each candidate would break at `position`; None when no rule
+        blocks anything there (every candidate breaks none)."""
         run_categories, run_authors, screen_categories, screen_authors = self._blocked(position)
+        if not (run_categories or run_authors or screen_categories or screen_authors):
+            return None
         broken = np.zeros(self._authors.shape[0], np.int8)
         # Tokens are never 0 in the blocked lists, so padding never matches.
         if run_categories:
@@ -495,16 +515,22 @@ class _RuleTracker:
         return problems
 
     def place(self, candidate: int, position: int) -> None:
-        own = {int(token) for token in self._categories[candidate] if token != 0}
-        self._category_runs = {token: self._category_runs.get(token, 0) + 1 for token in own}
+        # Only the counts a rule that is on reads (`_blocked`): the rest is not kept.
+        rules = self._rules
+        screen = position < rules.first_screen
+        runs, per_screen = rules.max_consecutive_category is not None, rules.first_screen_max_per_category
+        if runs or (screen and per_screen is not None):
+            own = {token for token in self._categories[candidate].tolist() if token != 0}
+            if runs:
+                self._category_runs = {token: self._category_runs.get(token, 0) + 1 for token in own}
+            if screen and per_screen is not None:
+                for token in own:
+                    self._screen_categories[token] = self._screen_categories.get(token, 0) + 1
         author = int(self._authors[candidate])
         self._author_run = self._author_run + 1 if author == self._last_author else 1
         self._last_author = author
-        if position < self._rules.first_screen:
-            for token in own:
-                self._screen_categories[token] = self._screen_categories.get(token, 0) + 1
-            if author != 0:
-                self._screen_authors[author] = self._screen_authors.get(author, 0) + 1
+        if screen and author != 0 and rules.first_screen_max_per_author is not None:
+            self._screen_authors[author] = self._screen_authors.get(author, 0) + 1
 
 
 def selector_for(method: RerankMethod, theta: float, window: int, rules: RerankRules | None) -> Selector:

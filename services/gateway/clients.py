@@ -91,6 +91,7 @@ class RankCall:
 @dataclass(frozen=True)
 class Ranked:
     items: IntArray  # a subset of the call's items (after pre-rank), in the call's order
+    positions: npt.NDArray[np.intp]  # of `items` in the call's items
     scores: FloatArray
     task_scores: dict[str, FloatArray]
     degraded: list[str] = field(default_factory=list)  # rank's own reasons, "rank:…"
@@ -125,6 +126,21 @@ def _provenance(response: recall_pb2.RecallResponse, scores: FloatArray) -> Prov
         return provenance_from_message(response.provenance, scores.shape[0], scores)
     except ValueError:
         return None
+
+
+def _positions(sent: IntArray, returned: IntArray) -> npt.NDArray[np.intp]:
+    """Where each returned item is among the sent ones (distinct: recall's merge), by binary
+    search rather than a dict of the ~1,000 sent; an item rank was not sent fails the call."""
+    if returned.shape[0] == 0:
+        return np.zeros(0, np.intp)
+    if sent.shape[0] == 0:
+        raise DownstreamError("rank", "unsent items")
+    order = np.argsort(sent, kind="stable")
+    slots = np.minimum(np.searchsorted(sent, returned, sorter=order), sent.shape[0] - 1)
+    positions: npt.NDArray[np.intp] = order[slots]
+    if not np.array_equal(sent[positions], returned):
+        raise DownstreamError("rank", "unsent items")
+    return positions
 
 
 def _version_or_error(error: DownstreamError) -> DownstreamError:
@@ -232,8 +248,14 @@ class RankClient:
             # A rank that does not check its own outputs (an older release) has failed all the
             # same: the selectors downstream refuse non-finite rewards.
             raise DownstreamError("rank", "nonfinite scores")
+        items = np.asarray(response.item_indexes, dtype=np.int32)
+        if items.shape != scores.shape or any(
+            values.shape != scores.shape for values in task_scores.values()
+        ):
+            raise DownstreamError("rank", "misaligned scores")
         return Ranked(
-            np.asarray(response.item_indexes, dtype=np.int32),
+            items,
+            _positions(call.items, items),
             scores,
             task_scores,
             [f"rank:{reason}" for reason in response.degraded_reasons],

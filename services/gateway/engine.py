@@ -307,14 +307,17 @@ class GatewayEngine:
         new_items = self._new_items(request)
         item_id = _namer(catalogue.item_ids, new_items)
         title = _namer(catalogue.titles, new_items, title=True)
+        # Python lists first: indexing numpy arrays element by element costs more than the rest.
+        scores, masks = chosen.scores.tolist(), chosen.masks.tolist()
+        task_scores = {task: values.tolist() for task, values in chosen.task_scores.items()}
         items = [
             Recommended(
                 item_id=item_id(item),
                 title=title(item),
-                score=float(chosen.scores[position]),
+                score=scores[position],
                 position=position + 1,
-                channels=_channels(int(chosen.masks[position]), chosen.channel_names),
-                task_scores={task: float(values[position]) for task, values in chosen.task_scores.items()},
+                channels=_channels(masks[position], chosen.channel_names),
+                task_scores={task: values[position] for task, values in task_scores.items()},
             )
             for position, item in enumerate(chosen.items.tolist())
         ]
@@ -518,12 +521,9 @@ class GatewayEngine:
             )
             return
         request.degraded.extend(ranked.degraded)
-        position = {item: n for n, item in enumerate(candidates.items.tolist())}
         # Ranked: the provenance has served its purpose; later stages need not copy it along.
         candidates.provenance = None
-        result = candidates.take(
-            np.asarray([position[item] for item in ranked.items.tolist()], dtype=np.intp)
-        )
+        result = candidates.take(ranked.positions)
         result.scores = ranked.scores
         result.task_scores = ranked.task_scores
         request.candidates = result.take(np.argsort(-result.scores, kind="stable"))

@@ -233,6 +233,67 @@ def test_the_merge_keeps_each_candidates_rank_and_scaled_score_per_channel() -> 
     assert empty.channel_scores.shape == (0, 3)
 
 
+def _merge_by_definition(
+    names: tuple[str, ...],
+    weights: dict[str, float],
+    offset: float,
+    lists: dict[str, Candidates],
+    budget: int,
+) -> list[tuple[int, float, int, list[int], list[float]]]:
+    """Reciprocal-rank fusion item by item, in plain Python: (item, score, mask, ranks, scaled)."""
+    rows: dict[int, list] = {}  # type: ignore[type-arg]
+    for bit, name in enumerate(names):
+        candidates = lists.get(name)
+        if candidates is None or len(candidates) == 0 or weights.get(name, 1.0) <= 0:
+            continue
+        top = max(abs(float(score)) for score in candidates.scores)
+        for rank, (item, score) in enumerate(
+            zip(candidates.items.tolist(), candidates.scores.tolist(), strict=True)
+        ):
+            row = rows.setdefault(item, [0.0, 0, [-1] * len(names), [0.0] * len(names)])
+            row[0] += weights.get(name, 1.0) / (offset + rank)
+            row[1] |= 1 << bit
+            row[2][bit] = rank
+            row[3][bit] = score / top if top > 0 else 0.0
+    best = sorted(rows.items(), key=lambda entry: (-entry[1][0], entry[0]))[:budget]
+    return [(item, row[0], row[1], row[2], row[3]) for item, row in best]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_merge_matches_its_definition_on_random_lists(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = tuple(f"channel{index}" for index in range(int(rng.integers(1, 10))))
+    weights = {name: float(rng.choice([0.0, 0.25, 1.0, 2.0])) for name in names}
+    lists = {}
+    for name in names:
+        if rng.random() < 0.2:
+            continue  # the channel gave nothing
+        size = int(rng.integers(0, 80))
+        scores = np.sort(rng.normal(size=size)).astype(np.float32)[::-1]
+        if rng.random() < 0.1:
+            scores = np.zeros(size, np.float32)  # a list of zero scores scales to zeros
+        items = rng.choice(int(rng.integers(max(size, 1), 150)), size, replace=False).astype(np.int32)
+        lists[name] = Candidates(items, scores.copy())
+    budget = int(rng.integers(1, 200))
+    offset = float(rng.choice([1.0, 60.0]))
+    merged = WeightedMerge(names, weights, rank_offset=offset).merge(lists, budget)
+    expected = _merge_by_definition(names, weights, offset, lists, budget)
+    assert merged.items.tolist() == [item for item, *_ in expected]
+    np.testing.assert_allclose(merged.scores, [score for _, score, *_ in expected], rtol=1e-6)
+    assert merged.channel_masks.tolist() == [mask for _, _, mask, *_ in expected]
+    assert merged.channel_ranks.tolist() == [ranks for *_, ranks, _ in expected]
+    np.testing.assert_allclose(
+        merged.channel_scores.reshape(len(expected), len(names)),
+        np.array([scaled for *_, scaled in expected], np.float32).reshape(len(expected), len(names)),
+        rtol=1e-6,
+    )
+
+
+def test_the_merge_refuses_more_channels_than_its_masks_hold() -> None:
+    with pytest.raises(ValueError, match="at most 64 channels"):
+        WeightedMerge(tuple(f"c{index}" for index in range(65)), {})
+
+
 def test_provenance_features_by_the_specs_channel_order() -> None:
     provenance = Provenance(
         ("b", "cache", "a"),
