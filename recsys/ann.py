@@ -143,14 +143,21 @@ class EmbeddingSearch(Protocol):
 
 
 class ExactIndex:
-    """Brute-force inner product: the reference for ANN recall."""
+    """Brute-force inner product: the reference for ANN recall, and what a small catalogue
+    serves from (`serving_index`)."""
 
     def __init__(self, embeddings: FloatArray) -> None:
         self._embeddings = np.asarray(embeddings, dtype=np.float32)
 
+    @property
+    def size(self) -> int:
+        return int(self._embeddings.shape[0])
+
     def search(self, vector: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
         scores = self._embeddings @ np.asarray(vector, dtype=np.float32)
         k = min(k, scores.shape[0])
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         best = np.argpartition(-scores, k - 1)[:k]
         best = best[np.argsort(-scores[best], kind="stable")]
         return best.astype(np.int64), scores[best].astype(np.float32)
@@ -173,3 +180,19 @@ def recall_at_k(approximate: npt.NDArray[np.int64], exact: npt.NDArray[np.int64]
     """Mean fraction of the exact top-k found by the approximate top-k."""
     hits = [np.intersect1d(a, e).shape[0] / e.shape[0] for a, e in zip(approximate, exact, strict=True)]
     return float(np.mean(hits)) if hits else 0.0
+
+
+# A catalogue of at most this many embedding cells (items × dimensions) is searched exactly:
+# scanning it costs less than walking the graph at recall's k (over-fetched quotas reach
+# k ≈ 600, where hnswlib visits most of a small graph). Measured on 2 vCPUs, one thread,
+# k = 610: 1,682 × 64 items 26 µs exact against 188 µs HNSW; 20,000 × 64 4.3 ms against 0.87 ms.
+EXACT_SEARCH_CELLS = 1 << 18
+
+
+def serving_index(index: EmbeddingSearch, embeddings: FloatArray) -> EmbeddingSearch:
+    """What a version's embedding channels search: the exact scan for a small catalogue
+    (faster, and exact), its ANN index otherwise."""
+    rows, dim = np.shape(embeddings)
+    if rows * dim <= EXACT_SEARCH_CELLS:
+        return ExactIndex(embeddings)
+    return index

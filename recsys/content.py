@@ -255,4 +255,4 @@ def live_two_tower_source(model: ServingModel, view: NewItems) -> TwoTowerAnnSou
     if not np.isfinite(embeddings).all():
         raise ModelOutputInvalid(f"version {model.version}: the item tower gave a non-finite embedding")
     live = HnswIndex.build(embeddings, labels=view.servable, threads=1)
-    return TwoTowerAnnSource(MergedIndex(model.index, live))
+    return TwoTowerAnnSource(MergedIndex(model.search_index, live))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from recsys.ann import DeferredHnswIndex, HnswIndex
+from recsys.ann import DeferredHnswIndex, EmbeddingSearch, HnswIndex, serving_index
 from recsys.artifacts import CoreArtifacts, Defaults, FloatArray, load_core, load_npy
 from recsys.errors import NotReady
 from recsys.features import (
@@ -92,7 +92,9 @@ class ServingModel:
         serves from the arrays alone (the gateway)."""
         spec = FeatureSpec.from_json(json.loads((version_dir / FEATURE_SPEC).read_text()))
         defaults = Defaults(**json.loads((version_dir / DEFAULTS).read_text()))
-        embeddings = load_npy(version_dir / ITEM_EMBEDDINGS)
+        # A plain ndarray view of the mapping (no copy), as the core's arrays are: gathering
+        # rows of an np.memmap builds another memmap object on every request (pre-rank, rerank).
+        embeddings = np.asarray(load_npy(version_dir / ITEM_EMBEDDINGS))
         onnx = DeferredOnnxModel if defer_models else OnnxModel
         index = DeferredHnswIndex if defer_models else HnswIndex.load
         manifest = (
@@ -207,12 +209,18 @@ class ServingModel:
         return tuple(names)
 
     @cached_property
+    def search_index(self) -> EmbeddingSearch:
+        """What the two-tower channel searches (`serving_index`: exact for a small catalogue;
+        then the ANN index is never read, which a deferred one never loads)."""
+        return serving_index(self.index, self.item_embeddings)
+
+    @cached_property
     def sources(self) -> dict[str, CandidateSource]:
         """The offline-evaluable channels (the cache channel needs the feature store)."""
         available: dict[str, CandidateSource] = {
             "itemcf": self._neighbor_source("itemcf", self.core.itemcf),
             "swing": self._neighbor_source("swing", self.core.swing),
-            "two_tower": TwoTowerAnnSource(self.index),
+            "two_tower": TwoTowerAnnSource(self.search_index),
             "geo": GeoSource(self.core.popularity),
             "author": AuthorSource(self.core.authors),
             "popular": popular_source(self.core.popularity),

@@ -135,7 +135,7 @@ def _positions(sent: IntArray, returned: IntArray) -> npt.NDArray[np.intp]:
         return np.zeros(0, np.intp)
     if sent.shape[0] == 0:
         raise DownstreamError("rank", "unsent items")
-    order = np.argsort(sent, kind="stable")
+    order = np.argsort(sent)  # distinct items: no stability needed (and twice as fast)
     slots = np.minimum(np.searchsorted(sent, returned, sorter=order), sent.shape[0] - 1)
     positions: npt.NDArray[np.intp] = order[slots]
     if not np.array_equal(sent[positions], returned):
