@@ -380,6 +380,26 @@ def test_pair_scores_and_cross_features() -> None:
     np.testing.assert_allclose(features[0], [mean, 0.5, np.log1p(mean), np.log1p(0.5), 0.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_one_history_against_many_candidates_scores_every_pair_as_lookup_does(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_items, width = int(rng.integers(2, 120)), int(rng.integers(1, 12))
+    width = min(width, n_items)
+    neighbors = np.stack([rng.choice(n_items, width, replace=False) for _ in range(n_items)])
+    neighbors[rng.random(neighbors.shape) < 0.2] = -1  # short rows pad with −1
+    pairs = PairScores(neighbors, rng.random(neighbors.shape).astype(np.float32))
+    # Unknown indexes on both sides, and candidates repeated (each copy gets the same row).
+    history = rng.integers(-2, n_items + 2, size=int(rng.integers(1, 30)))
+    candidates = rng.integers(-2, n_items + 2, size=int(rng.integers(1, 50)))
+    for _ in range(2):  # the per-thread map is clean again after a call
+        result = pairs.lookup_history(history, candidates)
+        expected = pairs.lookup(
+            np.broadcast_to(history[None, :], (candidates.shape[0], history.shape[0])),
+            np.broadcast_to(candidates[:, None], (candidates.shape[0], history.shape[0])),
+        )
+        np.testing.assert_array_equal(result, expected)
+
+
 def test_exposure_filter_drops_shown_items_and_counts_them() -> None:
     config = ExposureFilterConfig(capacity=100, error_rate=0.001)
     ids = [f"item-{i}" for i in range(50)]
