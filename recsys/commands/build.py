@@ -7,8 +7,12 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys.errors import UsageError
+
+if TYPE_CHECKING:  # the training code (TensorFlow) only when a build runs
+    from training.build import BuildProfile
 
 DATASETS = ("ml-100k", "book-crossing", "csv", "synthetic")
 
@@ -125,9 +129,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument(
         "--ranker-int8",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="publish an int8-quantised ranker if its validation NDCG@10 is within 0.005 of the fp32 one "
-        "(else the fp32 ranker, and the metrics say why)",
+        "(else the fp32 ranker, and the metrics say why); default: on for --profile full, off for quick",
     )
     parser.add_argument("--data-dir", type=Path, help="directory with ml-100k/ and book-crossing-subset/")
     parser.add_argument("--seed", type=int, default=0)
@@ -179,6 +184,27 @@ def _raw(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return data.load_csv(data.CsvSpec(**given))
 
 
+def build_profile(
+    args: argparse.Namespace, extra_spark_conf: tuple[tuple[str, str], ...] = ()
+) -> BuildProfile:
+    """The named profile as the flags adjust it."""
+    from training.build import PROFILES, retrieval_only
+
+    profile = PROFILES[args.profile]
+    if args.retrieval_only:
+        profile = retrieval_only(profile)
+    if args.ranker_int8 is not None:  # else the profile's own choice (on for full)
+        profile = dataclasses.replace(profile, ranker_int8=args.ranker_int8)
+    if args.engine == "spark":
+        profile = dataclasses.replace(
+            profile,
+            core=dataclasses.replace(
+                profile.core, engine="spark", spark_master=args.spark_master, spark_conf=extra_spark_conf
+            ),
+        )
+    return profile
+
+
 def run(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UsageError("--keep: must be at least 1")
@@ -209,24 +235,12 @@ def run(args: argparse.Namespace) -> int:
 
         # Before anything else runs in TensorFlow: collectives are configured at its start-up.
         distribution = Distribution(cluster)
-    from training.build import PROFILES, build, metrics_json, retrieval_only, summary_rows
+    from training.build import build, metrics_json, summary_rows
 
-    profile = PROFILES[args.profile]
-    if args.retrieval_only:
-        profile = retrieval_only(profile)
-    if args.ranker_int8:
-        profile = dataclasses.replace(profile, ranker_int8=True)
-    if args.engine == "spark":
-        profile = dataclasses.replace(
-            profile,
-            core=dataclasses.replace(
-                profile.core, engine="spark", spark_master=args.spark_master, spark_conf=extra_spark_conf
-            ),
-        )
     result = build(
         raw,
         args.store,
-        profile,
+        build_profile(args, extra_spark_conf),
         seed=args.seed,
         keep=args.keep,
         quiet=args.quiet,

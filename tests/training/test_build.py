@@ -309,3 +309,20 @@ def test_each_stage_records_its_own_peak_memory_and_the_sampler_ends_with_the_st
     while samplers() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert samplers() == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "int8"),
+    [
+        (("--profile", "full"), True),  # the deployed profile publishes int8 behind its gate
+        (("--profile", "quick"), False),
+        (("--profile", "full", "--no-ranker-int8"), False),
+        (("--profile", "quick", "--ranker-int8"), True),
+    ],
+)
+def test_the_int8_ranker_is_the_full_profiles_default(flags: tuple[str, ...], int8: bool) -> None:
+    from recsys.cli import build_parser
+    from recsys.commands.build import build_profile
+
+    args = build_parser().parse_args(["build", "--dataset", "ml-100k", *flags])
+    assert build_profile(args).ranker_int8 is int8
