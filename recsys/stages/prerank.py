@@ -44,3 +44,24 @@ class EmbeddingPreRanker:
         scores = self.scores(items, user_embedding)
         positions = np.argsort(-scores, kind="stable")[:keep]
         return PreRanked(positions.astype(np.intp), scores[positions])
+
+    def keep_positions(
+        self,
+        items: Int64Array,
+        user_embedding: FloatArray,
+        keep: int,
+        fresh: npt.NDArray[np.bool_] | None = None,
+    ) -> npt.NDArray[np.intp]:
+        """Positions (ascending: the candidates' own order) of what the cut keeps: the `keep`
+        best by the dot product, and every `fresh` candidate besides. New items have no
+        item-tower embedding yet, so the dot product cannot judge them: they all go on to the
+        ranker, which scores them from their content (recall's quota bounds how many come).
+        Rank and recall (which cuts before answering, so that 200 candidates travel instead
+        of 1,000) run this one cut."""
+        if fresh is not None and fresh.any():
+            others = np.flatnonzero(~fresh)
+            kept = self.select(items[others], user_embedding, keep)
+            chosen = np.concatenate([others[kept.positions], np.flatnonzero(fresh)])
+        else:
+            chosen = self.select(items, user_embedding, keep).positions
+        return np.sort(chosen)

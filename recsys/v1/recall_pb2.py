@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/recall.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x8f\x02\n\rRecallRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.recsys.v1.RequestContext\x12\x34\n\x06quotas\x18\x03 \x03(\x0b\x32$.recsys.v1.RecallRequest.QuotasEntry\x12\x1c\n\x14\x65xclude_item_indexes\x18\x04 \x03(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0emax_candidates\x18\x06 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x1a-\n\x0bQuotasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"~\n\x0c\x43hannelStats\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.recsys.v1.ChannelStatus\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0cmilliseconds\x18\x04 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\xc5\x02\n\x0eRecallResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x15\n\rchannel_masks\x18\x04 \x03(\x04\x12\x15\n\rchannel_names\x18\x05 \x03(\t\x12.\n\rchannel_stats\x18\x06 \x03(\x0b\x32\x17.recsys.v1.ChannelStats\x12\x16\n\x0euser_embedding\x18\x07 \x03(\x02\x12\x12\n\ncold_start\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\t \x03(\t\x12\'\n\x07history\x18\n \x01(\x0b\x32\x16.recsys.v1.UserHistory\x12)\n\nprovenance\x18\x0b \x01(\x0b\x32\x15.recsys.v1.Provenance*\x98\x01\n\rChannelStatus\x12\x1e\n\x1a\x43HANNEL_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_STATUS_OK\x10\x01\x12\x1a\n\x16\x43HANNEL_STATUS_TIMEOUT\x10\x02\x12\x18\n\x14\x43HANNEL_STATUS_ERROR\x10\x03\x12\x1a\n\x16\x43HANNEL_STATUS_SKIPPED\x10\x04\x32G\n\x06Recall\x12=\n\x06Recall\x12\x18.recsys.v1.RecallRequest\x1a\x19.recsys.v1.RecallResponseB]\n\x0cio.recsys.v1B\x0bRecallProtoP\x01Z2github.com/recsys/recsys/gen/go/recsys/v1;recsysv1\xaa\x02\tRecsys.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/recall.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xa5\x02\n\rRecallRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.recsys.v1.RequestContext\x12\x34\n\x06quotas\x18\x03 \x03(\x0b\x32$.recsys.v1.RecallRequest.QuotasEntry\x12\x1c\n\x14\x65xclude_item_indexes\x18\x04 \x03(\x03\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x16\n\x0emax_candidates\x18\x06 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\x12\x14\n\x0cprerank_keep\x18\x08 \x01(\x05\x1a-\n\x0bQuotasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"~\n\x0c\x43hannelStats\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.recsys.v1.ChannelStatus\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x14\n\x0cmilliseconds\x18\x04 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\xc5\x02\n\x0eRecallResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0citem_indexes\x18\x02 \x03(\x03\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12\x15\n\rchannel_masks\x18\x04 \x03(\x04\x12\x15\n\rchannel_names\x18\x05 \x03(\t\x12.\n\rchannel_stats\x18\x06 \x03(\x0b\x32\x17.recsys.v1.ChannelStats\x12\x16\n\x0euser_embedding\x18\x07 \x03(\x02\x12\x12\n\ncold_start\x18\x08 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\t \x03(\t\x12\'\n\x07history\x18\n \x01(\x0b\x32\x16.recsys.v1.UserHistory\x12)\n\nprovenance\x18\x0b \x01(\x0b\x32\x15.recsys.v1.Provenance*\x98\x01\n\rChannelStatus\x12\x1e\n\x1a\x43HANNEL_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANNEL_STATUS_OK\x10\x01\x12\x1a\n\x16\x43HANNEL_STATUS_TIMEOUT\x10\x02\x12\x18\n\x14\x43HANNEL_STATUS_ERROR\x10\x03\x12\x1a\n\x16\x43HANNEL_STATUS_SKIPPED\x10\x04\x32G\n\x06Recall\x12=\n\x06Recall\x12\x18.recsys.v1.RecallRequest\x1a\x19.recsys.v1.RecallResponseB]\n\x0cio.recsys.v1B\x0bRecallProtoP\x01Z2github.com/recsys/recsys/gen/go/recsys/v1;recsysv1\xaa\x02\tRecsys.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,16 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014io.recsys.v1B\013RecallProtoP\001Z2github.com/recsys/recsys/gen/go/recsys/v1;recsysv1\252\002\tRecsys.V1'
   _globals['_RECALLREQUEST_QUOTASENTRY']._loaded_options = None
   _globals['_RECALLREQUEST_QUOTASENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNELSTATUS']._serialized_start=792
-  _globals['_CHANNELSTATUS']._serialized_end=944
+  _globals['_CHANNELSTATUS']._serialized_start=814
+  _globals['_CHANNELSTATUS']._serialized_end=966
   _globals['_RECALLREQUEST']._serialized_start=62
-  _globals['_RECALLREQUEST']._serialized_end=333
-  _globals['_RECALLREQUEST_QUOTASENTRY']._serialized_start=288
-  _globals['_RECALLREQUEST_QUOTASENTRY']._serialized_end=333
-  _globals['_CHANNELSTATS']._serialized_start=335
-  _globals['_CHANNELSTATS']._serialized_end=461
-  _globals['_RECALLRESPONSE']._serialized_start=464
-  _globals['_RECALLRESPONSE']._serialized_end=789
-  _globals['_RECALL']._serialized_start=946
-  _globals['_RECALL']._serialized_end=1017
+  _globals['_RECALLREQUEST']._serialized_end=355
+  _globals['_RECALLREQUEST_QUOTASENTRY']._serialized_start=310
+  _globals['_RECALLREQUEST_QUOTASENTRY']._serialized_end=355
+  _globals['_CHANNELSTATS']._serialized_start=357
+  _globals['_CHANNELSTATS']._serialized_end=483
+  _globals['_RECALLRESPONSE']._serialized_start=486
+  _globals['_RECALLRESPONSE']._serialized_end=811
+  _globals['_RECALL']._serialized_start=968
+  _globals['_RECALL']._serialized_end=1039
 # @@protoc_insertion_point(module_scope)

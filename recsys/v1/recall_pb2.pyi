@@ -102,6 +102,7 @@ class RecallRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    PRERANK_KEEP_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """External user id (at most 128 characters). Required. An id the version has never seen is
     served from its live events (the items it clicked since); without any, by the cold-start
@@ -116,6 +117,13 @@ class RecallRequest(_message.Message):
     dry_run: _builtins.bool
     """No side effects: the cache channel reads the user's cached items without using up
     their reuses (the gateway sets it for its own `dry_run` requests).
+    """
+    prerank_keep: _builtins.int
+    """Pre-rank before answering: keep the best `prerank_keep` merged candidates by the user
+    embedding's dot product with their item embeddings (rank's pre-rank, the same cut), and
+    every new item of the live catalogue besides; the rest are not returned. It applies
+    only when the user tower gave an embedding (else all merged candidates come back).
+    0 → no pre-rank. Negative or above `max_candidates`' maximum → INVALID_ARGUMENT.
     """
     @_builtins.property
     def context(self) -> _common_pb2.RequestContext: ...
@@ -142,10 +150,11 @@ class RecallRequest(_message.Message):
         model_version: _builtins.str = ...,
         max_candidates: _builtins.int = ...,
         dry_run: _builtins.bool = ...,
+        prerank_keep: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dry_run", b"dry_run", "exclude_item_indexes", b"exclude_item_indexes", "max_candidates", b"max_candidates", "model_version", b"model_version", "quotas", b"quotas", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dry_run", b"dry_run", "exclude_item_indexes", b"exclude_item_indexes", "max_candidates", b"max_candidates", "model_version", b"model_version", "prerank_keep", b"prerank_keep", "quotas", b"quotas", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

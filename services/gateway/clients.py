@@ -58,6 +58,7 @@ class RecallCall:
     model_version: str  # "": recall's current version
     max_candidates: int
     dry_run: bool
+    prerank_keep: int = 0  # > 0: recall answers its pre-rank's cut only
 
 
 @dataclass
@@ -165,6 +166,7 @@ class RecallClient:
             model_version=call.model_version,
             max_candidates=call.max_candidates,
             dry_run=call.dry_run,
+            prerank_keep=call.prerank_keep,
         )
         try:
             with client_metadata(self.tracing, RECALL_METHOD) as carried:

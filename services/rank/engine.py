@@ -268,19 +268,12 @@ class RankEngine:
         keep: int,
         new_items: NewItems | None,
     ) -> npt.NDArray[np.intp]:
-        """Positions (in request order) of the candidates pre-rank keeps. New items have no
-        item-tower embedding yet, so the dot product cannot judge them: they all go on to the
-        ranker, which scores them from their content (recall's quota bounds how many come)."""
+        """Positions (in request order) of the candidates pre-rank keeps (new items all)."""
         fresh = None if new_items is None else new_items.is_new(items)
-        if fresh is not None and fresh.any():
-            others = np.flatnonzero(~fresh)
-            kept = EmbeddingPreRanker(model.item_embeddings).select(items[others], embedding, keep)
-            chosen = np.concatenate([others[kept.positions], np.flatnonzero(fresh)])
-        else:
-            chosen = EmbeddingPreRanker(model.item_embeddings).select(items, embedding, keep).positions
+        chosen = EmbeddingPreRanker(model.item_embeddings).keep_positions(items, embedding, keep, fresh)
         self._metrics.prerank_in.inc(items.shape[0])
         self._metrics.prerank_kept.inc(chosen.shape[0])
-        return np.sort(chosen)  # the kept candidates in request order
+        return chosen
 
     def _fusion(self, query: RankQuery, model: ServingModel) -> Fusion:
         """The scene's fusion, or the call's own. A call that brings a complete fusion (the

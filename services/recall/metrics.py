@@ -30,6 +30,9 @@ class RecallMetrics:
             "feature_store_errors_total", "Feature store reads that failed or timed out.", ("error",)
         )
         self.cold_start = metrics.counter("cold_start_total", "Requests answered by the cold-start channels.")
+        self.prerank_items = metrics.counter(
+            "prerank_items_total", "Merged candidates into and out of recall's pre-rank.", ("direction",)
+        )
         # Label children bound once: `.labels()` costs more than the increment it precedes,
         # and a request touches these a dozen times.
         self.channel_timer = {name: self.channel_seconds.labels(name) for name in ALL_CHANNELS}
@@ -41,6 +44,8 @@ class RecallMetrics:
         }
         self.exposure_filtered = {name: self.filtered.labels("exposure", name) for name in ALL_CHANNELS}
         self.blocklist_filtered = {name: self.filtered.labels("blocklist", name) for name in ALL_CHANNELS}
+        self.prerank_in = self.prerank_items.labels("in")
+        self.prerank_kept = self.prerank_items.labels("kept")
 
 
 @cache

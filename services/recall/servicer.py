@@ -37,6 +37,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             max_candidates=request.max_candidates,
             time_remaining=context.time_remaining(),
             dry_run=request.dry_run,
+            prerank_keep=request.prerank_keep,
         )
         result = await self._engine.recall(query)
         merged = result.merged

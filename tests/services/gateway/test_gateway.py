@@ -24,6 +24,7 @@ from grpc import aio
 from recsys.feature_store import FeatureStore, InProcessFeatureStore
 from recsys.feature_store.push import push_core
 from recsys.feature_store.redis_store import RedisFeatureStore
+from recsys.scenes import scene_named
 from recsys.serving_model import ServingModel
 from recsys.store import ModelStore
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
@@ -365,6 +366,11 @@ async def test_a_scene_runs_the_stages_its_pipeline_declares(stack: Stack) -> No
     assert (REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0) == ranked_before
     full = await stack.recommend("196", count=10, debug=True, dry_run=True)
     assert [stage.stage for stage in full.trace] == ["recall", "blocklist", "rank", "rerank"]
+    # Rank next: recall made the pre-rank cut itself (the scene's prerank_keep), so only the
+    # cut crossed the hops; without rank, recall's whole merged list came back.
+    keep = scene_named(stack.gateway_app.engine.scenes, "").prerank_keep
+    assert full.trace[0].candidates_out == keep
+    assert unranked.trace[0].candidates_out > keep
     assert all(set(item.task_scores) == {"click", "like"} for item in full.items)
     assert (REGISTRY.get_sample_value("grpc_server_started_total", labels) or 0.0) == ranked_before + 1
 

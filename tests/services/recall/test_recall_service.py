@@ -280,6 +280,8 @@ async def test_the_cache_channel_serves_unshown_items_a_limited_number_of_times(
         ("quotas[itemcf]", recall_pb2.RecallRequest(user_id="1", quotas={"itemcf": -1})),
         ("quotas[bogus]", recall_pb2.RecallRequest(user_id="1", quotas={"bogus": 1})),
         ("quotas[geo]", recall_pb2.RecallRequest(user_id="1", quotas={"geo": 100_000})),
+        ("prerank_keep", recall_pb2.RecallRequest(user_id="1", prerank_keep=-1)),
+        ("prerank_keep", recall_pb2.RecallRequest(user_id="1", prerank_keep=100_000)),
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
@@ -289,6 +291,34 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
         await recall.stub.Recall(request_, timeout=2)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert (raised.value.details() or "").startswith(f"{field}:")
+
+
+async def test_prerank_keep_answers_the_pre_rank_cut_of_the_merged_candidates(recall: Running) -> None:
+    from recsys.stages.prerank import EmbeddingPreRanker
+
+    quotas = dict.fromkeys(("itemcf", "swing", "ease", "two_tower", "geo", "popular"), 200)
+    request = recall_pb2.RecallRequest(user_id="196", max_candidates=1000, quotas=quotas, dry_run=True)
+    everything = await recall.stub.Recall(request, timeout=2)
+    request.prerank_keep = 150
+    cut = await recall.stub.Recall(request, timeout=2)
+    assert len(everything.item_indexes) > 150
+    assert list(cut.degraded_reasons) == []
+    # The same cut rank makes: the 150 best by the embedding dot product, in the merged order,
+    # each with its own merged score, channels and provenance row.
+    embedding = np.asarray(everything.user_embedding, np.float32)
+    np.testing.assert_array_equal(np.asarray(cut.user_embedding, np.float32), embedding)
+    items = np.asarray(everything.item_indexes, np.int64)
+    kept = EmbeddingPreRanker(recall.model.item_embeddings).keep_positions(items, embedding, 150)
+    assert list(cut.item_indexes) == items[kept].tolist()
+    np.testing.assert_array_equal(np.asarray(cut.scores), np.asarray(everything.scores)[kept])
+    assert list(cut.channel_masks) == np.asarray(everything.channel_masks)[kept].tolist()
+    columns = len(everything.provenance.channels)
+    ranks = np.frombuffer(everything.provenance.ranks, "<i2").reshape(-1, columns)
+    assert np.frombuffer(cut.provenance.ranks, "<i2").reshape(-1, columns).tolist() == ranks[kept].tolist()
+    # A cold-start user has no embedding: nothing to cut by, every merged candidate returns.
+    cold = await recall.stub.Recall(recall_pb2.RecallRequest(user_id="nobody", prerank_keep=10), timeout=2)
+    assert cold.cold_start
+    assert len(cold.item_indexes) > 10
 
 
 async def test_an_unknown_model_version_is_failed_precondition(recall: Running) -> None:
