@@ -274,21 +274,31 @@ class FeatureStore(Protocol):
         """`user_state` for many users at once (one round trip for Redis)."""
         ...
 
-    async def append_events(self, user_id: str, events: Sequence[LiveEvent]) -> None:
+    # The writes of events take a `deadline`: a `time.monotonic()` instant until which a write
+    # that fails the way a failover makes it fail (no answer within the budget, a connection
+    # lost, CLUSTERDOWN, …) may be made again; None: one attempt. A retried write is applied
+    # once (the events are not appended twice, an id this call marked is not its duplicate).
+    async def append_events(
+        self, user_id: str, events: Sequence[LiveEvent], *, deadline: float | None = None
+    ) -> None:
         """Append events to the user's live history (capped at the policy's length)."""
         ...
 
-    async def mark_events_seen(self, event_ids: Sequence[str], ttl_seconds: int) -> list[bool]:
+    async def mark_events_seen(
+        self, event_ids: Sequence[str], ttl_seconds: int, *, deadline: float | None = None
+    ) -> list[bool]:
         """For each id: True the first time it is seen within `ttl_seconds` (apply the event),
         False for a duplicate (skip it)."""
         ...
 
-    async def forget_events(self, event_ids: Sequence[str]) -> None:
+    async def forget_events(self, event_ids: Sequence[str], *, deadline: float | None = None) -> None:
         """Undo `mark_events_seen` for these ids (their events could not be applied, so a
         retry must apply them)."""
         ...
 
-    async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
+    async def record_exposures(
+        self, user_id: str, item_ids: Sequence[str], now: float, *, deadline: float | None = None
+    ) -> None:
         """Remember that these items were shown at `now`."""
         ...
 
@@ -324,7 +334,9 @@ class FeatureStore(Protocol):
         """The whole live catalogue (read again only when the revision changed)."""
         ...
 
-    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+    async def record_engagers(
+        self, engagements: Sequence[tuple[str, str]], limit: int, *, deadline: float | None = None
+    ) -> int:
         """Note (item id, user id) engagements with new items for the look-alike channel: each
         item keeps its first `limit` distinct users, in order; later ones are ignored. Returns
         how many were new; the engagers' revision moves when any was. Atomic per call."""

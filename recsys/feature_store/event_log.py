@@ -97,8 +97,10 @@ class LoggedEvent:
 
 
 class EventLog(Protocol):
-    async def append(self, events: Sequence[LoggedEvent]) -> None:
-        """Append in order; raises FeatureStoreUnavailable when the log cannot be written."""
+    async def append(self, events: Sequence[LoggedEvent], *, deadline: float | None = None) -> None:
+        """Append in order; raises FeatureStoreUnavailable when the log cannot be written.
+        `deadline` (a `time.monotonic()` instant): until when a failed write may be retried
+        (never appending twice), as the feature store's event writes."""
         ...
 
     async def read(self, limit: int | None = None) -> list[LoggedEvent]:
@@ -144,7 +146,7 @@ class FileEventLog:
                 file.write(csv_lines(events, size == 0))
                 file.flush()
 
-    async def append(self, events: Sequence[LoggedEvent]) -> None:
+    async def append(self, events: Sequence[LoggedEvent], *, deadline: float | None = None) -> None:
         if not events:
             return
         try:
@@ -194,13 +196,13 @@ class RedisEventLog:
             return self.max_length
         return max(1, min(self.max_length, int(self.max_bytes / self._entry_bytes)))
 
-    async def append(self, events: Sequence[LoggedEvent]) -> None:
+    async def append(self, events: Sequence[LoggedEvent], *, deadline: float | None = None) -> None:
         rows = [dict(zip(COLUMNS, event.row(), strict=True)) for event in events]
         for row in rows:
             # Field names and values plus Redis's per-entry overhead (about 16 bytes a field).
             size = sum(len(name) + len(value.encode("utf-8")) + 16 for name, value in row.items())
             self._entry_bytes = size if self._entry_bytes == 0 else 0.99 * self._entry_bytes + 0.01 * size
-        await self._store.log_append(rows, self.cap())
+        await self._store.log_append(rows, self.cap(), deadline=deadline)
 
     async def read(self, limit: int | None = None) -> list[LoggedEvent]:
         entries = await self._store.log_read(limit)

@@ -154,7 +154,10 @@ class InProcessFeatureStore:
         ]
 
     # --- writes ---------------------------------------------------------------------------------
-    async def append_events(self, user_id: str, events: Sequence[LiveEvent]) -> None:
+    # `deadline` (of the event writes) is for Redis's retries: nothing here fails that way.
+    async def append_events(
+        self, user_id: str, events: Sequence[LiveEvent], *, deadline: float | None = None
+    ) -> None:
         if not events:
             return
         self._live_events(user_id)  # drops an expired history first
@@ -165,7 +168,9 @@ class InProcessFeatureStore:
         ttl = self.policy.live_ttl_seconds
         history.expires_at = None if ttl is None else self._clock() + ttl
 
-    async def mark_events_seen(self, event_ids: Sequence[str], ttl_seconds: int) -> list[bool]:
+    async def mark_events_seen(
+        self, event_ids: Sequence[str], ttl_seconds: int, *, deadline: float | None = None
+    ) -> list[bool]:
         if ttl_seconds < 1:
             raise ValueError(f"ttl_seconds: expected at least 1, got {ttl_seconds}")
         now = self._clock()
@@ -181,11 +186,13 @@ class InProcessFeatureStore:
             first.append(is_new)
         return first
 
-    async def forget_events(self, event_ids: Sequence[str]) -> None:
+    async def forget_events(self, event_ids: Sequence[str], *, deadline: float | None = None) -> None:
         for event_id in event_ids:
             self._seen_events.pop(event_id, None)
 
-    async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
+    async def record_exposures(
+        self, user_id: str, item_ids: Sequence[str], now: float, *, deadline: float | None = None
+    ) -> None:
         if not item_ids:
             return
         exposures = self.policy.exposures
@@ -260,7 +267,9 @@ class InProcessFeatureStore:
             )
         return self._catalogue_state
 
-    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+    async def record_engagers(
+        self, engagements: Sequence[tuple[str, str]], limit: int, *, deadline: float | None = None
+    ) -> int:
         if limit < 1:
             raise ValueError(f"limit: expected at least 1, got {limit}")
         added = 0

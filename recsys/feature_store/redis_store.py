@@ -11,8 +11,10 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
 | `P:u:{U}:live` | list | packed live events (`LiveEvent.pack`), oldest first, LTRIM-capped |
 | `P:u:{U}:seen:SLICE` | string | the exposure Bloom filter of time slice SLICE (`ExposureFilterConfig`) |
 | `P:u:{U}:cache` | hash | cache channel: item id → packed `<ddI`: score, time added, uses |
-| `P:evt:EVENT_ID` | string | "1", SET NX EX: the event was applied (idempotency) |
+| `P:u:{U}:applied:TOKEN` | string | "1": that `append_events` call was applied (its retries do nothing) |
+| `P:evt:EVENT_ID` | string | the marking call's token, SET NX GET EX: the event was applied (idempotency) |
 | `P:events` | stream | the durable event log (`RedisEventLog`): one entry per accepted event, capped ~N |
+| `P:events:applied:{P:events}:TOKEN` | string | "1": that `log_append` call was applied (as above) |
 | `P:{catalogue}:items` | hash | live catalogue: item id → `CatalogueItem.to_json` (metadata, time upserted) |
 | `P:{catalogue}:ordinals` | hash | item id → its ordinal, assigned by the first upsert, never changed |
 | `P:{catalogue}:next` | string | the next ordinal (INCR) |
@@ -37,6 +39,9 @@ and `}` percent-encoded so that `{U}` is always a valid Redis Cluster hash tag):
   They never expire: an item stays until a build absorbs it (a later concern). The
   impressions hash only counts ids the items hash holds (one script checks and increments),
   so it is bounded by the catalogue.
+- The `applied` markers of `append_events` and `log_append` (one per call, a random token,
+  set by the script that writes) expire `WRITE_MARKER_SECONDS` (60 s) after the call's
+  deadline: long enough for any attempt of the call still under way to find its marker.
 - Every key of one user carries the hash tag `{U}`, so in Redis Cluster they share a slot and
   `user_state` (GET + LRANGE + MGET + HGETALL) is one pipeline to one node. No command spans
   users except the event-id SETs, which a cluster pipeline splits by slot.
@@ -50,13 +55,16 @@ within the call; a node failure makes the store re-read the slot map (`note_fail
 
 Every call has one timeout, its budget: reads `read_timeout` (50 ms by default; the services
 set their feature-store budget here), writes `write_timeout`, with no retries (the caller's
-deadline is the retry budget). Failures raise `FeatureStoreUnavailable`. A call whose budget
-runs out is answered at once but its command is left to finish in the background rather than
-cut off (redis-py closes a connection whose read is interrupted, and a slow Redis would
-become a reconnect storm); each pool is a `BlockingConnectionPool` of `max_connections` (32),
-so a slow Redis holds at most that many connections and further calls fail within their
-budget without opening any. `connection_timeout` (1 s) is how late a reply may be before its
-connection is taken for broken and closed.
+deadline is the retry budget), except the writes of events (ReportEvents), which take a
+`deadline` and are retried until it after the errors a failover gives (`_write`); each of
+them is idempotent, so a retry never applies an event twice. Failures raise
+`FeatureStoreUnavailable`. A call whose budget runs out is answered at once but its command
+is left to finish in the background rather than cut off (redis-py closes a connection whose
+read is interrupted, and a slow Redis would become a reconnect storm); each pool is a
+`BlockingConnectionPool` of `max_connections` (32), so a slow Redis holds at most that many
+connections and further calls fail within their budget without opening any.
+`connection_timeout` (1 s) is how late a reply may be before its connection is taken for
+broken and closed.
 """
 
 from __future__ import annotations
@@ -67,7 +75,9 @@ import json
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -76,8 +86,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     MaxConnectionsError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -136,6 +148,34 @@ _TOPOLOGY_ERRORS = (
 # cluster master was killed under load. Inside a command only redis-py's code runs, so
 # these are the dependency failing, not a bug of ours to surface as INTERNAL.
 _FAILURES = (RedisError, RedisClusterException, OSError, RuntimeError, AttributeError)
+# What a write may be made again after (besides its budget running out), when it has a
+# deadline: what a failover or a node failure gives, none of which says the command is wrong.
+# MOVED/ASK (AskError) normally are followed by redis-py within the call; one that is not (the
+# redirect target unknown yet) is worth another attempt once the slot map was re-read. A full
+# pool (MaxConnectionsError) is worth one too: during a pause its connections are held by
+# commands the old master has not answered yet. Every other ResponseError (WRONGTYPE, OOM, …)
+# would fail again.
+_TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    AskError,
+    ReadOnlyError,
+    RedisClusterException,
+    OSError,
+    RuntimeError,
+    AttributeError,
+)
+# Between attempts of a retried write: 20 ms, doubled up to 100 ms (time for the store's slot
+# map refresh, `note_failure`, and for the cluster to finish its switch).
+_RETRY_DELAY = 0.02
+_RETRY_DELAY_MAX = 0.1
+_MIN_ATTEMPT_SECONDS = 0.01  # no attempt is started with less of the deadline left
+# How long a retried write's marker outlives its deadline: an abandoned attempt (never cut
+# off, see `_call`) may still be applied after it, and must then find the marker.
+WRITE_MARKER_SECONDS = 60
+
 # At most one slot-map refresh per client this often while a node stays unreachable, so a dead
 # master does not turn every call into CLUSTER SLOTS on the others.
 CLUSTER_REFRESH_INTERVAL = 0.1
@@ -292,6 +332,34 @@ return added
 """
 
 
+# KEYS: the user's live list, the call's marker. ARGV: marker ttl, max length, list ttl (0:
+# none), then packed events. Applies the call once however often it is sent: an attempt that
+# finds the marker (set by an earlier attempt that was applied, or a later one that overtook
+# it) does nothing. One script, so the marker and the events are written together or not at
+# all; both keys carry the user's hash tag (one slot).
+_APPEND_EVENTS = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+# KEYS: the event stream, the call's marker (hash tag: the stream's name, so one slot).
+# ARGV: marker ttl, approximate max length, then per entry its field count and field, value
+# pairs. Applied once per call, as _APPEND_EVENTS.
+_LOG_APPEND = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + 2 * n))
+  i = i + 1 + 2 * n
+end
+return 1
+"""
+
+
 class RedisKeys:
     """The key schema (see the module docstring) under one prefix."""
 
@@ -334,11 +402,18 @@ class RedisKeys:
     def cache(self, user_id: str) -> str:
         return f"{self.prefix}:u:{{{self.user_tag(user_id)}}}:cache"
 
+    def applied(self, user_id: str, token: str) -> str:
+        return f"{self.prefix}:u:{{{self.user_tag(user_id)}}}:applied:{token}"
+
     def event(self, event_id: str) -> str:
         return f"{self.prefix}:evt:{event_id}"
 
     def events_log(self) -> str:
         return f"{self.prefix}:events"
+
+    def log_applied(self, token: str) -> str:
+        # The stream's whole name as the hash tag: the slot of `P:events`, which has no braces.
+        return f"{self.prefix}:events:applied:{{{self.events_log()}}}:{token}"
 
     def catalogue(self, part: str) -> str:
         """One of the live catalogue's keys: items, ordinals, next, withdrawn, rev, impressions."""
@@ -386,6 +461,7 @@ class RedisFeatureStore:
         self._background: set[asyncio.Future[Any]] = set()
         self.abandoned_calls = 0  # calls whose caller stopped waiting before Redis answered
         self.topology_refreshes = 0  # cluster slot maps re-read after a node failed
+        self.write_retries = 0  # attempts of event writes made again (`_write`)
         self._refreshing: dict[int, asyncio.Task[None]] = {}
         self._last_refresh: dict[int, float] = {}
         self._take_cache = self._writes.register_script(_TAKE_CACHE)
@@ -395,6 +471,8 @@ class RedisFeatureStore:
         self._withdraw_items = self._writes.register_script(_WITHDRAW_ITEMS)
         self._record_engagers = self._writes.register_script(_RECORD_ENGAGERS)
         self._add_item_impressions = self._writes.register_script(_ADD_ITEM_IMPRESSIONS)
+        self._append_events = self._writes.register_script(_APPEND_EVENTS)
+        self._log_append = self._writes.register_script(_LOG_APPEND)
 
     def __repr__(self) -> str:
         return f"RedisFeatureStore({self.url!r}, prefix={self.keys.prefix!r})"
@@ -439,6 +517,41 @@ class RedisFeatureStore:
                 self.abandoned_calls += 1
                 self._background.add(task)
                 task.add_done_callback(self._finished_in_background)
+
+    async def _write(self, operation: str, command: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+        """`command()` with the write budget; while `deadline` (a `time.monotonic()` instant;
+        None: one attempt) allows, made again (`command()` builds a fresh one) after a budget
+        run out or a transient error (`_TRANSIENT`).
+
+        Why: a planned failover (`CLUSTER FAILOVER`) pauses writes on the old master until the
+        replica has taken over, then answers them MOVED (followed by redis-py within the
+        call). A write sent early in the pause needs the pause plus a round trip: on a loaded
+        machine more than the 200 ms write budget, and ReportEvents failed. The next attempt
+        is held by the rest of the pause and follows the MOVED, or goes to the new master.
+
+        Only for idempotent commands: an attempt that ran out of budget is not cut off (see
+        `_call`) and may still be applied, before or after the next one; an attempt whose
+        reply was lost was applied. Each retried write here is a SET/DEL/BITFIELD SET of the
+        same values, a script that checks before it adds, or marks its call with a token."""
+        attempt = 0
+        while True:
+            budget = self.write_timeout
+            if attempt:
+                assert deadline is not None
+                budget = min(budget, deadline - time.monotonic())
+            try:
+                return await self._call(operation, budget, command())
+            except FeatureStoreUnavailable as error:
+                delay = min(_RETRY_DELAY_MAX, _RETRY_DELAY * 2**attempt)
+                if (
+                    deadline is None
+                    or not _transient(error)
+                    or deadline - time.monotonic() - delay < _MIN_ATTEMPT_SECONDS
+                ):
+                    raise
+            self.write_retries += 1
+            attempt += 1
+            await asyncio.sleep(delay)
 
     async def _learn_cluster(self) -> None:
         """Before the first call to a cluster: learn its nodes and slots (CLUSTER SLOTS, and
@@ -663,37 +776,65 @@ class RedisFeatureStore:
         return alive
 
     # --- writes ---------------------------------------------------------------------------------
-    async def append_events(self, user_id: str, events: Sequence[LiveEvent]) -> None:
+    async def append_events(
+        self, user_id: str, events: Sequence[LiveEvent], *, deadline: float | None = None
+    ) -> None:
         if not events:
             return
-        key = self.keys.live(user_id)
-        pipeline = self._writes.pipeline(transaction=not self.cluster)
-        pipeline.rpush(key, *[event.pack() for event in events])
-        pipeline.ltrim(key, -self.policy.live_max_length, -1)
-        if self.policy.live_ttl_seconds is not None:
-            pipeline.expire(key, self.policy.live_ttl_seconds)
-        await self._call("append_events", self.write_timeout, pipeline.execute())
+        # A token for this call: every attempt carries it, and the script applies the first
+        # attempt Redis runs, never a second (an RPUSH sent again would add the events twice).
+        keys = [self.keys.live(user_id), self.keys.applied(user_id, uuid.uuid4().hex)]
+        arguments: list[int | bytes] = [
+            _marker_seconds(deadline),
+            self.policy.live_max_length,
+            self.policy.live_ttl_seconds or 0,
+            *[event.pack() for event in events],
+        ]
+        await self._write("append_events", lambda: self._append_events(keys=keys, args=arguments), deadline)
 
-    async def mark_events_seen(self, event_ids: Sequence[str], ttl_seconds: int) -> list[bool]:
+    async def mark_events_seen(
+        self, event_ids: Sequence[str], ttl_seconds: int, *, deadline: float | None = None
+    ) -> list[bool]:
         if ttl_seconds < 1:
             raise ValueError(f"ttl_seconds: expected at least 1, got {ttl_seconds}")
         if not event_ids:
             return []
-        pipeline = self._writes.pipeline(transaction=False)
-        for event_id in event_ids:
-            pipeline.set(self.keys.event(event_id), b"1", nx=True, ex=ttl_seconds)
-        replies = await self._call("mark_events_seen", self.write_timeout, pipeline.execute())
-        return [bool(reply) for reply in replies]
+        # Each key holds the token of the call that marked it, and SET … NX GET answers the
+        # value it found (Redis >= 7.0 for NX with GET): an id this call's earlier attempt
+        # marked (applied, its reply lost or late) is still this call's, not a duplicate, which
+        # a plain SET NX sent again would have answered (and the event been dropped).
+        token = uuid.uuid4().hex.encode()
 
-    async def forget_events(self, event_ids: Sequence[str]) -> None:
+        def command() -> Awaitable[list[Any]]:
+            pipeline = self._writes.pipeline(transaction=False)
+            for event_id in event_ids:
+                pipeline.set(self.keys.event(event_id), token, nx=True, get=True, ex=ttl_seconds)
+            return pipeline.execute()
+
+        replies = await self._write("mark_events_seen", command, deadline)
+        # An id twice in one call: its second SET finds this call's token too, yet is a duplicate.
+        first: list[bool] = []
+        marked: set[str] = set()
+        for event_id, reply in zip(event_ids, replies, strict=True):
+            first.append((reply is None or reply == token) and event_id not in marked)
+            marked.add(event_id)
+        return first
+
+    async def forget_events(self, event_ids: Sequence[str], *, deadline: float | None = None) -> None:
         if not event_ids:
             return
-        pipeline = self._writes.pipeline(transaction=False)
-        for event_id in event_ids:  # one DEL per key: in a cluster the ids live in different slots
-            pipeline.delete(self.keys.event(event_id))
-        await self._call("forget_events", self.write_timeout, pipeline.execute())
 
-    async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
+        def command() -> Awaitable[list[Any]]:
+            pipeline = self._writes.pipeline(transaction=False)
+            for event_id in event_ids:  # one DEL per key: in a cluster the ids live in different slots
+                pipeline.delete(self.keys.event(event_id))
+            return pipeline.execute()
+
+        await self._write("forget_events", command, deadline)
+
+    async def record_exposures(
+        self, user_id: str, item_ids: Sequence[str], now: float, *, deadline: float | None = None
+    ) -> None:
         if not item_ids:
             return
         exposures = self.policy.exposures
@@ -705,10 +846,15 @@ class RedisFeatureStore:
             arguments += ["SET", "u1", position, 1]
         # Adding 0 to the last bit sets nothing but makes Redis size the string to m/8 bytes.
         arguments += ["INCRBY", "u1", exposures.bits - 1, 0]
-        pipeline = self._writes.pipeline(transaction=not self.cluster)
-        pipeline.execute_command("BITFIELD", key, *arguments)
-        pipeline.expire(key, exposures.ttl_seconds(slice_id, now))
-        await self._call("record_exposures", self.write_timeout, pipeline.execute())
+        ttl = exposures.ttl_seconds(slice_id, now)
+
+        def command() -> Awaitable[list[Any]]:  # bits set and a TTL: the same however often
+            pipeline = self._writes.pipeline(transaction=not self.cluster)
+            pipeline.execute_command("BITFIELD", key, *arguments)
+            pipeline.expire(key, ttl)
+            return pipeline.execute()
+
+        await self._write("record_exposures", command, deadline)
 
     async def put_cache(self, user_id: str, items: Sequence[tuple[str, float]], now: float) -> None:
         if not items:
@@ -810,7 +956,9 @@ class RedisFeatureStore:
         )
 
     # --- the look-alike channel's engagers -------------------------------------------------------
-    async def record_engagers(self, engagements: Sequence[tuple[str, str]], limit: int) -> int:
+    async def record_engagers(
+        self, engagements: Sequence[tuple[str, str]], limit: int, *, deadline: float | None = None
+    ) -> int:
         if limit < 1:
             raise ValueError(f"limit: expected at least 1, got {limit}")
         if not engagements:
@@ -819,8 +967,9 @@ class RedisFeatureStore:
         for item_id, user_id in engagements:
             arguments += [item_id, user_id]
         keys = [self.keys.catalogue("engagers"), self.keys.catalogue("engagers-rev")]
-        added = await self._call(
-            "record_engagers", self.write_timeout, self._record_engagers(keys=keys, args=arguments)
+        # Safe to send again: the script adds no user an item has already.
+        added = await self._write(
+            "record_engagers", lambda: self._record_engagers(keys=keys, args=arguments), deadline
         )
         return int(added)
 
@@ -872,16 +1021,20 @@ class RedisFeatureStore:
         return [0 if value is None else int(value) for value in values]
 
     # --- the durable event log (see recsys.feature_store.event_log) ----------------------------
-    async def log_append(self, entries: Sequence[Mapping[str, str]], max_length: int) -> None:
-        """XADD each entry (field → value) to the event stream, approximately capped."""
+    async def log_append(
+        self, entries: Sequence[Mapping[str, str]], max_length: int, *, deadline: float | None = None
+    ) -> None:
+        """XADD each entry (field → value) to the event stream, approximately capped; once
+        per call however often it is retried (a token, as `append_events`)."""
         if not entries:
             return
-        key = self.keys.events_log()
-        pipeline = self._writes.pipeline(transaction=False)
+        keys = [self.keys.events_log(), self.keys.log_applied(uuid.uuid4().hex)]
+        arguments: list[int | str] = [_marker_seconds(deadline), max_length]
         for entry in entries:
-            fields: dict[Any, Any] = dict(entry)
-            pipeline.xadd(key, fields, maxlen=max_length, approximate=True)
-        await self._call("log_append", self.write_timeout, pipeline.execute())
+            arguments.append(len(entry))
+            for name, value in entry.items():
+                arguments += [name, value]
+        await self._write("log_append", lambda: self._log_append(keys=keys, args=arguments), deadline)
 
     async def log_read(self, limit: int | None) -> list[dict[str, str]]:
         """The oldest `limit` entries of the event stream (all when None)."""
@@ -899,6 +1052,18 @@ class RedisFeatureStore:
         for client in (self._reads, self._writes):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
+
+
+def _transient(error: FeatureStoreUnavailable) -> bool:
+    """Whether a failed call is worth another attempt: its budget ran out (raised `from None`)
+    or Redis failed the way a failover makes it fail."""
+    return error.__cause__ is None or isinstance(error.__cause__, _TRANSIENT)
+
+
+def _marker_seconds(deadline: float | None) -> int:
+    """The TTL of a retried write's marker: past the last attempt by WRITE_MARKER_SECONDS."""
+    left = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+    return math.ceil(left) + WRITE_MARKER_SECONDS
 
 
 # --- URLs and clients ---------------------------------------------------------------------------

@@ -214,6 +214,7 @@ class GatewayApp:
             dedupe_seconds=settings.event_dedupe_seconds,
             new_item=self._new_item,
             engagers_per_item=settings.look_alike_engagers,
+            write_seconds=settings.event_write_retry_ms / 1000,
             scenes=config.scenes,
             arms=config.arm_names,
         )

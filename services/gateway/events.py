@@ -33,6 +33,14 @@ _TEXT_LIMITS = (
 )
 # Events from further in the future than this are refused (clock skew is tolerated up to it).
 MAX_FUTURE_SECONDS = 300.0
+# How long one ReportEvents may keep retrying its feature-store writes (at most the caller's
+# deadline, less WRITE_MARGIN_SECONDS): a planned Redis Cluster failover holds writes back for
+# up to a few hundred ms, more than one write's budget (200 ms). The writes are idempotent, so
+# a retry applies nothing twice (`RedisFeatureStore._write`).
+WRITE_SECONDS = 1.0
+# Kept back from the caller's deadline: to release the ids of events that could not be
+# applied and answer UNAVAILABLE, rather than being cut off by the deadline mid-write.
+WRITE_MARGIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,15 @@ class EventIngestor:
         clock: Callable[[], float] = time.time,
         new_item: Callable[[str], bool] | None = None,
         engagers_per_item: int = LOOK_ALIKE_ENGAGERS,
+        write_seconds: float = WRITE_SECONDS,
     ) -> None:
         """`new_item(item_id)`: whether the item is a new one of the live catalogue; a
         consuming event on one records its user as an engager (the look-alike channel's
-        input, see `FeatureStore.record_engagers`), up to `engagers_per_item` per item."""
+        input, see `FeatureStore.record_engagers`), up to `engagers_per_item` per item.
+        `write_seconds`: how long one call may retry its writes (see WRITE_SECONDS)."""
+        if not write_seconds > 0:
+            raise ValueError(f"write_seconds: expected seconds > 0, got {write_seconds!r}")
+        self._write_seconds = write_seconds
         self._features = features
         self._new_item = new_item
         self._engagers_per_item = engagers_per_item
@@ -132,8 +145,16 @@ class EventIngestor:
             return "position", "must be >= 0"
         return None
 
-    async def ingest(self, events: Sequence[IncomingEvent]) -> EventsOutcome:
+    async def ingest(
+        self, events: Sequence[IncomingEvent], time_remaining: float | None = None
+    ) -> EventsOutcome:
+        """`time_remaining`: the caller's deadline in seconds from now (None: it set none),
+        which bounds how long the writes are retried."""
         now = self._clock()
+        retry_seconds = self._write_seconds
+        if time_remaining is not None:
+            retry_seconds = min(retry_seconds, time_remaining - WRITE_MARGIN_SECONDS)
+        deadline = time.monotonic() + retry_seconds
         rejections: list[Rejection] = []
         valid: list[tuple[int, IncomingEvent]] = []
         for index, event in enumerate(events):
@@ -151,18 +172,19 @@ class EventIngestor:
             for index, event in valid
         ]
         first = await self._features.mark_events_seen(
-            [seen_key(event) for _, event in with_ids], self._dedupe_seconds
+            [seen_key(event) for _, event in with_ids], self._dedupe_seconds, deadline=deadline
         )
         fresh = [event for (_, event), is_new in zip(with_ids, first, strict=True) if is_new]
         duplicates = len(with_ids) - len(fresh)
         self._metrics.event_duplicates.inc(duplicates)
 
         try:
-            await self._apply(fresh, now)
+            await self._apply(fresh, now, deadline)
         except BaseException:
             # Marked as seen but not (wholly) applied: release the ids so the client's retry
-            # applies them (appends may then repeat, never go missing).
-            await self._features.forget_events([seen_key(event) for event in fresh])
+            # applies them (appends may then repeat, never go missing). Retried within the
+            # deadline too, if any of it is left.
+            await self._features.forget_events([seen_key(event) for event in fresh], deadline=deadline)
             raise
         for event in fresh:
             self._metrics.events.labels(
@@ -180,7 +202,7 @@ class EventIngestor:
             return "none"
         return arm if arm in self._arms else "other"
 
-    async def _apply(self, fresh: Sequence[IncomingEvent], now: float) -> None:
+    async def _apply(self, fresh: Sequence[IncomingEvent], now: float, deadline: float) -> None:
         by_user: dict[str, list[IncomingEvent]] = defaultdict(list)
         for event in fresh:
             by_user[event.user_id].append(event)
@@ -190,10 +212,10 @@ class EventIngestor:
                 for e in user_events
                 if e.type != "impression"
             ]
-            await self._features.append_events(user_id, live)
+            await self._features.append_events(user_id, live, deadline=deadline)
             shown = [e.item_id for e in user_events if e.type == "impression"]
             if shown:
-                await self._features.record_exposures(user_id, shown, now)
+                await self._features.record_exposures(user_id, shown, now, deadline=deadline)
         if self._new_item is not None:
             # Here, where events arrive, rather than in recall per request: one small script
             # per batch that touches new items, nothing otherwise. Ids, not vectors: each
@@ -203,7 +225,7 @@ class EventIngestor:
                 (e.item_id, e.user_id) for e in fresh if e.type != "impression" and self._new_item(e.item_id)
             ]
             if engagements:
-                await self._features.record_engagers(engagements, self._engagers_per_item)
+                await self._features.record_engagers(engagements, self._engagers_per_item, deadline=deadline)
         await self._log.append(
             [
                 LoggedEvent(
@@ -219,7 +241,8 @@ class EventIngestor:
                     e.arm,
                 )
                 for e in fresh
-            ]
+            ],
+            deadline=deadline,
         )
 
 

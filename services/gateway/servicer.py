@@ -142,12 +142,17 @@ class RecommenderServicer(gateway_pb2_grpc.RecommenderServicer):
     async def ReportEvents(
         self, request: gateway_pb2.ReportEventsRequest, context: aio.ServicerContext[object, object]
     ) -> gateway_pb2.ReportEventsResponse:
-        return await report_events(self._ingestor, request, self._max_events)
+        return await report_events(self._ingestor, request, self._max_events, context.time_remaining())
 
 
 async def report_events(
-    ingestor: EventIngestor, request: gateway_pb2.ReportEventsRequest, max_events: int
+    ingestor: EventIngestor,
+    request: gateway_pb2.ReportEventsRequest,
+    max_events: int,
+    time_remaining: float | None = None,
 ) -> gateway_pb2.ReportEventsResponse:
+    """`time_remaining`: the caller's deadline (seconds from now; None over HTTP or without
+    one), which bounds how long the feature-store writes are retried."""
     if not request.events:
         raise InvalidArgument("events", "must not be empty")
     check_request(request, skip=_EACH_EVENT)
@@ -157,7 +162,7 @@ async def report_events(
     # misconfigured or hostile, and a partial accept would hide that.
     for index, event in enumerate(request.events):
         authorize_user(event.user_id, f"events[{index}].user_id")
-    return events_response(await ingestor.ingest(incoming_events(request.events)))
+    return events_response(await ingestor.ingest(incoming_events(request.events), time_remaining))
 
 
 def catalogue_item(message: catalogue_pb2.CatalogueItem, path: str) -> CatalogueItem:

@@ -73,6 +73,13 @@ class GatewaySettings(ServerSettings, AuthSettings):
     max_count: int = Field(100, ge=1, description="Most items one Recommend may ask for.")
     max_events: int = Field(1000, ge=1, description="Most events one ReportEvents may carry.")
     event_dedupe_seconds: int = Field(7 * 86_400, ge=1, description="How long an event id is remembered.")
+    event_write_retry_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="How long one ReportEvents may retry its feature-store writes after the errors "
+        "a Redis failover gives (at most the caller's deadline): a planned failover holds writes "
+        "back for longer than one write's budget.",
+    )
     look_alike_engagers: int = Field(
         50,
         ge=1,

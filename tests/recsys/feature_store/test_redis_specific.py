@@ -64,7 +64,12 @@ async def test_key_schema(store: RedisFeatureStore, client: Redis, prefix: str) 
     await store.record_exposures("alice", ["item-2"], NOW)
     await store.put_cache("alice", [("item-3", 0.5)], NOW)
     await store.mark_events_seen(["e1"], ttl_seconds=600)
+    await store.log_append([{"event_id": "e1"}], max_length=100)
     day = int(NOW // 86_400)
+    # One marker per append_events and log_append call (a token of their own, so that a
+    # retried attempt applies nothing twice), expiring a minute after the call.
+    (applied,) = [key async for key in client.scan_iter(match=f"{prefix}:u:{{alice}}:applied:*")]
+    (logged,) = [key async for key in client.scan_iter(match=f"{prefix}:events:applied:*")]
     expected = {
         f"{prefix}:v:v1:ready": b"string",
         f"{prefix}:v:v1:u:{{alice}}:snap": b"string",
@@ -75,13 +80,20 @@ async def test_key_schema(store: RedisFeatureStore, client: Redis, prefix: str) 
         f"{prefix}:u:{{alice}}:seen:{day}": b"string",
         f"{prefix}:u:{{alice}}:cache": b"hash",
         f"{prefix}:evt:e1": b"string",
+        applied.decode(): b"string",
+        f"{prefix}:events": b"stream",
+        logged.decode(): b"string",
     }
     assert await keys_under(client, prefix) == set(expected)
     for key, kind in expected.items():
         assert await client.type(key) == kind, key
     # One user's keys share a Redis Cluster slot (hash tag {alice}), whatever the version.
     alice = [key for key in expected if "{alice}" in key]
+    assert len(alice) == 5
     assert len({key_slot(key.encode()) for key in alice}) == 1
+    # The log's marker is in the stream's slot (its hash tag is the stream's whole name).
+    assert key_slot(logged) == key_slot(f"{prefix}:events".encode())
+    assert 0 < await client.ttl(applied) <= 60
 
 
 async def test_values_are_packed_bytes(store: RedisFeatureStore, client: Redis, prefix: str) -> None:
@@ -137,7 +149,7 @@ async def test_user_ids_with_braces_keep_one_slot(
     await store.append_events(user, [LiveEvent("item-1", "click", 1.0, NOW, "e1")])
     await store.record_exposures(user, ["item-2"], NOW)
     keys = await keys_under(client, prefix) - {f"{prefix}:v:v1:ready"}
-    assert len(keys) == 3
+    assert len(keys) == 4  # snapshot, live list, exposures, the append's marker
     assert all("{we%7Bird%7D%25}" in key for key in keys)
     assert len({key_slot(key.encode()) for key in keys}) == 1
     state = await store.user_state("v1", user, now=NOW)

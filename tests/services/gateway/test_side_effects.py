@@ -22,7 +22,9 @@ class HeldStore(InProcessFeatureStore):
         self.release = asyncio.Event()
         self.writes_started = 0
 
-    async def record_exposures(self, user_id: str, item_ids: Sequence[str], now: float) -> None:
+    async def record_exposures(
+        self, user_id: str, item_ids: Sequence[str], now: float, *, deadline: float | None = None
+    ) -> None:
         self.writes_started += 1
         await self.release.wait()
         await super().record_exposures(user_id, item_ids, now)
