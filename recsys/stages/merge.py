@@ -105,9 +105,10 @@ class WeightedMerge:
         all_items = np.concatenate([candidates.items for _, _, candidates in present])
         raw = np.concatenate([candidates.scores for _, _, candidates in present]).astype(np.float32)
         top = np.repeat(np.maximum.reduceat(np.abs(raw), firsts), lengths)  # its list's largest |score|
-        # Group by item with one sort and reduceats (no np.unique, no ufunc.at). A channel
+        # Group by item with one sort and reduceats (no np.unique, no ufunc.at). A source
         # lists an item once, so (item, column) is unique: the default sort on that key
-        # orders as a stable sort by item would (channels in bit order), and faster.
+        # orders as a stable sort by item would (channels in bit order), and faster. (An item
+        # a channel listed twice would still have both contributions summed.)
         order = np.argsort((all_items.astype(np.int64) << _COLUMN_BITS) | column)
         ordered = all_items[order]
         boundary = np.empty(ordered.shape[0], dtype=bool)
