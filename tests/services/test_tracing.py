@@ -190,16 +190,22 @@ def check_service_spans(spans: Sequence[ReadableSpan], edge: ReadableSpan) -> No
     assert any(count for count in counts)
     merge = one(recall_stages, "recall.merge")
     assert int((merge.attributes or {})["recsys.candidates_out"]) > 150  # type: ignore[arg-type]
+    # Rank is next in the scene: recall made the pre-rank cut (the scene's prerank_keep).
+    prerank = one(recall_stages, "recall.prerank")
+    assert (prerank.attributes or {})["recsys.candidates_in"] == (merge.attributes or {})[
+        "recsys.candidates_out"
+    ]
+    assert (prerank.attributes or {})["recsys.candidates_out"] == 150
 
-    # gateway.rank → CLIENT Rank → rank's SERVER span → pre-rank, features, the batch
+    # gateway.rank → CLIENT Rank → rank's SERVER span → features, the batch (no pre-rank of
+    # its own: recall's cut arrived)
     (rank_client,) = children(spans, stages["gateway.rank"])
     assert (rank_client.name, rank_client.kind) == ("recsys.v1.Rank/Rank", SpanKind.CLIENT)
     (rank_server,) = children(spans, rank_client)
     assert (rank_server.kind, _service(rank_server)) == (SpanKind.SERVER, "recsys-rank")
     assert is_descendant(spans, rank_server, edge)
     rank_stages = children(spans, rank_server)
-    prerank = one(rank_stages, "rank.prerank")
-    assert (prerank.attributes or {})["recsys.candidates_out"] == 150
+    assert "rank.prerank" not in {span.name for span in rank_stages}
     batch = one(rank_stages, "rank.batch")
     batch_attributes = batch.attributes or {}
     assert batch_attributes["recsys.batch.calls"] == 1  # one call at a time here
