@@ -229,9 +229,17 @@ async def test_withdrawn_items_new_or_the_versions_own_never_appear_again(stack:
             ids = await answer_ids(stack, user_id=user, scene=scene, count=50)
             assert gone not in ids, (scene, user)
             assert own not in ids, (scene, user)
-    # Nor from the gateway's own popular list (what it serves when recall is down).
+    # Nor from the gateway's own popular list (what it serves when recall is down), once the
+    # gateway has polled the withdrawal itself (answers lack the item as soon as recall has:
+    # the gateway's poll may come a moment later).
     model = stack.model
-    view = stack.gateway_app.catalogue.view(stack.gateway_app.versions.get().version)
+    version = stack.gateway_app.versions.get().version
+    async with asyncio.timeout(WITHIN):
+        while True:
+            view = stack.gateway_app.catalogue.view(version)
+            if view is not None and model.item_lookup[own] in view.withdrawn.tolist():
+                break
+            await asyncio.sleep(0.05)
     fallback = stack.gateway_app.engine._fallback(model, RecommendQuery(user_id=USER), view)
     assert model.item_lookup[own] not in fallback.items.tolist()
     # A second withdrawal changes nothing (the call is idempotent).
