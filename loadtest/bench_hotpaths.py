@@ -17,13 +17,13 @@ median of `--rounds` rounds) and a JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Prepared:
         self.query = build_query(model.core, user, recent_limit=model.defaults.recent_items)
         self.user_inputs = model.user_inputs(self.query)
         self.embedding = model.user_embeddings([self.user_inputs])[0]
-        self.query = _with_embedding(self.query, self.embedding)
+        self.query = dataclasses.replace(self.query, embedding=self.embedding)
         quotas = {**dict(model.defaults.channel_quotas), **QUOTAS}
         self.fetch = {name: int(quotas.get(name, 0) * OVERFETCH) + 10 for name in model.channels}
         self.lists = {
@@ -66,12 +66,6 @@ class Prepared:
         prerank = EmbeddingPreRanker(model.item_embeddings)
         positions = prerank.keep_positions(self.merged.items.astype(np.int64), self.embedding, KEPT)
         self.kept = self.merged.take(positions)
-
-
-def _with_embedding(query: Any, embedding: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(query, embedding=embedding)
 
 
 def _timed(call: Callable[[], object], repeat: int) -> float:

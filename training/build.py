@@ -138,7 +138,7 @@ class BuildProfile:
     max_eval_users: int | None = None
     # Publish an int8 (dynamically quantised) ranker if it passes the quality gate on
     # validation (`training.quantise`; else the fp32 one, and the metrics say why). On in the
-    # full profile: onnxruntime runs it in 505 µs per 200 rows against 886 µs for fp32 (one
+    # full profile: onnxruntime runs it in 659 µs per 200 rows against 948 µs for fp32 (one
     # thread, MovieLens-100K, BENCHMARKS.md) with no loss on validation; the quick profile
     # (tests, the demo) skips the gate's extra evaluation.
     ranker_int8: bool = False

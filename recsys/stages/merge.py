@@ -103,7 +103,9 @@ class WeightedMerge:
         weight = np.repeat(np.fromiter((w for _, w, _ in present), np.float64, len(present)), lengths)
         contribution = weight / (self.rank_offset + entry_rank)
         all_items = np.concatenate([candidates.items for _, _, candidates in present])
-        raw = np.concatenate([candidates.scores for _, _, candidates in present]).astype(np.float32)
+        raw = np.concatenate([candidates.scores for _, _, candidates in present]).astype(
+            np.float32, copy=False
+        )
         top = np.repeat(np.maximum.reduceat(np.abs(raw), firsts), lengths)  # its list's largest |score|
         # Group by item with one sort and reduceats (no np.unique, no ufunc.at). A source
         # lists an item once, so (item, column) is unique: the default sort on that key

@@ -91,8 +91,9 @@ class RankCall:
 
 @dataclass(frozen=True)
 class Ranked:
-    items: IntArray  # a subset of the call's items (after pre-rank), in the call's order
-    positions: npt.NDArray[np.intp]  # of `items` in the call's items
+    # Where rank's scored items are among the call's items (a subset after pre-rank, in the
+    # call's order); the items themselves are the call's at these positions.
+    positions: npt.NDArray[np.intp]
     scores: FloatArray
     task_scores: dict[str, FloatArray]
     degraded: list[str] = field(default_factory=list)  # rank's own reasons, "rank:…"
@@ -256,7 +257,6 @@ class RankClient:
         ):
             raise DownstreamError("rank", "misaligned scores")
         return Ranked(
-            items,
             _positions(call.items, items),
             scores,
             task_scores,
